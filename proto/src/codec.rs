@@ -1,0 +1,159 @@
+//! Frames on a QUIC stream: `len: u32 big-endian` then `len` bytes of a
+//! bincode body (PROTOCOL.md §2). This module holds the project's only
+//! bincode configuration.
+//!
+//! Decoding rules, each closing a known bincode 2.0.1 trap:
+//! - a byte limit is always set, so a length prefix of `u64::MAX` inside a
+//!   body is an error, not a "capacity overflow" panic;
+//! - the whole body must be consumed: trailing bytes are refused;
+//! - signatures and tags are checked over the bytes received, never over a
+//!   re-encoding (bincode accepts non-minimal varints, so a re-encoding may
+//!   differ).
+
+use bincode::config::{self, Configuration, LittleEndian, Varint};
+use bincode::{BorrowDecode, Encode};
+
+use crate::ProtoError;
+
+/// Length of the frame header.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// No frame may exceed this, whatever the configuration says (16 MiB). The
+/// relay's configured limit is validated against it at start.
+pub const HARD_MAX_FRAME: usize = 16 << 20;
+
+type Cfg = Configuration<LittleEndian, Varint, bincode::config::Limit<HARD_MAX_FRAME>>;
+
+/// Standard bincode 2 configuration: little-endian, variable-length integers,
+/// byte limit [`HARD_MAX_FRAME`].
+pub const CONFIG: Cfg = config::standard()
+    .with_little_endian()
+    .with_variable_int_encoding()
+    .with_limit::<HARD_MAX_FRAME>();
+
+/// Encode `value` as a bare bincode body (no frame header).
+pub fn encode_body<T: Encode>(value: &T) -> Result<Vec<u8>, ProtoError> {
+    bincode::encode_to_vec(value, CONFIG).map_err(|e| ProtoError::Encode(e.to_string()))
+}
+
+/// Append `value` as a whole frame (header and body) to `out`.
+pub fn encode_frame<T: Encode>(value: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    bincode::encode_into_std_write(value, out, CONFIG)
+        .map_err(|e| ProtoError::Encode(e.to_string()))?;
+    let body_len = out.len() - start - FRAME_HEADER_LEN;
+    let len = u32::try_from(body_len).map_err(|_| ProtoError::FrameTooLarge {
+        len: body_len as u64,
+        max: HARD_MAX_FRAME,
+    })?;
+    if body_len > HARD_MAX_FRAME {
+        out.truncate(start);
+        return Err(ProtoError::FrameTooLarge {
+            len: body_len as u64,
+            max: HARD_MAX_FRAME,
+        });
+    }
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// A whole frame as a fresh buffer.
+pub fn frame<T: Encode>(value: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut out = Vec::new();
+    encode_frame(value, &mut out)?;
+    Ok(out)
+}
+
+/// Read the body length from a frame header, refusing empty frames and
+/// frames over `max` before anything is allocated for them.
+pub fn body_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len == 0 {
+        return Err(ProtoError::EmptyFrame);
+    }
+    let max = max.min(HARD_MAX_FRAME);
+    if len > max {
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            max,
+        });
+    }
+    Ok(len)
+}
+
+/// Split one frame off the front of `buf`: `Ok(Some((body, consumed)))`,
+/// `Ok(None)` when more bytes are needed (incomplete, not invalid), or an
+/// error when the header already rules the frame out.
+pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, ProtoError> {
+    let Some(header) = buf.get(..FRAME_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let header: [u8; FRAME_HEADER_LEN] = header.try_into().map_err(|_| ProtoError::EmptyFrame)?;
+    let len = body_len(header, max)?;
+    let total = FRAME_HEADER_LEN + len;
+    Ok(buf.get(FRAME_HEADER_LEN..total).map(|body| (body, total)))
+}
+
+/// Decode a body that must be exactly one `T`, borrowing from `body`.
+pub fn decode<'a, T: BorrowDecode<'a, ()>>(body: &'a [u8]) -> Result<T, ProtoError> {
+    let (value, used) = bincode::borrow_decode_from_slice::<T, _>(body, CONFIG)
+        .map_err(|e| ProtoError::Decode(e.to_string()))?;
+    if used != body.len() {
+        return Err(ProtoError::TrailingBytes {
+            extra: body.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::PeerToRelay;
+
+    #[test]
+    fn header_limits() {
+        assert!(matches!(
+            body_len([0, 0, 0, 0], 100),
+            Err(ProtoError::EmptyFrame)
+        ));
+        assert!(matches!(
+            body_len([0, 0, 0, 101], 100),
+            Err(ProtoError::FrameTooLarge { len: 101, max: 100 })
+        ));
+        assert_eq!(body_len([0, 0, 0, 100], 100).unwrap(), 100);
+        assert!(body_len([0xff; 4], usize::MAX).is_err(), "hard cap applies");
+    }
+
+    #[test]
+    fn split_reports_incomplete_separately() {
+        let f = frame(&PeerToRelay::StatusRequest).unwrap();
+        for cut in 0..f.len() {
+            assert!(split_frame(&f[..cut], 1024).unwrap().is_none());
+        }
+        let (body, used) = split_frame(&f, 1024).unwrap().unwrap();
+        assert_eq!(used, f.len());
+        assert!(matches!(
+            decode::<PeerToRelay>(body).unwrap(),
+            PeerToRelay::StatusRequest
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut body = encode_body(&PeerToRelay::StatusRequest).unwrap();
+        body.push(0);
+        assert!(matches!(
+            decode::<PeerToRelay>(&body),
+            Err(ProtoError::TrailingBytes { extra: 1 })
+        ));
+    }
+
+    #[test]
+    fn huge_declared_length_is_an_error_not_a_panic() {
+        // Variant 2 (Attach) then a u64::MAX varint length for the agent id.
+        let body = [2u8, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1];
+        assert!(decode::<PeerToRelay>(&body).is_err());
+    }
+}

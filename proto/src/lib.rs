@@ -1,0 +1,42 @@
+//! The agent-link wire format, in one place. No I/O, no clock: callers pass
+//! `now` in. `PROTOCOL.md` at the repository root mirrors this crate byte for
+//! byte, and the golden vectors under `tests/vectors/` prove they agree.
+//!
+//! - [`codec`]: the frame layout (4-byte big-endian length, then a bincode
+//!   body) and the only bincode configuration in the project.
+//! - [`frames`]: [`PeerToRelay`] and [`RelayToPeer`], split by direction so a
+//!   decoder cannot accept a frame the other side should never send.
+//! - [`envelope`]: the signed and tagged message, built by senders, checked
+//!   by the relay and by receivers, forwarded as the original bytes.
+//! - [`ErrorCode`]: every refusal, as sent on the wire and mapped to exit codes.
+//! - [`ReplayWindow`]: receivers' bounded memory of message ids.
+//! - [`JoinToken`]: the one-line invitation (relay address, certificate
+//!   fingerprint, fleet secret).
+//!
+//! ```
+//! use agent_link_proto::{codec, frames::PeerToRelay};
+//! let mut buf = Vec::new();
+//! codec::encode_frame(&PeerToRelay::Attach { agent: "healthguard", receive: true }, &mut buf).unwrap();
+//! let body = codec::split_frame(&buf, 1 << 20).unwrap().unwrap().0;
+//! let frame: PeerToRelay = codec::decode(body).unwrap();
+//! assert!(matches!(frame, PeerToRelay::Attach { agent: "healthguard", receive: true }));
+//! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod codec;
+pub mod envelope;
+mod error;
+pub mod frames;
+mod ids;
+mod join;
+mod replay;
+
+pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};
+pub use error::{ErrorCode, ProtoError};
+pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};
+pub use ids::{check_id, MAX_ID_LEN};
+pub use join::JoinToken;
+pub use replay::{ReplayVerdict, ReplayWindow};
+
+/// Protocol version carried in every envelope body (and in the ALPN).
+pub const VERSION: u8 = 1;
