@@ -40,3 +40,7 @@ pub use replay::{ReplayVerdict, ReplayWindow};
 
 /// Protocol version carried in every envelope body (and in the ALPN).
 pub const VERSION: u8 = 1;
+
+/// TLS exporter label for the registration proof (PROTOCOL.md §5.3); the
+/// context is empty and the output 32 bytes.
+pub const REGISTER_EXPORTER_LABEL: &[u8] = b"EXPORTER-agent-link/1 register";

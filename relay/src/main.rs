@@ -1,1 +1,328 @@
-fn main() {}
+//! `agent-link-relay`: run and administer an agent-link relay.
+//!
+//! Exit codes: 0 success · 1 other failure · 2 bad usage or input · 3 target
+//! unknown · 4 refused (id taken, revoked) · 5 timed out.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use agent_link_relay::registry::{RegisterError, RegistryStore};
+use agent_link_relay::state::{self, StateError};
+use agent_link_relay::{Relay, SpawnOptions};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "agent-link-relay",
+    version,
+    about = "The agent-link relay: forwards signed messages between agent instances over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct DirArg {
+    /// State directory (default: $XDG_DATA_HOME/agent-link-relay or ~/.local/share/agent-link-relay)
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+impl DirArg {
+    fn path(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(state::default_dir)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve. On an empty or missing DIR, initialise it first and print the join token on stdout.
+    Run {
+        #[command(flatten)]
+        dir: DirArg,
+        /// UDP address to listen on (overrides the config; default 127.0.0.1:8765)
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics over HTTP on this TCP address
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+    },
+    /// Initialise state (config, TLS identity, fleet secret, registry); refuses to overwrite.
+    Init {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Listen address to write into the config
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Print one line: the join token (relay address, certificate fingerprint, fleet secret).
+    Invite {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Address instances should dial (default: the configured listen address)
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<String>,
+    },
+    /// Register an instance's public key (works whether the relay runs or not).
+    Register {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Instance id (1-64 characters from A-Z a-z 0-9 . _ -)
+        #[arg(long)]
+        instance_id: String,
+        /// The instance's public key (64 hex digits, from `agent-link whoami`)
+        #[arg(long)]
+        public_key: String,
+        /// Human-readable name
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke an instance; a running relay closes its connections within 2 s.
+    Revoke {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Instance id to revoke
+        #[arg(long)]
+        instance_id: String,
+    },
+    /// List registered instances: id, name, key, online, attached agents.
+    Instances {
+        #[command(flatten)]
+        dir: DirArg,
+        /// One JSON document instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure with its exit code and one line for stderr.
+struct Failure(u8, String);
+
+impl From<StateError> for Failure {
+    fn from(e: StateError) -> Self {
+        let code = match e {
+            StateError::Config(_) | StateError::NotInitialised(_) | StateError::NotEmpty(_) => 2,
+            StateError::AlreadyInitialised(_) => 2,
+            _ => 1,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Run {
+            dir,
+            listen,
+            metrics,
+        } => serve(&dir.path(), listen, metrics),
+        Command::Init { dir, listen } => {
+            let dir = dir.path();
+            let st = state::init(&dir, listen)?;
+            eprintln!("initialised {}", dir.display());
+            if st.config.listen.port() != 0 {
+                println!("{}", token(&st, &state::dial_addr(st.config.listen))?);
+            }
+            Ok(())
+        }
+        Command::Invite { dir, addr } => {
+            let st = state::load(&dir.path())?;
+            let addr = match addr {
+                Some(a) => a,
+                None if st.config.listen.port() == 0 => {
+                    return Err(Failure(
+                        2,
+                        "the configured listen port is 0; pass --addr HOST:PORT".into(),
+                    ))
+                }
+                None => state::dial_addr(st.config.listen),
+            };
+            println!("{}", token(&st, &addr)?);
+            Ok(())
+        }
+        Command::Register {
+            dir,
+            instance_id,
+            public_key,
+            name,
+        } => {
+            let dir = dir.path();
+            state::load(&dir)?;
+            let key: agent_link_crypto::PublicKey = public_key
+                .parse()
+                .map_err(|e| Failure(2, format!("--public-key: {e}")))?;
+            let name = name.unwrap_or_else(|| instance_id.clone());
+            let res = RegistryStore::new(&dir)
+                .update(|r| r.register(&instance_id, &key, &name))
+                .map_err(|e| Failure(1, e.to_string()))?;
+            match res {
+                Ok((true, _)) => println!("registered {instance_id}"),
+                Ok((false, _)) => println!("already registered {instance_id} (same key)"),
+                Err(e @ RegisterError::BadId(_)) => return Err(Failure(2, e.to_string())),
+                Err(e) => return Err(Failure(4, e.to_string())),
+            }
+            Ok(())
+        }
+        Command::Revoke { dir, instance_id } => {
+            let dir = dir.path();
+            state::load(&dir)?;
+            let res = RegistryStore::new(&dir)
+                .update(|r| r.revoke(&instance_id))
+                .map_err(|e| Failure(1, e.to_string()))?;
+            match res {
+                Ok((true, _)) => println!("revoked {instance_id}"),
+                Ok((false, _)) => println!("{instance_id} was already revoked"),
+                Err(e) => return Err(Failure(3, e)),
+            }
+            Ok(())
+        }
+        Command::Instances { dir, json } => instances(&dir.path(), json),
+    }
+}
+
+fn token(st: &state::RelayState, addr: &str) -> Result<String, Failure> {
+    st.join_token(addr)
+        .encode()
+        .map_err(|e| Failure(1, e.to_string()))
+}
+
+fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
+    state::load(dir)?;
+    let reg = RegistryStore::new(dir)
+        .load()
+        .map_err(|e| Failure(1, e.to_string()))?;
+    let online = agent_link_relay::admin::query_online(dir);
+    let relay_running = online.is_some();
+    let online = online.unwrap_or_default();
+    let rows: Vec<serde_json::Value> = reg
+        .records()
+        .iter()
+        .map(|r| {
+            let agents = online
+                .iter()
+                .find(|o| o.instance_id == r.instance_id)
+                .map(|o| o.agents.clone());
+            serde_json::json!({
+                "instance_id": r.instance_id,
+                "name": r.name,
+                "public_key": r.public_key,
+                "revoked": r.revoked,
+                "online": agents.is_some(),
+                "agents": agents.unwrap_or_default(),
+            })
+        })
+        .collect();
+    if json {
+        let doc = serde_json::json!({ "relay_running": relay_running, "instances": rows });
+        println!("{doc}");
+        return Ok(());
+    }
+    if !relay_running {
+        eprintln!("note: the relay is not running; everyone is shown offline");
+    }
+    println!(
+        "{:<24} {:<20} {:<8} {:<24} KEY",
+        "INSTANCE", "NAME", "ONLINE", "AGENTS"
+    );
+    for r in rows {
+        let online = if r["revoked"] == true {
+            "revoked".to_string()
+        } else if r["online"] == true {
+            "yes".to_string()
+        } else {
+            "no".to_string()
+        };
+        let agents: Vec<&str> = r["agents"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<20} {:<8} {:<24} {}",
+            r["instance_id"].as_str().unwrap_or(""),
+            r["name"].as_str().unwrap_or(""),
+            online,
+            if agents.is_empty() {
+                "-".to_string()
+            } else {
+                agents.join(",")
+            },
+            r["public_key"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn serve(
+    dir: &Path,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) -> Result<(), Failure> {
+    let fresh = !state::is_initialised(dir);
+    let st = if fresh && state::is_empty(dir) {
+        let st = state::init(dir, listen)?;
+        eprintln!("initialised {}", dir.display());
+        st
+    } else {
+        state::load(dir)?
+    };
+    let rt =
+        tokio::runtime::Runtime::new().map_err(|e| Failure(1, format!("starting runtime: {e}")))?;
+    rt.block_on(async move {
+        let relay = Relay::spawn(
+            st,
+            SpawnOptions {
+                listen,
+                metrics,
+                admin_socket: true,
+            },
+        )
+        .await
+        .map_err(|e| Failure(1, e.to_string()))?;
+        if fresh {
+            println!("{}", relay.join_token());
+        }
+        if let Some(m) = relay.metrics_addr() {
+            tracing::info!("metrics on http://{m}/metrics");
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        relay.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

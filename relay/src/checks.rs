@@ -1,0 +1,196 @@
+//! The per-message checks (PROTOCOL.md §9), as one pure function: no I/O, no
+//! clock read (the caller passes `now`). The relay's stream task calls
+//! [`check_send`] for every `Send` frame; tests and fuzz targets call it too.
+//!
+//! Order matters: cheap checks that need no secret first (decode, sender
+//! binding), then the HMAC, then the timestamp, then the optional Ed25519.
+
+use agent_link_crypto::{FleetKey, PublicKey};
+use agent_link_proto::{ErrorCode, MessageId, OpenedEnvelope};
+
+/// What the stream knows about its sender.
+#[derive(Debug)]
+pub struct SenderContext<'a> {
+    /// The connection's authenticated instance.
+    pub instance: &'a str,
+    /// The stream's attached agent.
+    pub agent: &'a str,
+    /// The key from the TLS handshake.
+    pub key: &'a PublicKey,
+}
+
+/// Relay-wide check settings.
+#[derive(Debug, Clone)]
+pub struct CheckPolicy {
+    /// Fleet HMAC key.
+    pub fleet: FleetKey,
+    /// Accepted clock distance, milliseconds.
+    pub window_ms: u64,
+    /// Verify Ed25519 at the relay too.
+    pub verify_signatures: bool,
+}
+
+/// A refusal: the code, and the message id when it could be decoded (so the
+/// sender can match the failure to its send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// Message id, if the envelope decoded.
+    pub id: Option<MessageId>,
+    /// Why.
+    pub code: ErrorCode,
+}
+
+/// Check one envelope from `sender`. On success the decoded envelope is
+/// returned for routing; its bytes are forwarded unchanged.
+pub fn check_send<'a>(
+    envelope: &'a [u8],
+    sender: &SenderContext<'_>,
+    policy: &CheckPolicy,
+    now_ms: u64,
+) -> Result<OpenedEnvelope<'a>, Refusal> {
+    let env = OpenedEnvelope::open(envelope).map_err(|e| Refusal {
+        id: None,
+        code: e.code(),
+    })?;
+    let refuse = |code| Refusal {
+        id: Some(env.body.id),
+        code,
+    };
+    // Sender binding: a member may only speak as its own instance and as the
+    // agent attached on this stream (prevents impersonation inside the fleet).
+    env.check_sender(sender.instance, sender.agent)
+        .map_err(refuse)?;
+    // Fleet membership, constant time.
+    env.check_tag(&policy.fleet).map_err(refuse)?;
+    // Replay bound: old captures are refused (receivers also de-duplicate).
+    env.check_time(now_ms, policy.window_ms).map_err(refuse)?;
+    if policy.verify_signatures {
+        env.check_signature(sender.key).map_err(refuse)?;
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_link_crypto::{FleetSecret, Identity};
+    use agent_link_proto::{Address, EnvelopeBody, VERSION};
+
+    struct Fixture {
+        id: Identity,
+        fleet: FleetKey,
+        key: PublicKey,
+    }
+
+    fn fixture() -> Fixture {
+        let id = Identity::generate();
+        let key = id.public_key();
+        Fixture {
+            id,
+            fleet: FleetSecret::generate().key(),
+            key,
+        }
+    }
+
+    fn seal(f: &Fixture, from: (&str, &str), sent_at_ms: u64) -> Vec<u8> {
+        EnvelopeBody {
+            version: VERSION,
+            id: [5; 16],
+            from: Address {
+                instance: from.0,
+                agent: from.1,
+            },
+            to: Address {
+                instance: "i2",
+                agent: "b",
+            },
+            sent_at_ms,
+            payload: b"x",
+        }
+        .seal(&f.id, &f.fleet)
+        .unwrap()
+    }
+
+    fn policy(f: &Fixture, verify_signatures: bool) -> CheckPolicy {
+        CheckPolicy {
+            fleet: f.fleet.clone(),
+            window_ms: 60_000,
+            verify_signatures,
+        }
+    }
+
+    #[test]
+    fn accepts_a_good_message() {
+        let f = fixture();
+        let bytes = seal(&f, ("i1", "a"), 1_000_000);
+        let ctx = SenderContext {
+            instance: "i1",
+            agent: "a",
+            key: &f.key,
+        };
+        let env = check_send(&bytes, &ctx, &policy(&f, true), 1_000_500).unwrap();
+        assert_eq!(env.body.to.instance, "i2");
+    }
+
+    #[test]
+    fn refusals_carry_code_and_id() {
+        let f = fixture();
+        let ctx = SenderContext {
+            instance: "i1",
+            agent: "a",
+            key: &f.key,
+        };
+        let p = policy(&f, false);
+        let spoofed = seal(&f, ("i3", "a"), 1_000_000);
+        assert_eq!(
+            check_send(&spoofed, &ctx, &p, 1_000_000).unwrap_err(),
+            Refusal {
+                id: Some([5; 16]),
+                code: ErrorCode::SenderMismatch
+            }
+        );
+        let stale = seal(&f, ("i1", "a"), 1_000_000);
+        assert_eq!(
+            check_send(&stale, &ctx, &p, 1_000_000 + 60_001)
+                .unwrap_err()
+                .code,
+            ErrorCode::StaleTimestamp
+        );
+        let other_fleet = CheckPolicy {
+            fleet: FleetSecret::generate().key(),
+            ..p.clone()
+        };
+        assert_eq!(
+            check_send(&stale, &ctx, &other_fleet, 1_000_000)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadTag
+        );
+        assert_eq!(
+            check_send(b"\x01\x02", &ctx, &p, 0).unwrap_err(),
+            Refusal {
+                id: None,
+                code: ErrorCode::Malformed
+            }
+        );
+    }
+
+    #[test]
+    fn signature_checked_only_when_enabled() {
+        let f = fixture();
+        let other = Identity::generate().public_key();
+        let ctx = SenderContext {
+            instance: "i1",
+            agent: "a",
+            key: &other,
+        };
+        let bytes = seal(&f, ("i1", "a"), 1_000_000);
+        assert!(check_send(&bytes, &ctx, &policy(&f, false), 1_000_000).is_ok());
+        assert_eq!(
+            check_send(&bytes, &ctx, &policy(&f, true), 1_000_000)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadSignature
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! The relay's configuration (`relay-config.json` in the state directory): a
+//! plain struct with defaults, validated once at load so a bad value fails at
+//! start with the field's name, never deep inside a task. Every bound the
+//! relay enforces lives here.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Default listen address: port 8765, as in the tool agent-link replaces.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
+
+/// Relay configuration. Unknown fields are refused (a typo must not silently
+/// fall back to a default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Largest message payload, in bytes.
+    pub max_message_size: u32,
+    /// Concurrent connections, relay-wide.
+    pub max_connections: u32,
+    /// Concurrent connections of one instance (each CLI process is one).
+    pub max_connections_per_instance: u32,
+    /// Agent streams one connection may open (control streams come on top).
+    pub max_agents_per_connection: u32,
+    /// Close a connection silent for this long.
+    pub idle_timeout_secs: u64,
+    /// Keep-alive interval, well under the idle timeout.
+    pub keep_alive_secs: u64,
+    /// Time allowed for the QUIC/TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Time an unregistered key has to register, and any stream to send its
+    /// first frame.
+    pub auth_timeout_secs: u64,
+    /// Messages per second one instance may send (token bucket rate).
+    pub rate_per_instance: u32,
+    /// Burst size of that bucket.
+    pub rate_burst: u32,
+    /// Accepted distance between a message's timestamp and the relay's clock.
+    pub timestamp_window_secs: u64,
+    /// Also verify every Ed25519 signature at the relay (receivers always do).
+    pub verify_signatures: bool,
+    /// Frames queued for one agent stream before senders get `Busy`.
+    pub agent_queue_len: u32,
+    /// QUIC per-stream receive window, bytes.
+    pub stream_receive_window: u32,
+    /// QUIC per-connection receive window, bytes.
+    pub receive_window: u32,
+    /// QUIC per-connection send window, bytes.
+    pub send_window: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid literal address"),
+            max_message_size: 1 << 20,
+            max_connections: 16_384,
+            max_connections_per_instance: 16,
+            max_agents_per_connection: 64,
+            idle_timeout_secs: 30,
+            keep_alive_secs: 10,
+            handshake_timeout_secs: 10,
+            auth_timeout_secs: 10,
+            rate_per_instance: 200_000,
+            rate_burst: 20_000,
+            timestamp_window_secs: 60,
+            verify_signatures: false,
+            agent_queue_len: 1024,
+            stream_receive_window: (1 << 20) + (64 << 10),
+            receive_window: 8 << 20,
+            send_window: 8 << 20,
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JSON is malformed or has an unknown field.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// A field is out of range.
+    #[error("{path}: field `{field}` {problem}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        problem: String,
+    },
+}
+
+/// Bytes a frame may carry beyond the payload (ids, addresses, tag,
+/// signature, framing); generous, so valid messages at the size limit fit.
+pub const FRAME_OVERHEAD: u32 = 1024;
+
+impl RelayConfig {
+    /// Largest frame body accepted on a stream.
+    pub fn max_frame(&self) -> usize {
+        (self.max_message_size + FRAME_OVERHEAD) as usize
+    }
+
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(&p)?;
+        Ok(cfg)
+    }
+
+    /// Check every bound; `path` names the file in errors.
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, problem: &str| ConfigError::Invalid {
+            path: path.to_string(),
+            field,
+            problem: problem.to_string(),
+        };
+        let max_payload = (agent_link_proto::codec::HARD_MAX_FRAME as u32) - FRAME_OVERHEAD;
+        if self.max_message_size == 0 || self.max_message_size > max_payload {
+            return Err(bad(
+                "max_message_size",
+                &format!("must be between 1 and {max_payload}"),
+            ));
+        }
+        let nonzero: [(&'static str, u64); 11] = [
+            ("max_connections", self.max_connections.into()),
+            (
+                "max_connections_per_instance",
+                self.max_connections_per_instance.into(),
+            ),
+            (
+                "max_agents_per_connection",
+                self.max_agents_per_connection.into(),
+            ),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("keep_alive_secs", self.keep_alive_secs),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("auth_timeout_secs", self.auth_timeout_secs),
+            ("rate_per_instance", self.rate_per_instance.into()),
+            ("rate_burst", self.rate_burst.into()),
+            ("timestamp_window_secs", self.timestamp_window_secs),
+            ("agent_queue_len", self.agent_queue_len.into()),
+        ];
+        for (field, v) in nonzero {
+            if v == 0 {
+                return Err(bad(field, "must be greater than 0"));
+            }
+        }
+        if self.keep_alive_secs >= self.idle_timeout_secs {
+            return Err(bad(
+                "keep_alive_secs",
+                "must be less than idle_timeout_secs",
+            ));
+        }
+        if self.timestamp_window_secs > 3600 {
+            return Err(bad("timestamp_window_secs", "must be at most 3600"));
+        }
+        if (self.stream_receive_window as usize) < self.max_frame() + 4 {
+            return Err(bad(
+                "stream_receive_window",
+                "must hold one whole frame (max_message_size + 1028 bytes)",
+            ));
+        }
+        if self.receive_window < self.stream_receive_window {
+            return Err(bad(
+                "receive_window",
+                "must be at least stream_receive_window",
+            ));
+        }
+        if self.send_window < u64::from(self.stream_receive_window) {
+            return Err(bad("send_window", "must be at least stream_receive_window"));
+        }
+        if self.max_agents_per_connection > 1024 {
+            return Err(bad("max_agents_per_connection", "must be at most 1024"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_round_trips() {
+        let c = RelayConfig::default();
+        c.validate("x").unwrap();
+        let text = serde_json::to_string_pretty(&c).unwrap();
+        let back: RelayConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut c = RelayConfig {
+            max_message_size: 0,
+            ..RelayConfig::default()
+        };
+        assert!(c
+            .validate("f")
+            .unwrap_err()
+            .to_string()
+            .contains("max_message_size"));
+        c = RelayConfig {
+            keep_alive_secs: 40,
+            ..RelayConfig::default()
+        };
+        assert!(c
+            .validate("f")
+            .unwrap_err()
+            .to_string()
+            .contains("keep_alive_secs"));
+        let err = serde_json::from_str::<RelayConfig>(r#"{"lisen": "1.2.3.4:5"}"#).unwrap_err();
+        assert!(err.to_string().contains("lisen"));
+    }
+}

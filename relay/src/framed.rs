@@ -1,0 +1,159 @@
+//! Reading and writing frames on QUIC streams: the thin I/O layer around
+//! `agent_link_proto::codec`.
+//!
+//! A frame's length is checked against the limit as soon as its 4-byte
+//! header arrives, before any buffer is grown for it, so a peer that declares
+//! a 1 GiB frame costs nothing but an error.
+
+use std::time::Duration;
+
+use agent_link_proto::{codec, ErrorCode, ProtoError, RelayToPeer};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+
+use crate::router::Out;
+
+/// Why no frame could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The header declared an empty or oversized frame.
+    #[error(transparent)]
+    Frame(#[from] ProtoError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended mid-frame")]
+    Truncated,
+    /// The stream or connection failed.
+    #[error(transparent)]
+    Stream(#[from] std::io::Error),
+}
+
+impl ReadError {
+    /// The error code to report, if the peer is still there to hear it.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Frame(e) => Some(e.code()),
+            Self::Truncated => Some(ErrorCode::Malformed),
+            Self::Stream(_) => None,
+        }
+    }
+}
+
+/// Buffered frame reader over a QUIC receive stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl FrameReader {
+    /// Frames over `max` body bytes are refused.
+    pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::with_capacity(8 * 1024),
+            max,
+        }
+    }
+
+    /// Change the limit (after authentication raises it).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// The next frame's body; `Ok(None)` when the peer finished the stream
+    /// cleanly at a frame boundary.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            if let Some((_, total)) = codec::split_frame(&self.buf, self.max)? {
+                let mut frame = self.buf.split_to(total);
+                let body = frame.split_off(codec::FRAME_HEADER_LEN);
+                return Ok(Some(body.freeze()));
+            }
+            // Grow only to what the (already checked) header declares.
+            let want = match self.buf.get(..codec::FRAME_HEADER_LEN) {
+                Some(h) => {
+                    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                    codec::FRAME_HEADER_LEN + len - self.buf.len()
+                }
+                None => 8 * 1024,
+            };
+            self.buf.reserve(want.min(64 * 1024));
+            let n = self.recv.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Tell the peer to stop sending on this stream.
+    pub fn stop(&mut self, code: ErrorCode) {
+        let _ = self.recv.stop(code.as_u32().into());
+    }
+}
+
+/// Encode a relay frame as `Bytes`. Encoding our own frames cannot fail
+/// below the hard size limit, which every caller stays under.
+pub fn frame(f: &RelayToPeer<'_>) -> Bytes {
+    Bytes::from(codec::frame(f).unwrap_or_default())
+}
+
+/// An `Error` frame.
+pub fn error_frame(code: ErrorCode) -> Bytes {
+    frame(&RelayToPeer::Error { code })
+}
+
+/// Write `Error{code}`, finish the stream and give the peer a moment to read
+/// it before the caller drops or closes anything.
+pub async fn refuse_stream(send: &mut quinn::SendStream, code: ErrorCode) {
+    let _ = send.write_all(&error_frame(code)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+}
+
+/// Drain `rx` into `send`, batching what is queued into one write. Ends when
+/// every sender is gone, on `Out::Close`, on cancellation or on error.
+pub async fn write_loop(
+    mut send: quinn::SendStream,
+    mut rx: tokio::sync::mpsc::Receiver<Out>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut batch: Vec<Out> = Vec::with_capacity(64);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 64) => n,
+            _ = cancel.cancelled() => 0,
+        };
+        if n == 0 {
+            let _ = send.finish();
+            return;
+        }
+        let mut close = false;
+        for item in batch.drain(..) {
+            match item {
+                Out::Frame(b) => chunks.push(b),
+                Out::Close(b) => {
+                    chunks.push(b);
+                    close = true;
+                    break;
+                }
+            }
+        }
+        if send.write_all_chunks(&mut chunks).await.is_err() {
+            cancel.cancel();
+            return;
+        }
+        chunks.clear();
+        if close {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            cancel.cancel();
+            return;
+        }
+    }
+}

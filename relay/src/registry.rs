@@ -1,0 +1,312 @@
+//! The registry: which instance id belongs to which Ed25519 key, and which
+//! are revoked. The only state the relay persists (no message content).
+//!
+//! [`Registry`] is the pure in-memory decision logic. [`RegistryStore`] makes
+//! changes durable: under an exclusive lock on `registry.lock` it re-reads
+//! `registry.json`, applies the change, writes a temporary file, fsyncs and
+//! renames it into place. The running relay and the admin commands
+//! (`register`, `revoke`) both go through it, so neither loses the other's
+//! change, and a crash leaves either the old or the new file, never half.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use agent_link_crypto::PublicKey;
+use serde::{Deserialize, Serialize};
+
+/// One registered instance as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Instance id.
+    pub instance_id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Ed25519 public key, 64 hex digits.
+    pub public_key: String,
+    /// Revoked instances may not connect and cannot receive.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RegistryFile {
+    registered_instances: Vec<InstanceRecord>,
+}
+
+/// What a key maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyStatus {
+    /// Registered and active under this instance id.
+    Active(String),
+    /// Registered under this id, then revoked.
+    Revoked(String),
+    /// Not registered.
+    Unknown,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// The id belongs to another key (first key to claim an id keeps it).
+    #[error("instance id {0:?} is already registered to another key")]
+    IdTaken(String),
+    /// This key is already registered under another id.
+    #[error("this key is already registered as {0:?}")]
+    KeyTaken(String),
+    /// The id (or this key) was revoked; it cannot be registered again.
+    #[error("instance {0:?} has been revoked")]
+    Revoked(String),
+    /// The id is not valid.
+    #[error("{0}")]
+    BadId(String),
+}
+
+/// Registry contents with both lookups.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    records: Vec<InstanceRecord>,
+    by_id: HashMap<String, usize>,
+    by_key: HashMap<PublicKey, usize>,
+}
+
+impl Registry {
+    fn from_records(records: Vec<InstanceRecord>) -> Result<Self, String> {
+        let mut r = Registry::default();
+        for rec in records {
+            let key: PublicKey = rec
+                .public_key
+                .parse()
+                .map_err(|e| format!("instance {:?}: {e}", rec.instance_id))?;
+            agent_link_proto::check_id(&rec.instance_id).map_err(|e| e.to_string())?;
+            if r.by_id.contains_key(&rec.instance_id) || r.by_key.contains_key(&key) {
+                return Err(format!("instance {:?} appears twice", rec.instance_id));
+            }
+            let i = r.records.len();
+            r.by_id.insert(rec.instance_id.clone(), i);
+            r.by_key.insert(key, i);
+            r.records.push(rec);
+        }
+        Ok(r)
+    }
+
+    /// Status of a key presented in a TLS handshake.
+    pub fn key_status(&self, key: &PublicKey) -> KeyStatus {
+        match self.by_key.get(key).map(|&i| &self.records[i]) {
+            Some(r) if r.revoked => KeyStatus::Revoked(r.instance_id.clone()),
+            Some(r) => KeyStatus::Active(r.instance_id.clone()),
+            None => KeyStatus::Unknown,
+        }
+    }
+
+    /// The record of an instance id.
+    pub fn get(&self, instance_id: &str) -> Option<&InstanceRecord> {
+        self.by_id.get(instance_id).map(|&i| &self.records[i])
+    }
+
+    /// All records, in registration order.
+    pub fn records(&self) -> &[InstanceRecord] {
+        &self.records
+    }
+
+    /// Register `key` as `instance_id`. `Ok(true)` when new, `Ok(false)` when
+    /// the same pair was already registered (idempotent).
+    pub fn register(
+        &mut self,
+        instance_id: &str,
+        key: &PublicKey,
+        name: &str,
+    ) -> Result<bool, RegisterError> {
+        agent_link_proto::check_id(instance_id).map_err(|e| RegisterError::BadId(e.to_string()))?;
+        if let Some(&i) = self.by_id.get(instance_id) {
+            let rec = &self.records[i];
+            if rec.public_key != key.to_string() {
+                return Err(RegisterError::IdTaken(instance_id.to_string()));
+            }
+            if rec.revoked {
+                return Err(RegisterError::Revoked(instance_id.to_string()));
+            }
+            return Ok(false);
+        }
+        if let Some(&i) = self.by_key.get(key) {
+            return Err(RegisterError::KeyTaken(self.records[i].instance_id.clone()));
+        }
+        let i = self.records.len();
+        self.records.push(InstanceRecord {
+            instance_id: instance_id.to_string(),
+            name: name.chars().take(128).collect(),
+            public_key: key.to_string(),
+            revoked: false,
+        });
+        self.by_id.insert(instance_id.to_string(), i);
+        self.by_key.insert(*key, i);
+        Ok(true)
+    }
+
+    /// Revoke an instance. `Ok(false)` when it already was.
+    pub fn revoke(&mut self, instance_id: &str) -> Result<bool, String> {
+        let i = *self
+            .by_id
+            .get(instance_id)
+            .ok_or_else(|| format!("no instance {instance_id:?} is registered"))?;
+        let was = self.records[i].revoked;
+        self.records[i].revoked = true;
+        Ok(!was)
+    }
+}
+
+/// Errors of the on-disk store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Reading, locking or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not parse.
+    #[error("{path}: corrupt registry: {message}")]
+    Corrupt { path: String, message: String },
+    /// Writing failed.
+    #[error("{0}")]
+    Write(#[from] agent_link_crypto::CryptoError),
+}
+
+/// `registry.json` plus its lock file.
+#[derive(Debug, Clone)]
+pub struct RegistryStore {
+    path: PathBuf,
+    lock_path: PathBuf,
+}
+
+impl RegistryStore {
+    /// The store in state directory `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join("registry.json"),
+            lock_path: dir.join("registry.lock"),
+        }
+    }
+
+    /// Path of `registry.json`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, p: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        let path = p.display().to_string();
+        move |source| StoreError::Io { path, source }
+    }
+
+    /// Read the registry (a missing file is an empty registry).
+    pub fn load(&self) -> Result<Registry, StoreError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
+            Err(e) => return Err(self.io(&self.path)(e)),
+        };
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            message,
+        };
+        let file: RegistryFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        Registry::from_records(file.registered_instances).map_err(corrupt)
+    }
+
+    /// Apply `change` durably: lock, re-read, change, write atomically. The
+    /// new registry is returned only after it is on disk.
+    pub fn update<T, E>(
+        &self,
+        change: impl FnOnce(&mut Registry) -> Result<T, E>,
+    ) -> Result<Result<(T, Registry), E>, StoreError> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(self.io(&self.lock_path))?;
+        // Exclusive lock across processes: the relay and `register`/`revoke`
+        // never interleave their read-modify-write cycles.
+        lock.lock().map_err(self.io(&self.lock_path))?;
+        let mut reg = self.load()?;
+        let out = match change(&mut reg) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        let file = RegistryFile {
+            registered_instances: reg.records.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        agent_link_crypto::files::write_atomic(&self.path, &json, 0o600)?;
+        drop(lock);
+        Ok(Ok((out, reg)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_link_crypto::Identity;
+
+    #[test]
+    fn first_key_keeps_the_id() {
+        let mut r = Registry::default();
+        let a = Identity::generate().public_key();
+        let b = Identity::generate().public_key();
+        assert_eq!(r.register("i1", &a, "one"), Ok(true));
+        assert_eq!(r.register("i1", &a, "one"), Ok(false), "idempotent");
+        assert_eq!(
+            r.register("i1", &b, "x"),
+            Err(RegisterError::IdTaken("i1".into()))
+        );
+        assert_eq!(
+            r.register("i2", &a, "x"),
+            Err(RegisterError::KeyTaken("i1".into()))
+        );
+        assert_eq!(r.key_status(&a), KeyStatus::Active("i1".into()));
+        assert_eq!(r.key_status(&b), KeyStatus::Unknown);
+        assert!(r.register("bad/id", &b, "x").is_err());
+    }
+
+    #[test]
+    fn revoked_stays_revoked() {
+        let mut r = Registry::default();
+        let a = Identity::generate().public_key();
+        r.register("i1", &a, "").unwrap();
+        assert_eq!(r.revoke("i1"), Ok(true));
+        assert_eq!(r.revoke("i1"), Ok(false));
+        assert_eq!(r.key_status(&a), KeyStatus::Revoked("i1".into()));
+        assert_eq!(
+            r.register("i1", &a, ""),
+            Err(RegisterError::Revoked("i1".into()))
+        );
+        assert!(r.revoke("nope").is_err());
+    }
+
+    #[test]
+    fn store_persists_and_detects_corruption() {
+        let dir = std::env::temp_dir().join(format!("al-reg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = RegistryStore::new(&dir);
+        let a = Identity::generate().public_key();
+        store
+            .update(|r| r.register("i1", &a, "n"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().key_status(&a),
+            KeyStatus::Active("i1".into())
+        );
+        std::fs::write(store.path(), b"{ not json").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("registry.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! Who is connected and where each agent's deliveries go.
+//!
+//! One `std::sync::Mutex` guards the table; it is never held across an
+//! `.await` (every method is synchronous and short). Routing decisions are
+//! plain lookups: `(instance, agent)` to the receiving stream's queue, and a
+//! reply token to the stream that sent a message (for its receipt).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::rate::TokenBucket;
+
+/// An item for a stream's writer task.
+#[derive(Debug)]
+pub enum Out {
+    /// A whole frame to write.
+    Frame(Bytes),
+    /// Write this last frame, then finish the stream.
+    Close(Bytes),
+}
+
+/// The sending side of one agent stream.
+#[derive(Debug, Clone)]
+pub struct StreamHandle {
+    /// Relay-unique stream token (also the reply token of its messages).
+    pub token: u64,
+    /// Its writer queue (bounded: `agent_queue_len`).
+    pub tx: mpsc::Sender<Out>,
+    /// Cancels the stream's tasks.
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+struct InstanceEntry {
+    connections: HashMap<u64, quinn::Connection>,
+    receivers: HashMap<String, StreamHandle>,
+    rate: Arc<Mutex<TokenBucket>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    instances: HashMap<String, InstanceEntry>,
+    streams: HashMap<u64, StreamHandle>,
+}
+
+/// The routing table.
+#[derive(Debug, Default)]
+pub struct Router {
+    inner: Mutex<Inner>,
+    next: AtomicU64,
+}
+
+impl Router {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters more than stopping the relay would: recover.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh relay-unique id (connections and streams).
+    pub fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Add a connection of `instance`. Returns the instance's shared rate
+    /// bucket, or `None` when it already has `max_per_instance` connections.
+    pub fn add_connection(
+        &self,
+        instance: &str,
+        conn_id: u64,
+        conn: quinn::Connection,
+        max_per_instance: usize,
+        rate: (u32, u32),
+    ) -> Option<Arc<Mutex<TokenBucket>>> {
+        let mut g = self.lock();
+        let entry = g
+            .instances
+            .entry(instance.to_string())
+            .or_insert_with(|| InstanceEntry {
+                connections: HashMap::new(),
+                receivers: HashMap::new(),
+                rate: Arc::new(Mutex::new(TokenBucket::new(rate.0, rate.1, Instant::now()))),
+            });
+        if entry.connections.len() >= max_per_instance {
+            return None;
+        }
+        entry.connections.insert(conn_id, conn);
+        Some(entry.rate.clone())
+    }
+
+    /// Remove a connection; the instance goes offline with its last one.
+    pub fn remove_connection(&self, instance: &str, conn_id: u64) {
+        let mut g = self.lock();
+        if let Some(e) = g.instances.get_mut(instance) {
+            e.connections.remove(&conn_id);
+            if e.connections.is_empty() {
+                g.instances.remove(instance);
+            }
+        }
+    }
+
+    /// Make a stream reachable by its token (for receipts).
+    pub fn add_stream(&self, handle: StreamHandle) {
+        self.lock().streams.insert(handle.token, handle);
+    }
+
+    /// Forget a stream, and its receiving slot if it still holds it.
+    pub fn remove_stream(&self, token: u64, receiving: Option<(&str, &str)>) {
+        let mut g = self.lock();
+        g.streams.remove(&token);
+        if let Some((instance, agent)) = receiving {
+            if let Some(e) = g.instances.get_mut(instance) {
+                if e.receivers.get(agent).is_some_and(|h| h.token == token) {
+                    e.receivers.remove(agent);
+                }
+            }
+        }
+    }
+
+    /// Make `handle` the receiving stream of `instance/agent`; the newest
+    /// attach wins and the one it replaced is returned (to be told so).
+    pub fn attach_receiver(
+        &self,
+        instance: &str,
+        agent: &str,
+        handle: StreamHandle,
+    ) -> Option<StreamHandle> {
+        let mut g = self.lock();
+        let e = g.instances.get_mut(instance)?;
+        e.receivers.insert(agent.to_string(), handle)
+    }
+
+    /// The receiving stream of `instance/agent`, if attached.
+    pub fn route(&self, instance: &str, agent: &str) -> Option<StreamHandle> {
+        let g = self.lock();
+        g.instances.get(instance)?.receivers.get(agent).cloned()
+    }
+
+    /// The stream with this token, if still open.
+    pub fn stream(&self, token: u64) -> Option<StreamHandle> {
+        self.lock().streams.get(&token).cloned()
+    }
+
+    /// Connections of `instance` (to close them on revocation).
+    pub fn connections_of(&self, instance: &str) -> Vec<quinn::Connection> {
+        self.lock()
+            .instances
+            .get(instance)
+            .map(|e| e.connections.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Online instances with their attached receiving agents (sorted).
+    pub fn snapshot(&self) -> HashMap<String, Vec<String>> {
+        self.lock()
+            .instances
+            .iter()
+            .map(|(id, e)| {
+                let mut agents: Vec<String> = e.receivers.keys().cloned().collect();
+                agents.sort();
+                (id.clone(), agents)
+            })
+            .collect()
+    }
+
+    /// Number of online instances.
+    pub fn online_count(&self) -> usize {
+        self.lock().instances.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(token: u64) -> (StreamHandle, mpsc::Receiver<Out>) {
+        let (tx, rx) = mpsc::channel(4);
+        (
+            StreamHandle {
+                token,
+                tx,
+                cancel: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn newest_attach_wins_and_stale_removal_is_ignored() {
+        let r = Router::default();
+        // No connection: cannot attach (instance offline).
+        let (h1, _r1) = handle(1);
+        assert!(r.attach_receiver("i1", "a", h1.clone()).is_none());
+        assert!(r.route("i1", "a").is_none());
+        r.lock().instances.insert(
+            "i1".into(),
+            InstanceEntry {
+                connections: HashMap::new(),
+                receivers: HashMap::new(),
+                rate: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
+            },
+        );
+        assert!(r.attach_receiver("i1", "a", h1).is_none());
+        let (h2, _r2) = handle(2);
+        assert_eq!(r.attach_receiver("i1", "a", h2).map(|h| h.token), Some(1));
+        // The replaced stream closing must not remove the new receiver.
+        r.remove_stream(1, Some(("i1", "a")));
+        assert_eq!(r.route("i1", "a").map(|h| h.token), Some(2));
+        r.remove_stream(2, Some(("i1", "a")));
+        assert!(r.route("i1", "a").is_none());
+        assert_eq!(r.snapshot()["i1"], Vec::<String>::new());
+    }
+}

@@ -1,0 +1,318 @@
+//! The relay's lifecycle: [`Relay::spawn`] binds the QUIC endpoint and starts
+//! the accept loop, the registry watcher, and (optionally) the admin socket
+//! and metrics listener; [`Relay::shutdown`] stops them all through one
+//! cancellation token. Every task lives in a `JoinSet`; none is detached.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use agent_link_crypto::FleetKey;
+use agent_link_proto::ErrorCode;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::checks::CheckPolicy;
+use crate::config::RelayConfig;
+use crate::registry::{Registry, RegistryStore};
+use crate::router::Router;
+use crate::state::RelayState;
+use crate::stats::Stats;
+
+/// State shared by every task of one relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: RelayConfig,
+    pub policy: CheckPolicy,
+    pub fleet: FleetKey,
+    pub registry: RwLock<Registry>,
+    pub store: RegistryStore,
+    pub router: Router,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_registry(&self, reg: Registry) {
+        *self.registry.write().unwrap_or_else(|e| e.into_inner()) = reg;
+    }
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// TLS configuration failed.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics or admin listener could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Listener {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry could not be read.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::StoreError),
+}
+
+/// Optional listeners.
+#[derive(Debug, Default, Clone)]
+pub struct SpawnOptions {
+    /// Override the configured listen address.
+    pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics over HTTP on this TCP address.
+    pub metrics: Option<SocketAddr>,
+    /// Serve the local admin socket (`DIR/admin.sock`).
+    pub admin_socket: bool,
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    state: RelayState,
+}
+
+fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnError> {
+    let cfg = &state.config;
+    let tls = agent_link_crypto::tls::relay_server_config(&state.tls)
+        .map_err(|e| SpawnError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| SpawnError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    // quinn's defaults let one connection pin hundreds of MB; every window
+    // comes from the config instead.
+    t.max_concurrent_bidi_streams((cfg.max_agents_per_connection + 4).into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.stream_receive_window(cfg.stream_receive_window.into());
+    t.receive_window(cfg.receive_window.into());
+    t.send_window(cfg.send_window);
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(cfg.idle_timeout_secs))
+            .map_err(|e| SpawnError::Tls(format!("idle_timeout_secs: {e}")))?,
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(cfg.keep_alive_secs)));
+    server.transport_config(Arc::new(t));
+    // Handshakes from addresses that have not proven they can receive get a
+    // Retry first (anti-amplification); quinn does this when validation is on.
+    Ok(server)
+}
+
+impl Relay {
+    /// Bind and start serving `state`.
+    pub async fn spawn(state: RelayState, opts: SpawnOptions) -> Result<Relay, SpawnError> {
+        let mut config = state.config.clone();
+        if let Some(l) = opts.listen {
+            config.listen = l;
+        }
+        let store = RegistryStore::new(&state.dir);
+        let registry = store.load()?;
+        let server_config = build_server_config(&state)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            SpawnError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| SpawnError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let fleet = state.fleet.key();
+        let shared = Arc::new(Shared {
+            policy: CheckPolicy {
+                fleet: fleet.clone(),
+                window_ms: config.timestamp_window_secs * 1000,
+                verify_signatures: config.verify_signatures,
+            },
+            fleet,
+            registry: RwLock::new(registry),
+            store,
+            router: Router::default(),
+            stats: Arc::new(Stats::default()),
+            shutdown: CancellationToken::new(),
+            config,
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(shared.clone(), endpoint.clone()));
+        tasks.spawn(watch_registry(shared.clone()));
+        let mut metrics_addr = None;
+        if let Some(addr) = opts.metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SpawnError::Listener {
+                    what: format!("metrics address {addr}"),
+                    source,
+                })?;
+            metrics_addr = listener.local_addr().ok();
+            tasks.spawn(crate::admin::serve_metrics(shared.clone(), listener));
+        }
+        if opts.admin_socket {
+            let path: PathBuf = state.dir.join("admin.sock");
+            let listener =
+                crate::admin::bind_socket(&path).map_err(|source| SpawnError::Listener {
+                    what: path.display().to_string(),
+                    source,
+                })?;
+            tasks.spawn(crate::admin::serve_admin(shared.clone(), listener, path));
+        }
+        info!(addr = %local_addr, "listening on {local_addr}");
+        Ok(Relay {
+            local_addr,
+            metrics_addr,
+            endpoint,
+            shared,
+            tasks,
+            state,
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound metrics address, if serving metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// A join token for this relay at its bound address.
+    pub fn join_token(&self) -> String {
+        self.state
+            .join_token(&crate::state::dial_addr(self.local_addr))
+            .encode()
+            .unwrap_or_default()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Online instances and their receiving agents.
+    pub fn online(&self) -> std::collections::HashMap<String, Vec<String>> {
+        self.shared.router.snapshot()
+    }
+
+    /// Stop accepting, close every connection with `ShuttingDown`, and wait
+    /// (bounded) for tasks to end.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        self.endpoint.close(
+            ErrorCode::ShuttingDown.as_u32().into(),
+            b"relay shutting down",
+        );
+        let deadline = tokio::time::sleep(Duration::from_secs(3));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => { self.tasks.abort_all(); break }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("relay stopped");
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections as usize));
+    let mut conns = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shared.shutdown.cancelled() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        while conns.try_join_next().is_some() {}
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                conns.spawn(crate::connection::handle(shared.clone(), incoming, permit));
+            }
+            Err(_) => {
+                // Over max_connections: refuse at the QUIC level, cheaply.
+                shared.stats.refused(ErrorCode::TooManyConnections);
+                incoming.refuse();
+            }
+        }
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            _ = &mut deadline => { conns.abort_all(); break }
+        }
+    }
+}
+
+/// Pick up registry changes made by `register`/`revoke` while running; close
+/// the connections of newly revoked instances (within about a second).
+async fn watch_registry(shared: Arc<Shared>) {
+    let path = shared.store.path().to_path_buf();
+    let stamp = |p: &std::path::Path| -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let store = shared.store.clone();
+        let loaded = match tokio::task::spawn_blocking(move || store.load()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!("registry reload failed, keeping the previous one: {e}");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let newly_revoked: Vec<String> = {
+            let old = shared.registry();
+            loaded
+                .records()
+                .iter()
+                .filter(|r| r.revoked && old.get(&r.instance_id).is_some_and(|o| !o.revoked))
+                .map(|r| r.instance_id.clone())
+                .collect()
+        };
+        shared.set_registry(loaded);
+        for id in newly_revoked {
+            let conns = shared.router.connections_of(&id);
+            info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");
+            for c in conns {
+                c.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The relay's state directory: configuration, TLS identity, fleet secret
+//! and registry, created once by `init` and loaded at every start.
+//!
+//! ```text
+//! DIR/relay-config.json   limits and listen address (no secrets)
+//! DIR/relay.key           Ed25519 key of the relay's certificate (0600)
+//! DIR/relay.crt           its self-signed certificate, DER
+//! DIR/fleet.secret        32-byte fleet secret, hex (0600)
+//! DIR/registry.json       registered instances (ids, names, public keys)
+//! DIR/admin.sock          local admin socket while the relay runs (0600)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use agent_link_crypto::tls::TlsIdentity;
+use agent_link_crypto::{FleetSecret, Identity};
+use agent_link_proto::JoinToken;
+
+use crate::config::{ConfigError, RelayConfig};
+use crate::registry::{RegistryStore, StoreError};
+
+/// File names inside the state directory.
+pub const CONFIG_FILE: &str = "relay-config.json";
+const KEY_FILE: &str = "relay.key";
+const CERT_FILE: &str = "relay.crt";
+const SECRET_FILE: &str = "fleet.secret";
+
+/// Errors loading or creating the state directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// `init` found existing state.
+    #[error("{0} is already initialised; refusing to overwrite it")]
+    AlreadyInitialised(String),
+    /// The directory holds other files and no relay state.
+    #[error("{0} is not empty and holds no relay state; choose an empty directory")]
+    NotEmpty(String),
+    /// The directory has no relay state.
+    #[error("{0} is not initialised; run `agent-link-relay init --dir {0}` first")]
+    NotInitialised(String),
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Key, secret or certificate problem.
+    #[error(transparent)]
+    Crypto(#[from] agent_link_crypto::CryptoError),
+    /// Registry problem.
+    #[error(transparent)]
+    Registry(#[from] StoreError),
+    /// Other file-system error.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the relay loads from its directory.
+#[derive(Debug)]
+pub struct RelayState {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Validated configuration.
+    pub config: RelayConfig,
+    /// Certificate and key.
+    pub tls: TlsIdentity,
+    /// Fleet secret.
+    pub fleet: FleetSecret,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// True when `dir` holds relay state.
+pub fn is_initialised(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).exists()
+}
+
+/// True when `dir` is missing or empty.
+pub fn is_empty(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(_) => !dir.exists(),
+    }
+}
+
+/// Create relay state in `dir` (missing or empty). The configuration file is
+/// written last: a directory without it is not initialised.
+pub fn init(dir: &Path, listen: Option<SocketAddr>) -> Result<RelayState, StateError> {
+    if is_initialised(dir) || dir.join(KEY_FILE).exists() {
+        return Err(StateError::AlreadyInitialised(dir.display().to_string()));
+    }
+    if !is_empty(dir) {
+        return Err(StateError::NotEmpty(dir.display().to_string()));
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
+    let mut config = RelayConfig::default();
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    let identity = Identity::generate();
+    let tls = TlsIdentity::self_signed(&identity, agent_link_crypto::tls::RELAY_SERVER_NAME)?;
+    let fleet = FleetSecret::generate();
+    identity.write_new(&dir.join(KEY_FILE))?;
+    agent_link_crypto::files::write_atomic(&dir.join(CERT_FILE), tls.cert.as_ref(), 0o644)?;
+    fleet.write_new(&dir.join(SECRET_FILE))?;
+    RegistryStore::new(dir)
+        .update(|_| Ok::<(), std::convert::Infallible>(()))?
+        .ok();
+    let json = serde_json::to_vec_pretty(&config).map_err(|e| StateError::Io {
+        path: dir.join(CONFIG_FILE).display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;
+    Ok(RelayState {
+        dir: dir.to_path_buf(),
+        config,
+        tls,
+        fleet,
+    })
+}
+
+/// Load existing state, validating everything.
+pub fn load(dir: &Path) -> Result<RelayState, StateError> {
+    if !is_initialised(dir) {
+        return Err(StateError::NotInitialised(dir.display().to_string()));
+    }
+    let config = RelayConfig::load(&dir.join(CONFIG_FILE))?;
+    let identity = Identity::read(&dir.join(KEY_FILE))?;
+    let cert_path = dir.join(CERT_FILE);
+    let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
+    let tls = TlsIdentity::from_parts(&identity, cert)?;
+    let fleet = FleetSecret::read(&dir.join(SECRET_FILE))?;
+    RegistryStore::new(dir).load()?;
+    Ok(RelayState {
+        dir: dir.to_path_buf(),
+        config,
+        tls,
+        fleet,
+    })
+}
+
+impl RelayState {
+    /// The join token for instances dialling `addr`.
+    pub fn join_token(&self, addr: &str) -> JoinToken {
+        JoinToken {
+            addr: addr.to_string(),
+            fingerprint: self.tls.fingerprint(),
+            secret: self.fleet.clone(),
+        }
+    }
+}
+
+/// The address to put in a join token for a relay listening on `listen`:
+/// an unspecified address (0.0.0.0) is replaced by loopback, since no
+/// instance can dial it; operators pass `invite --addr` for public names.
+pub fn dial_addr(listen: SocketAddr) -> String {
+    let mut a = listen;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a.to_string()
+}
+
+/// The default state directory: `$XDG_DATA_HOME/agent-link-relay`, else
+/// `~/.local/share/agent-link-relay`.
+pub fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("agent-link-relay");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/agent-link-relay")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_load_and_refuse_overwrite() {
+        let dir = std::env::temp_dir().join(format!("al-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = init(&dir, Some("127.0.0.1:0".parse().unwrap())).unwrap();
+        let l = load(&dir).unwrap();
+        assert_eq!(s.tls.fingerprint(), l.tls.fingerprint());
+        assert_eq!(l.config.listen.port(), 0);
+        assert!(matches!(
+            init(&dir, None),
+            Err(StateError::AlreadyInitialised(_))
+        ));
+        let tok = l.join_token("127.0.0.1:8765").encode().unwrap();
+        assert_eq!(
+            JoinToken::parse(&tok).unwrap().fingerprint,
+            s.tls.fingerprint()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dial_addr_replaces_unspecified() {
+        assert_eq!(dial_addr("0.0.0.0:8765".parse().unwrap()), "127.0.0.1:8765");
+        assert_eq!(dial_addr("10.1.2.3:9".parse().unwrap()), "10.1.2.3:9");
+    }
+}

@@ -1,0 +1,326 @@
+//! Agent streams, the hot path: read a frame, check it, look up the route,
+//! queue the envelope's original bytes on the target stream. Replies to the
+//! sender (receipts, failures) go through the sender's own writer queue.
+//!
+//! Backpressure: a full target queue answers the sender `Busy` at once
+//! (explicit, never a silent drop) instead of stalling this stream's other
+//! messages behind one slow receiver. Receipts wait (bounded) for room in
+//! the sender's queue, since the sender is waiting for them.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agent_link_proto::{codec, ErrorCode, PeerToRelay, Receipt, RelayToPeer};
+use bytes::Bytes;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, debug_span, Instrument};
+
+use crate::checks::{check_send, SenderContext};
+use crate::connection::ConnCtx;
+use crate::framed::{error_frame, frame, refuse_stream, write_loop, FrameReader};
+use crate::router::{Out, StreamHandle};
+use crate::server::Shared;
+
+/// How long a receipt may wait for room in its sender's queue.
+const RECEIPT_WAIT: Duration = Duration::from_secs(2);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A new stream: its first frame says what it is.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::new(recv, shared.config.max_frame());
+    let auth = Duration::from_secs(shared.config.auth_timeout_secs);
+    let first = match tokio::time::timeout(auth, reader.next()).await {
+        Ok(Ok(Some(b))) => b,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            if let Some(code) = e.code() {
+                shared.stats.refused(code);
+                refuse_stream(&mut send, code).await;
+            }
+            return;
+        }
+        Err(_) => {
+            shared.stats.refused(ErrorCode::AuthTimeout);
+            refuse_stream(&mut send, ErrorCode::AuthTimeout).await;
+            return;
+        }
+    };
+    let kind = match codec::decode::<PeerToRelay>(&first) {
+        Ok(PeerToRelay::Attach { agent, receive }) => Ok(Some((agent.to_string(), receive))),
+        Ok(PeerToRelay::StatusRequest | PeerToRelay::Register { .. }) => Ok(None),
+        Ok(_) => Err(ErrorCode::NotAttached),
+        Err(_) => Err(ErrorCode::Malformed),
+    };
+    match kind {
+        Ok(Some((agent, receive))) => {
+            let span = debug_span!("agent", instance = %ctx.instance, %agent, receive);
+            agent_stream(shared, ctx, send, reader, agent, receive)
+                .instrument(span)
+                .await
+        }
+        Ok(None) => crate::control::run(shared, ctx, send, reader, Some(first)).await,
+        Err(code) => {
+            shared.stats.refused(code);
+            refuse_stream(&mut send, code).await;
+        }
+    }
+}
+
+async fn agent_stream(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    mut send: quinn::SendStream,
+    reader: FrameReader,
+    agent: String,
+    receive: bool,
+) {
+    if agent_link_proto::check_id(&agent).is_err() {
+        shared.stats.refused(ErrorCode::BadAddress);
+        refuse_stream(&mut send, ErrorCode::BadAddress).await;
+        return;
+    }
+    if ctx.agents.fetch_add(1, Relaxed) >= shared.config.max_agents_per_connection as usize {
+        ctx.agents.fetch_sub(1, Relaxed);
+        shared.stats.refused(ErrorCode::TooManyStreams);
+        refuse_stream(&mut send, ErrorCode::TooManyStreams).await;
+        return;
+    }
+    let token = shared.router.next_id();
+    let (tx, rx) = mpsc::channel(shared.config.agent_queue_len as usize);
+    let cancel = shared.shutdown.child_token();
+    let handle = StreamHandle {
+        token,
+        tx: tx.clone(),
+        cancel: cancel.clone(),
+    };
+    shared.router.add_stream(handle.clone());
+    let attached = frame(&RelayToPeer::Attached {
+        agent: &agent,
+        max_message_size: shared.config.max_message_size,
+        timestamp_window_ms: shared.config.timestamp_window_secs * 1000,
+    });
+    // Queue the acknowledgement before becoming routable, so it is the
+    // first frame the peer reads.
+    let _ = tx.try_send(Out::Frame(attached));
+    if receive {
+        if let Some(old) = shared.router.attach_receiver(&ctx.instance, &agent, handle) {
+            debug!(
+                old = old.token,
+                "newest attach wins; closing the older stream"
+            );
+            if old
+                .tx
+                .try_send(Out::Close(error_frame(ErrorCode::Replaced)))
+                .is_err()
+            {
+                old.cancel.cancel();
+            }
+        }
+    } else {
+        drop(handle);
+    }
+    let writer = write_loop(send, rx, cancel.clone());
+    tokio::pin!(writer);
+    let reading = read_loop(&shared, &ctx, &agent, token, tx, reader, &cancel);
+    tokio::select! {
+        _ = reading => {
+            shared.router.remove_stream(token, receive.then_some((ctx.instance.as_str(), agent.as_str())));
+            // Let queued receipts and errors drain, bounded.
+            if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+                cancel.cancel();
+            }
+        }
+        _ = &mut writer => {
+            cancel.cancel();
+            shared.router.remove_stream(token, receive.then_some((ctx.instance.as_str(), agent.as_str())));
+        }
+    }
+    ctx.agents.fetch_sub(1, Relaxed);
+}
+
+async fn read_loop(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    agent: &str,
+    token: u64,
+    tx: mpsc::Sender<Out>,
+    mut reader: FrameReader,
+    cancel: &CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            n = reader.next() => n,
+            _ = cancel.cancelled() => return,
+        };
+        let body = match next {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                if let Some(code) = e.code() {
+                    // Oversized or broken framing: the stream cannot be
+                    // resynchronised. Say why, stop it; the connection and
+                    // its other streams carry on.
+                    shared.stats.refused(code);
+                    reader.stop(code);
+                    let _ = tx.send(Out::Close(error_frame(code))).await;
+                }
+                return;
+            }
+        };
+        let reply = match codec::decode::<PeerToRelay>(&body) {
+            Ok(PeerToRelay::Send { envelope }) => {
+                on_send(shared, ctx, agent, token, &body, envelope)
+            }
+            Ok(PeerToRelay::Ack {
+                reply_token,
+                receipt,
+            }) => {
+                on_ack(shared, ctx, agent, reply_token, receipt).await;
+                None
+            }
+            Ok(PeerToRelay::Nack {
+                reply_token,
+                id,
+                code,
+            }) => {
+                let f = frame(&RelayToPeer::Failed { id, code });
+                route_reply(shared, reply_token, f).await;
+                None
+            }
+            Ok(_) | Err(_) => {
+                shared.stats.refused(ErrorCode::Malformed);
+                let _ = tx.send(Out::Close(error_frame(ErrorCode::Malformed))).await;
+                return;
+            }
+        };
+        if let Some(out) = reply {
+            let close = matches!(out, Out::Close(_));
+            if tx.send(out).await.is_err() || close {
+                return;
+            }
+        }
+    }
+}
+
+/// Check and forward one envelope. Returns what to tell the sender now (a
+/// failure), or `None` when it was queued for the target.
+fn on_send(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    agent: &str,
+    token: u64,
+    _frame: &Bytes,
+    envelope: &[u8],
+) -> Option<Out> {
+    let sender = SenderContext {
+        instance: &ctx.instance,
+        agent,
+        key: &ctx.key,
+    };
+    let env = match check_send(envelope, &sender, &shared.policy, now_ms()) {
+        Ok(env) => env,
+        Err(refusal) => {
+            shared.stats.refused(refusal.code);
+            debug!(code = ?refusal.code, "message refused");
+            return Some(match refusal.id {
+                Some(id) => Out::Frame(frame(&RelayToPeer::Failed {
+                    id,
+                    code: refusal.code,
+                })),
+                // Undecodable: nothing to attribute the failure to.
+                None => Out::Close(error_frame(refusal.code)),
+            });
+        }
+    };
+    let id = env.body.id;
+    let fail = |code: ErrorCode| {
+        shared.stats.refused(code);
+        Some(Out::Frame(frame(&RelayToPeer::Failed { id, code })))
+    };
+    {
+        let mut bucket = ctx.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if !bucket.try_take(Instant::now()) {
+            drop(bucket);
+            return fail(ErrorCode::RateLimited);
+        }
+    }
+    let to = env.body.to;
+    let Some(target) = shared.router.route(to.instance, to.agent) else {
+        let code = match shared.registry().get(to.instance) {
+            None => ErrorCode::UnknownTarget,
+            Some(r) if r.revoked => ErrorCode::TargetRevoked,
+            Some(_) => ErrorCode::TargetOffline,
+        };
+        return fail(code);
+    };
+    // The envelope's bytes go out exactly as they came in (never re-encoded).
+    let deliver = frame(&RelayToPeer::Deliver {
+        reply_token: token,
+        sender_key: *ctx.key.as_bytes(),
+        envelope,
+    });
+    match target.tx.try_send(Out::Frame(deliver)) {
+        Ok(()) => {
+            shared.stats.messages_forwarded.fetch_add(1, Relaxed);
+            shared
+                .stats
+                .bytes_forwarded
+                .fetch_add(envelope.len() as u64, Relaxed);
+            debug!(id = %hex_id(&id), size = envelope.len(), "forwarded");
+            None
+        }
+        Err(TrySendError::Full(_)) => fail(ErrorCode::Busy),
+        Err(TrySendError::Closed(_)) => fail(ErrorCode::TargetOffline),
+    }
+}
+
+async fn on_ack(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    agent: &str,
+    reply_token: u64,
+    receipt: Receipt<'_>,
+) {
+    // A receipt may only speak for the agent that received the message.
+    if receipt.from.instance != ctx.instance || receipt.from.agent != agent {
+        shared.stats.refused(ErrorCode::SenderMismatch);
+        return;
+    }
+    let f = frame(&RelayToPeer::Receipt { receipt });
+    if route_reply(shared, reply_token, f).await {
+        shared.stats.receipts_routed.fetch_add(1, Relaxed);
+    }
+}
+
+/// Send a frame to the stream with `reply_token`, waiting (bounded) for room.
+async fn route_reply(shared: &Shared, reply_token: u64, f: Bytes) -> bool {
+    let Some(target) = shared.router.stream(reply_token) else {
+        // The sender's stream is gone; its retry after reconnecting gets the
+        // receiver's duplicate receipt instead.
+        shared.stats.receipts_orphaned.fetch_add(1, Relaxed);
+        return false;
+    };
+    match target.tx.send_timeout(Out::Frame(f), RECEIPT_WAIT).await {
+        Ok(()) => true,
+        Err(_) => {
+            shared.stats.receipts_orphaned.fetch_add(1, Relaxed);
+            false
+        }
+    }
+}
+
+fn hex_id(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
