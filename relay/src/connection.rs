@@ -68,7 +68,15 @@ pub(crate) async fn handle(
     let conn_id = shared.router.next_id();
     let span = info_span!("conn", conn_id, %remote);
     async move {
-        let status = shared.registry().key_status(&key);
+        let mut status = shared.registry().key_status(&key);
+        if status == KeyStatus::Unknown {
+            // An operator may have just run `agent-link-relay register`:
+            // look at the file before treating the key as a stranger.
+            if let Err(e) = crate::server::refresh_registry(&shared).await {
+                tracing::warn!("registry reload failed: {e}");
+            }
+            status = shared.registry().key_status(&key);
+        }
         let (instance, control) = match status {
             KeyStatus::Active(id) => (id, None),
             KeyStatus::Revoked(id) => {

@@ -272,9 +272,11 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
 /// the connections of newly revoked instances (within about a second).
 async fn watch_registry(shared: Arc<Shared>) {
     let path = shared.store.path().to_path_buf();
-    let stamp = |p: &std::path::Path| -> Option<(SystemTime, u64)> {
+    // Every write replaces the file (rename), so the inode changes too.
+    let stamp = |p: &std::path::Path| -> Option<(SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
+        Some((m.modified().ok()?, m.len(), m.ino()))
     };
     let mut last = stamp(&path);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -288,31 +290,40 @@ async fn watch_registry(shared: Arc<Shared>) {
             continue;
         }
         last = now;
-        let store = shared.store.clone();
-        let loaded = match tokio::task::spawn_blocking(move || store.load()).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                warn!("registry reload failed, keeping the previous one: {e}");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        let newly_revoked: Vec<String> = {
-            let old = shared.registry();
-            loaded
-                .records()
-                .iter()
-                .filter(|r| r.revoked && old.get(&r.instance_id).is_some_and(|o| !o.revoked))
-                .map(|r| r.instance_id.clone())
-                .collect()
-        };
-        shared.set_registry(loaded);
-        for id in newly_revoked {
-            let conns = shared.router.connections_of(&id);
-            info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");
-            for c in conns {
-                c.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
-            }
+        if let Err(e) = refresh_registry(&shared).await {
+            warn!("registry reload failed, keeping the previous one: {e}");
         }
     }
+}
+
+/// Re-read the registry from disk and apply it: newly revoked instances have
+/// their connections closed with `Revoked`.
+pub(crate) async fn refresh_registry(
+    shared: &Arc<Shared>,
+) -> Result<(), crate::registry::StoreError> {
+    let store = shared.store.clone();
+    let loaded = tokio::task::spawn_blocking(move || store.load())
+        .await
+        .map_err(|e| crate::registry::StoreError::Io {
+            path: shared.store.path().display().to_string(),
+            source: std::io::Error::other(e),
+        })??;
+    let newly_revoked: Vec<String> = {
+        let old = shared.registry();
+        loaded
+            .records()
+            .iter()
+            .filter(|r| r.revoked && old.get(&r.instance_id).is_some_and(|o| !o.revoked))
+            .map(|r| r.instance_id.clone())
+            .collect()
+    };
+    shared.set_registry(loaded);
+    for id in newly_revoked {
+        let conns = shared.router.connections_of(&id);
+        info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");
+        for c in conns {
+            c.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
+        }
+    }
+    Ok(())
 }
