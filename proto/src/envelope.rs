@@ -66,6 +66,8 @@ impl<'a> EnvelopeBody<'a> {
 /// received bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenedEnvelope<'a> {
+    /// The whole envelope exactly as received (what the relay forwards).
+    pub bytes: &'a [u8],
     /// Outer layer (body bytes, tag, signature).
     pub outer: Envelope<'a>,
     /// Decoded body.
@@ -83,7 +85,7 @@ impl<'a> OpenedEnvelope<'a> {
         }
         body.from.check()?;
         body.to.check()?;
-        Ok(Self { outer, body })
+        Ok(Self { bytes, outer, body })
     }
 
     /// Fleet membership: the HMAC tag over the body bytes, constant time.

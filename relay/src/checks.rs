@@ -70,6 +70,34 @@ pub fn check_send<'a>(
     Ok(env)
 }
 
+/// Verify the Ed25519 signatures of envelopes from one sender key as a batch
+/// (ed25519-dalek's batch verification, roughly 2-3x cheaper per signature
+/// than one at a time). Returns one verdict per envelope: when the batch
+/// fails, each is checked alone to find the bad ones.
+///
+/// Batch verification is not `verify_strict`; that is acceptable here
+/// because the relay's check is an optional extra (receivers always verify
+/// strictly) and the key is the strong key from the TLS handshake.
+pub fn verify_batch(
+    envelopes: &[OpenedEnvelope<'_>],
+    key: &PublicKey,
+) -> Vec<Result<(), ErrorCode>> {
+    use agent_link_crypto::{Domain, Signature};
+    let sigs: Vec<Signature> = envelopes
+        .iter()
+        .map(|e| Signature(e.outer.signature))
+        .collect();
+    let items: Vec<_> = envelopes
+        .iter()
+        .zip(&sigs)
+        .map(|(e, s)| (key, Domain::EnvelopeSignature, e.outer.body, s))
+        .collect();
+    if agent_link_crypto::verify_batch(&items).is_ok() {
+        return vec![Ok(()); envelopes.len()];
+    }
+    envelopes.iter().map(|e| e.check_signature(key)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +201,25 @@ mod tests {
                 code: ErrorCode::Malformed
             }
         );
+    }
+
+    #[test]
+    fn batch_verification_finds_the_bad_one() {
+        let f = fixture();
+        let good = seal(&f, ("i1", "a"), 1_000_000);
+        let mut bad = good.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1; // last byte of the signature
+        let envs = [
+            OpenedEnvelope::open(&good).unwrap(),
+            OpenedEnvelope::open(&bad).unwrap(),
+            OpenedEnvelope::open(&good).unwrap(),
+        ];
+        assert_eq!(
+            verify_batch(&envs, &f.key),
+            vec![Ok(()), Err(ErrorCode::BadSignature), Ok(())]
+        );
+        assert_eq!(verify_batch(&envs[..1], &f.key), vec![Ok(())]);
     }
 
     #[test]

@@ -90,6 +90,32 @@ impl FrameReader {
         }
     }
 
+    /// The next frames: at least one (reading if none is buffered), then
+    /// every other whole frame already buffered, up to `max_frames`.
+    /// `Ok(false)` on a clean end of stream with nothing buffered.
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Bytes>,
+        max_frames: usize,
+    ) -> Result<bool, ReadError> {
+        out.clear();
+        match self.next().await? {
+            Some(f) => out.push(f),
+            None => return Ok(false),
+        }
+        while out.len() < max_frames {
+            match codec::split_frame(&self.buf, self.max) {
+                Ok(Some((_, total))) => {
+                    let mut frame = self.buf.split_to(total);
+                    out.push(frame.split_off(codec::FRAME_HEADER_LEN).freeze());
+                }
+                // Incomplete, or an error the next call will report.
+                _ => break,
+            }
+        }
+        Ok(true)
+    }
+
     /// Tell the peer to stop sending on this stream.
     pub fn stop(&mut self, code: ErrorCode) {
         let _ = self.recv.stop(code.as_u32().into());

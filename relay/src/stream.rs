@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agent_link_proto::{codec, ErrorCode, PeerToRelay, Receipt, RelayToPeer};
+use agent_link_proto::{codec, ErrorCode, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer};
 use bytes::Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,9 @@ use crate::connection::ConnCtx;
 use crate::framed::{error_frame, frame, refuse_stream, write_loop, FrameReader};
 use crate::router::{Out, StreamHandle};
 use crate::server::Shared;
+
+/// Frames taken from a stream's buffer per pass (and per signature batch).
+const READ_BATCH: usize = 64;
 
 /// How long a receipt may wait for room in its sender's queue.
 const RECEIPT_WAIT: Duration = Duration::from_secs(2);
@@ -159,14 +162,21 @@ async fn read_loop(
     mut reader: FrameReader,
     cancel: &CancellationToken,
 ) {
+    let sender = SenderContext {
+        instance: &ctx.instance,
+        agent,
+        key: &ctx.key,
+    };
+    let mut frames: Vec<Bytes> = Vec::with_capacity(READ_BATCH);
+    let mut replies: Vec<Out> = Vec::new();
     loop {
         let next = tokio::select! {
-            n = reader.next() => n,
+            n = reader.next_batch(&mut frames, READ_BATCH) => n,
             _ = cancel.cancelled() => return,
         };
-        let body = match next {
-            Ok(Some(b)) => b,
-            Ok(None) => return,
+        match next {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => {
                 if let Some(code) = e.code() {
                     // Oversized or broken framing: the stream cannot be
@@ -178,93 +188,107 @@ async fn read_loop(
                 }
                 return;
             }
+        }
+        let now = now_ms();
+        let mut passed = Vec::with_capacity(frames.len());
+        let mut close = None;
+        for body in &frames {
+            match codec::decode::<PeerToRelay>(body) {
+                Ok(PeerToRelay::Send { envelope }) => {
+                    match check_send(envelope, &sender, &shared.policy, now) {
+                        Ok(env) => passed.push(env),
+                        Err(refusal) => {
+                            shared.stats.refused(refusal.code);
+                            debug!(code = ?refusal.code, "message refused");
+                            match refusal.id {
+                                Some(id) => replies.push(Out::Frame(frame(&RelayToPeer::Failed {
+                                    id,
+                                    code: refusal.code,
+                                }))),
+                                // Undecodable: nothing to attribute it to.
+                                None => {
+                                    close = Some(refusal.code);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(PeerToRelay::Ack {
+                    reply_token,
+                    receipt,
+                }) => on_ack(shared, ctx, agent, reply_token, receipt).await,
+                Ok(PeerToRelay::Nack {
+                    reply_token,
+                    id,
+                    code,
+                }) => {
+                    route_reply(
+                        shared,
+                        reply_token,
+                        frame(&RelayToPeer::Failed { id, code }),
+                    )
+                    .await;
+                }
+                Ok(_) | Err(_) => {
+                    shared.stats.refused(ErrorCode::Malformed);
+                    close = Some(ErrorCode::Malformed);
+                    break;
+                }
+            }
+        }
+        let verdicts = if shared.config.verify_signatures && !passed.is_empty() {
+            crate::checks::verify_batch(&passed, &ctx.key)
+        } else {
+            vec![Ok(()); passed.len()]
         };
-        let reply = match codec::decode::<PeerToRelay>(&body) {
-            Ok(PeerToRelay::Send { envelope }) => {
-                on_send(shared, ctx, agent, token, &body, envelope)
+        for (env, verdict) in passed.iter().zip(verdicts) {
+            let outcome = match verdict {
+                Ok(()) => forward(shared, ctx, token, env),
+                Err(code) => Err(code),
+            };
+            if let Err(code) = outcome {
+                shared.stats.refused(code);
+                replies.push(Out::Frame(frame(&RelayToPeer::Failed {
+                    id: env.body.id,
+                    code,
+                })));
             }
-            Ok(PeerToRelay::Ack {
-                reply_token,
-                receipt,
-            }) => {
-                on_ack(shared, ctx, agent, reply_token, receipt).await;
-                None
-            }
-            Ok(PeerToRelay::Nack {
-                reply_token,
-                id,
-                code,
-            }) => {
-                let f = frame(&RelayToPeer::Failed { id, code });
-                route_reply(shared, reply_token, f).await;
-                None
-            }
-            Ok(_) | Err(_) => {
-                shared.stats.refused(ErrorCode::Malformed);
-                let _ = tx.send(Out::Close(error_frame(ErrorCode::Malformed))).await;
+        }
+        for out in replies.drain(..) {
+            if tx.send(out).await.is_err() {
                 return;
             }
-        };
-        if let Some(out) = reply {
-            let close = matches!(out, Out::Close(_));
-            if tx.send(out).await.is_err() || close {
-                return;
-            }
+        }
+        if let Some(code) = close {
+            let _ = tx.send(Out::Close(error_frame(code))).await;
+            return;
         }
     }
 }
 
-/// Check and forward one envelope. Returns what to tell the sender now (a
-/// failure), or `None` when it was queued for the target.
-fn on_send(
+/// Rate-limit, route and queue one checked envelope on its target's stream.
+fn forward(
     shared: &Shared,
     ctx: &ConnCtx,
-    agent: &str,
     token: u64,
-    _frame: &Bytes,
-    envelope: &[u8],
-) -> Option<Out> {
-    let sender = SenderContext {
-        instance: &ctx.instance,
-        agent,
-        key: &ctx.key,
-    };
-    let env = match check_send(envelope, &sender, &shared.policy, now_ms()) {
-        Ok(env) => env,
-        Err(refusal) => {
-            shared.stats.refused(refusal.code);
-            debug!(code = ?refusal.code, "message refused");
-            return Some(match refusal.id {
-                Some(id) => Out::Frame(frame(&RelayToPeer::Failed {
-                    id,
-                    code: refusal.code,
-                })),
-                // Undecodable: nothing to attribute the failure to.
-                None => Out::Close(error_frame(refusal.code)),
-            });
-        }
-    };
-    let id = env.body.id;
-    let fail = |code: ErrorCode| {
-        shared.stats.refused(code);
-        Some(Out::Frame(frame(&RelayToPeer::Failed { id, code })))
-    };
+    env: &OpenedEnvelope<'_>,
+) -> Result<(), ErrorCode> {
     {
         let mut bucket = ctx.rate.lock().unwrap_or_else(|e| e.into_inner());
         if !bucket.try_take(Instant::now()) {
-            drop(bucket);
-            return fail(ErrorCode::RateLimited);
+            return Err(ErrorCode::RateLimited);
         }
     }
     let to = env.body.to;
     let Some(target) = shared.router.route(to.instance, to.agent) else {
-        let code = match shared.registry().get(to.instance) {
+        return Err(match shared.registry().get(to.instance) {
             None => ErrorCode::UnknownTarget,
             Some(r) if r.revoked => ErrorCode::TargetRevoked,
             Some(_) => ErrorCode::TargetOffline,
-        };
-        return fail(code);
+        });
     };
+    let envelope = env.bytes;
     // The envelope's bytes go out exactly as they came in (never re-encoded).
     let deliver = frame(&RelayToPeer::Deliver {
         reply_token: token,
@@ -278,11 +302,11 @@ fn on_send(
                 .stats
                 .bytes_forwarded
                 .fetch_add(envelope.len() as u64, Relaxed);
-            debug!(id = %hex_id(&id), size = envelope.len(), "forwarded");
-            None
+            debug!(id = %hex_id(&env.body.id), size = envelope.len(), "forwarded");
+            Ok(())
         }
-        Err(TrySendError::Full(_)) => fail(ErrorCode::Busy),
-        Err(TrySendError::Closed(_)) => fail(ErrorCode::TargetOffline),
+        Err(TrySendError::Full(_)) => Err(ErrorCode::Busy),
+        Err(TrySendError::Closed(_)) => Err(ErrorCode::TargetOffline),
     }
 }
 
