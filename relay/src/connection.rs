@@ -268,6 +268,12 @@ async fn serve(
         }
         while streams.try_join_next().is_some() {}
     }
+    // The connection is gone: its streams fail fast. Give them a moment to
+    // finish cleanly, then abort the rest (their guards unregister them).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while streams.join_next().await.is_some() {}
+    })
+    .await;
     streams.abort_all();
     while streams.join_next().await.is_some() {}
     shared.router.remove_connection(&instance, conn_id);

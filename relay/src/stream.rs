@@ -134,6 +134,14 @@ async fn agent_stream(
     } else {
         drop(handle);
     }
+    // Unregistering happens in Drop, so it also runs when the task is
+    // aborted (connection gone): no stale route or token is left behind.
+    let _guard = StreamGuard {
+        shared: &shared,
+        ctx: &ctx,
+        token,
+        agent: receive.then_some(agent.as_str()),
+    };
     let writer = write_loop(send, rx, cancel.clone());
     tokio::pin!(writer);
     let reading = read_loop(&shared, &ctx, &agent, token, tx, reader, &cancel);
@@ -145,12 +153,23 @@ async fn agent_stream(
                 cancel.cancel();
             }
         }
-        _ = &mut writer => {
-            cancel.cancel();
-            shared.router.remove_stream(token, receive.then_some((ctx.instance.as_str(), agent.as_str())));
-        }
+        _ = &mut writer => cancel.cancel(),
     }
-    ctx.agents.fetch_sub(1, Relaxed);
+}
+
+struct StreamGuard<'a> {
+    shared: &'a Shared,
+    ctx: &'a ConnCtx,
+    token: u64,
+    agent: Option<&'a str>,
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        let receiving = self.agent.map(|a| (self.ctx.instance.as_str(), a));
+        self.shared.router.remove_stream(self.token, receiving);
+        self.ctx.agents.fetch_sub(1, Relaxed);
+    }
 }
 
 async fn read_loop(

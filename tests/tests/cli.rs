@@ -1,0 +1,413 @@
+//! The command-line contract (DESIGN.md "Command-line contract"), tested with
+//! the real binaries as child processes: the README quickstart, exit codes,
+//! `--help` everywhere, and a listener that survives a relay restart.
+//!
+//! The binaries come from the same `target/` as this test (built by `cargo
+//! test --workspace`). Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (or `cargo test --workspace`)",
+        p.display()
+    );
+    p
+}
+
+fn relay_cmd() -> Command {
+    Command::new(bin("agent-link-relay"))
+}
+
+fn peer_cmd() -> Command {
+    Command::new(bin("agent-link"))
+}
+
+fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().expect("spawn")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A relay child process; killed on drop.
+struct RelayChild {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl RelayChild {
+    fn start(dir: &Path, listen: &str) -> (Self, Option<String>) {
+        let mut child = relay_cmd()
+            .args(["run", "--dir", dir.to_str().unwrap(), "--listen", listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start relay");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(WAIT).expect("relay logs `listening on ADDR`");
+        // On a first run the join token is the first stdout line.
+        let mut stdout = child.stdout.take().unwrap();
+        let (ttx, trx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            let _ = ttx.send(s);
+        });
+        let token = trx
+            .recv_timeout(Duration::from_millis(300))
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_string));
+        (
+            Self {
+                child,
+                addr,
+                dir: dir.to_path_buf(),
+            },
+            token,
+        )
+    }
+
+    fn invite(&self) -> String {
+        let out = run({
+            let mut c = relay_cmd();
+            c.args(["invite", "--dir", self.dir.to_str().unwrap(), "--addr", &self.addr]);
+            c
+        });
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn init_peer(dir: &Path, id: &str, token: &str) -> String {
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["init", "--dir", dir.to_str().unwrap(), "--instance-id", id, "--join", token]);
+        c
+    });
+    assert!(out.status.success(), "init {id}: {}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_string();
+    assert_eq!(key.len(), 64, "prints the public key: {key:?}");
+    key
+}
+
+fn send(dir: &Path, from: &str, to: &str, msg: &str) -> Output {
+    run({
+        let mut c = peer_cmd();
+        c.args(["send", "--dir", dir.to_str().unwrap(), "--from", from, "--to", to, "--timeout", "10", msg]);
+        c
+    })
+}
+
+/// Poll `agent-link-relay instances --json` until `instance` has `agent`.
+fn wait_attached(relay: &RelayChild, instance: &str, agent: &str) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let out = run({
+            let mut c = relay_cmd();
+            c.args(["instances", "--dir", relay.dir.to_str().unwrap(), "--json"]);
+            c
+        });
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let attached = v["instances"].as_array().unwrap().iter().any(|i| {
+                i["instance_id"] == instance
+                    && i["agents"].as_array().unwrap().iter().any(|a| a == agent)
+            });
+            if attached {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{instance}/{agent} never attached");
+}
+
+fn listener(dir: &Path, agent: &str, count: u32) -> (Child, mpsc::Receiver<String>) {
+    let mut child = peer_cmd()
+        .args(["listen", "--dir", dir.to_str().unwrap(), "--agent", agent, "--json", "--count", &count.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn readme_quickstart_message_and_receipt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (relay, first_token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let token = first_token.expect("first run prints the join token on stdout");
+    assert!(token.starts_with("al1"), "{token}");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    init_peer(&one, "instance-001", &token);
+    init_peer(&two, "instance-002", &relay.invite());
+
+    let (mut listen, lines) = listener(&one, "xiaobaozi", 1);
+    wait_attached(&relay, "instance-001", "xiaobaozi");
+    let out = send(&two, "healthguard", "instance-001/xiaobaozi", "hi");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("delivered"), "{}", text(&out.stdout));
+
+    let line = lines.recv_timeout(WAIT).expect("listener printed the message");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["from"], "instance-002/healthguard");
+    assert_eq!(v["to"], "instance-001/xiaobaozi");
+    assert_eq!(v["message"], "hi");
+    assert_eq!(v["id"].as_str().unwrap().len(), 32);
+    assert!(v["sent_at"].as_u64().is_some());
+    assert!(wait_exit(&mut listen).success(), "--count 1 stops after one message");
+
+    // Files holding secrets are private.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["instance.key", "fleet.secret"] {
+        let mode = std::fs::metadata(one.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let cfg = std::fs::read_to_string(one.join("agent-link-config.json")).unwrap();
+    let secret = std::fs::read_to_string(one.join("fleet.secret")).unwrap();
+    assert!(!cfg.contains(secret.trim()), "no secret in the config file");
+
+    // whoami and status
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["whoami", "--dir", one.to_str().unwrap(), "--json"]);
+        c
+    });
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["instance_id"], "instance-001");
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["status", "--dir", two.to_str().unwrap(), "--json"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn exit_codes_follow_the_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let token = token.unwrap();
+    let one = tmp.path().join("one");
+    init_peer(&one, "inst-1", &token);
+    let two = tmp.path().join("two");
+    init_peer(&two, "inst-2", &token);
+
+    // 3: unknown instance, and an agent that is not listening.
+    assert_eq!(send(&one, "a", "nobody/x", "m").status.code(), Some(3));
+    assert_eq!(send(&one, "a", "inst-2/not-listening", "m").status.code(), Some(3));
+    // 2: bad address, bad usage.
+    let out = send(&one, "a", "no-slash", "m");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "one line: {}", text(&out.stderr));
+    assert_eq!(run({
+        let mut c = peer_cmd();
+        c.arg("send");
+        c
+    }).status.code(), Some(2));
+    // 2: malformed join token; nothing written.
+    let bad = tmp.path().join("bad");
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["init", "--dir", bad.to_str().unwrap(), "--instance-id", "x", "--join", "al1garbage"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(!bad.join("agent-link-config.json").exists());
+    // 4: instance id taken by another key.
+    let thief = tmp.path().join("thief");
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["init", "--dir", thief.to_str().unwrap(), "--instance-id", "inst-1", "--join", &token]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(!thief.join("instance.key").exists(), "nothing half-written");
+    // Missing directory: one line, non-zero.
+    let out = send(&tmp.path().join("missing"), "a", "inst-2/x", "m");
+    assert!(!out.status.success());
+    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{}", text(&out.stderr));
+    // Oversized message: refused before sending.
+    let big = "x".repeat(1_100_000);
+    let out = send(&one, "a", "inst-2/x", &big);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // 4: revoked sender.
+    let out = run({
+        let mut c = relay_cmd();
+        c.args(["revoke", "--dir", relay.dir.to_str().unwrap(), "--instance-id", "inst-1"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let code = send(&one, "a", "inst-2/x", "m").status.code();
+        if code == Some(4) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "revoked sender still gets {code:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn every_command_has_help() {
+    for (b, cmds) in [
+        ("agent-link-relay", &["run", "init", "invite", "register", "revoke", "instances"][..]),
+        ("agent-link", &["init", "whoami", "send", "listen", "status"][..]),
+    ] {
+        let out = run({
+            let mut c = Command::new(bin(b));
+            c.arg("--help");
+            c
+        });
+        assert!(out.status.success());
+        for cmd in cmds {
+            let out = run({
+                let mut c = Command::new(bin(b));
+                c.args([cmd, "--help"]);
+                c
+            });
+            assert!(out.status.success(), "{b} {cmd} --help");
+            assert!(text(&out.stdout).contains("--dir"), "{b} {cmd} --help mentions --dir");
+        }
+    }
+}
+
+#[test]
+fn relay_admin_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    let d = dir.to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let out = run({
+            let mut c = relay_cmd();
+            c.args(args);
+            c
+        });
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    assert_eq!(ok(&["init", "--dir", d]).0, Some(0));
+    assert_ne!(ok(&["init", "--dir", d]).0, Some(0), "refuses to overwrite");
+    let key = agent_link_crypto::Identity::generate().public_key().to_string();
+    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i1", "--public-key", &key]).0, Some(0));
+    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i1", "--public-key", &key]).0, Some(0), "idempotent");
+    let other = agent_link_crypto::Identity::generate().public_key().to_string();
+    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i1", "--public-key", &other]).0, Some(4));
+    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i2", "--public-key", "zz"]).0, Some(2));
+    assert_eq!(ok(&["revoke", "--dir", d, "--instance-id", "nope"]).0, Some(3));
+    assert_eq!(ok(&["revoke", "--dir", d, "--instance-id", "i1"]).0, Some(0));
+    let (code, out, _) = ok(&["instances", "--dir", d, "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["instances"][0]["revoked"], true);
+    let (code, out, _) = ok(&["invite", "--dir", d]);
+    assert_eq!(code, Some(0));
+    assert!(agent_link_proto::JoinToken::parse(out.trim()).is_ok());
+    // A config with a bad field fails at start, naming the field.
+    let cfg = dir.join("relay-config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["max_message_size"] = 0.into();
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let (code, _, err) = ok(&["run", "--dir", d, "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("max_message_size"), "{err}");
+    // Loose permissions on the key are refused, naming the path.
+    v["max_message_size"] = 4096.into();
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("relay.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = ok(&["run", "--dir", d, "--listen", "127.0.0.1:0"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("relay.key") && err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn listener_survives_a_relay_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rdir = tmp.path().join("relay");
+    let (mut relay, token) = RelayChild::start(&rdir, "127.0.0.1:0");
+    let token = token.unwrap();
+    let addr = relay.addr.clone();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    init_peer(&one, "inst-1", &token);
+    init_peer(&two, "inst-2", &token);
+    let (mut listen, lines) = listener(&one, "bob", 2);
+    wait_attached(&relay, "inst-1", "bob");
+    assert_eq!(send(&two, "alice", "inst-1/bob", "before").status.code(), Some(0));
+    lines.recv_timeout(WAIT).unwrap();
+
+    relay.stop();
+    drop(relay);
+    let (relay, _) = RelayChild::start(&rdir, &addr);
+    wait_attached(&relay, "inst-1", "bob");
+    let out = send(&two, "alice", "inst-1/bob", "after");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let line = lines.recv_timeout(WAIT).unwrap();
+    assert!(line.contains("after"), "{line}");
+    assert!(wait_exit(&mut listen).success());
+}
