@@ -5,7 +5,7 @@
 //! The binaries come from the same `target/` as this test (built by `cargo
 //! test --workspace`). Every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -15,7 +15,10 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -66,19 +69,18 @@ impl RelayChild {
                 }
             }
         });
-        let addr = rx.recv_timeout(WAIT).expect("relay logs `listening on ADDR`");
+        let addr = rx
+            .recv_timeout(WAIT)
+            .expect("relay logs `listening on ADDR`");
         // On a first run the join token is the first stdout line.
-        let mut stdout = child.stdout.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
         let (ttx, trx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            let _ = ttx.send(s);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = ttx.send(line);
+            }
         });
-        let token = trx
-            .recv_timeout(Duration::from_millis(300))
-            .ok()
-            .and_then(|s| s.lines().next().map(str::to_string));
+        let token = trx.recv_timeout(Duration::from_secs(2)).ok();
         (
             Self {
                 child,
@@ -92,7 +94,13 @@ impl RelayChild {
     fn invite(&self) -> String {
         let out = run({
             let mut c = relay_cmd();
-            c.args(["invite", "--dir", self.dir.to_str().unwrap(), "--addr", &self.addr]);
+            c.args([
+                "invite",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--addr",
+                &self.addr,
+            ]);
             c
         });
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -100,7 +108,9 @@ impl RelayChild {
     }
 
     fn stop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -123,7 +133,15 @@ impl Drop for RelayChild {
 fn init_peer(dir: &Path, id: &str, token: &str) -> String {
     let out = run({
         let mut c = peer_cmd();
-        c.args(["init", "--dir", dir.to_str().unwrap(), "--instance-id", id, "--join", token]);
+        c.args([
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--instance-id",
+            id,
+            "--join",
+            token,
+        ]);
         c
     });
     assert!(out.status.success(), "init {id}: {}", text(&out.stderr));
@@ -135,7 +153,18 @@ fn init_peer(dir: &Path, id: &str, token: &str) -> String {
 fn send(dir: &Path, from: &str, to: &str, msg: &str) -> Output {
     run({
         let mut c = peer_cmd();
-        c.args(["send", "--dir", dir.to_str().unwrap(), "--from", from, "--to", to, "--timeout", "10", msg]);
+        c.args([
+            "send",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--from",
+            from,
+            "--to",
+            to,
+            "--timeout",
+            "10",
+            msg,
+        ]);
         c
     })
 }
@@ -166,7 +195,16 @@ fn wait_attached(relay: &RelayChild, instance: &str, agent: &str) {
 
 fn listener(dir: &Path, agent: &str, count: u32) -> (Child, mpsc::Receiver<String>) {
     let mut child = peer_cmd()
-        .args(["listen", "--dir", dir.to_str().unwrap(), "--agent", agent, "--json", "--count", &count.to_string()])
+        .args([
+            "listen",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--agent",
+            agent,
+            "--json",
+            "--count",
+            &count.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -210,16 +248,25 @@ fn readme_quickstart_message_and_receipt() {
     wait_attached(&relay, "instance-001", "xiaobaozi");
     let out = send(&two, "healthguard", "instance-001/xiaobaozi", "hi");
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("delivered"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("delivered"),
+        "{}",
+        text(&out.stdout)
+    );
 
-    let line = lines.recv_timeout(WAIT).expect("listener printed the message");
+    let line = lines
+        .recv_timeout(WAIT)
+        .expect("listener printed the message");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["from"], "instance-002/healthguard");
     assert_eq!(v["to"], "instance-001/xiaobaozi");
     assert_eq!(v["message"], "hi");
     assert_eq!(v["id"].as_str().unwrap().len(), 32);
     assert!(v["sent_at"].as_u64().is_some());
-    assert!(wait_exit(&mut listen).success(), "--count 1 stops after one message");
+    assert!(
+        wait_exit(&mut listen).success(),
+        "--count 1 stops after one message"
+    );
 
     // Files holding secrets are private.
     use std::os::unix::fs::PermissionsExt;
@@ -260,21 +307,42 @@ fn exit_codes_follow_the_contract() {
 
     // 3: unknown instance, and an agent that is not listening.
     assert_eq!(send(&one, "a", "nobody/x", "m").status.code(), Some(3));
-    assert_eq!(send(&one, "a", "inst-2/not-listening", "m").status.code(), Some(3));
+    assert_eq!(
+        send(&one, "a", "inst-2/not-listening", "m").status.code(),
+        Some(3)
+    );
     // 2: bad address, bad usage.
     let out = send(&one, "a", "no-slash", "m");
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "one line: {}", text(&out.stderr));
-    assert_eq!(run({
-        let mut c = peer_cmd();
-        c.arg("send");
-        c
-    }).status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr).trim().lines().count(),
+        1,
+        "one line: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        run({
+            let mut c = peer_cmd();
+            c.arg("send");
+            c
+        })
+        .status
+        .code(),
+        Some(2)
+    );
     // 2: malformed join token; nothing written.
     let bad = tmp.path().join("bad");
     let out = run({
         let mut c = peer_cmd();
-        c.args(["init", "--dir", bad.to_str().unwrap(), "--instance-id", "x", "--join", "al1garbage"]);
+        c.args([
+            "init",
+            "--dir",
+            bad.to_str().unwrap(),
+            "--instance-id",
+            "x",
+            "--join",
+            "al1garbage",
+        ]);
         c
     });
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
@@ -283,7 +351,15 @@ fn exit_codes_follow_the_contract() {
     let thief = tmp.path().join("thief");
     let out = run({
         let mut c = peer_cmd();
-        c.args(["init", "--dir", thief.to_str().unwrap(), "--instance-id", "inst-1", "--join", &token]);
+        c.args([
+            "init",
+            "--dir",
+            thief.to_str().unwrap(),
+            "--instance-id",
+            "inst-1",
+            "--join",
+            &token,
+        ]);
         c
     });
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
@@ -291,15 +367,45 @@ fn exit_codes_follow_the_contract() {
     // Missing directory: one line, non-zero.
     let out = send(&tmp.path().join("missing"), "a", "inst-2/x", "m");
     assert!(!out.status.success());
-    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{}", text(&out.stderr));
-    // Oversized message: refused before sending.
-    let big = "x".repeat(1_100_000);
-    let out = send(&one, "a", "inst-2/x", &big);
+    assert_eq!(
+        text(&out.stderr).trim().lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    // Oversized message (from stdin): refused before sending.
+    let mut child = peer_cmd()
+        .args([
+            "send",
+            "--dir",
+            one.to_str().unwrap(),
+            "--from",
+            "a",
+            "--to",
+            "inst-2/x",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&vec![b'x'; 1_100_000]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     // 4: revoked sender.
     let out = run({
         let mut c = relay_cmd();
-        c.args(["revoke", "--dir", relay.dir.to_str().unwrap(), "--instance-id", "inst-1"]);
+        c.args([
+            "revoke",
+            "--dir",
+            relay.dir.to_str().unwrap(),
+            "--instance-id",
+            "inst-1",
+        ]);
         c
     });
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -309,7 +415,10 @@ fn exit_codes_follow_the_contract() {
         if code == Some(4) {
             break;
         }
-        assert!(Instant::now() < deadline, "revoked sender still gets {code:?}");
+        assert!(
+            Instant::now() < deadline,
+            "revoked sender still gets {code:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -317,8 +426,14 @@ fn exit_codes_follow_the_contract() {
 #[test]
 fn every_command_has_help() {
     for (b, cmds) in [
-        ("agent-link-relay", &["run", "init", "invite", "register", "revoke", "instances"][..]),
-        ("agent-link", &["init", "whoami", "send", "listen", "status"][..]),
+        (
+            "agent-link-relay",
+            &["run", "init", "invite", "register", "revoke", "instances"][..],
+        ),
+        (
+            "agent-link",
+            &["init", "whoami", "send", "listen", "status"][..],
+        ),
     ] {
         let out = run({
             let mut c = Command::new(bin(b));
@@ -333,7 +448,10 @@ fn every_command_has_help() {
                 c
             });
             assert!(out.status.success(), "{b} {cmd} --help");
-            assert!(text(&out.stdout).contains("--dir"), "{b} {cmd} --help mentions --dir");
+            assert!(
+                text(&out.stdout).contains("--dir"),
+                "{b} {cmd} --help mentions --dir"
+            );
         }
     }
 }
@@ -353,14 +471,73 @@ fn relay_admin_commands() {
     };
     assert_eq!(ok(&["init", "--dir", d]).0, Some(0));
     assert_ne!(ok(&["init", "--dir", d]).0, Some(0), "refuses to overwrite");
-    let key = agent_link_crypto::Identity::generate().public_key().to_string();
-    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i1", "--public-key", &key]).0, Some(0));
-    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i1", "--public-key", &key]).0, Some(0), "idempotent");
-    let other = agent_link_crypto::Identity::generate().public_key().to_string();
-    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i1", "--public-key", &other]).0, Some(4));
-    assert_eq!(ok(&["register", "--dir", d, "--instance-id", "i2", "--public-key", "zz"]).0, Some(2));
-    assert_eq!(ok(&["revoke", "--dir", d, "--instance-id", "nope"]).0, Some(3));
-    assert_eq!(ok(&["revoke", "--dir", d, "--instance-id", "i1"]).0, Some(0));
+    let key = agent_link_crypto::Identity::generate()
+        .public_key()
+        .to_string();
+    assert_eq!(
+        ok(&[
+            "register",
+            "--dir",
+            d,
+            "--instance-id",
+            "i1",
+            "--public-key",
+            &key
+        ])
+        .0,
+        Some(0)
+    );
+    assert_eq!(
+        ok(&[
+            "register",
+            "--dir",
+            d,
+            "--instance-id",
+            "i1",
+            "--public-key",
+            &key
+        ])
+        .0,
+        Some(0),
+        "idempotent"
+    );
+    let other = agent_link_crypto::Identity::generate()
+        .public_key()
+        .to_string();
+    assert_eq!(
+        ok(&[
+            "register",
+            "--dir",
+            d,
+            "--instance-id",
+            "i1",
+            "--public-key",
+            &other
+        ])
+        .0,
+        Some(4)
+    );
+    assert_eq!(
+        ok(&[
+            "register",
+            "--dir",
+            d,
+            "--instance-id",
+            "i2",
+            "--public-key",
+            "zz"
+        ])
+        .0,
+        Some(2)
+    );
+    assert_eq!(
+        ok(&["revoke", "--dir", d, "--instance-id", "nope"]).0,
+        Some(3)
+    );
+    assert_eq!(
+        ok(&["revoke", "--dir", d, "--instance-id", "i1"]).0,
+        Some(0)
+    );
     let (code, out, _) = ok(&["instances", "--dir", d, "--json"]);
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -380,10 +557,17 @@ fn relay_admin_commands() {
     v["max_message_size"] = 4096.into();
     std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join("relay.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        dir.join("relay.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let (code, _, err) = ok(&["run", "--dir", d, "--listen", "127.0.0.1:0"]);
     assert_ne!(code, Some(0));
-    assert!(err.contains("relay.key") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("relay.key") && err.contains("chmod 600"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -398,7 +582,10 @@ fn listener_survives_a_relay_restart() {
     init_peer(&two, "inst-2", &token);
     let (mut listen, lines) = listener(&one, "bob", 2);
     wait_attached(&relay, "inst-1", "bob");
-    assert_eq!(send(&two, "alice", "inst-1/bob", "before").status.code(), Some(0));
+    assert_eq!(
+        send(&two, "alice", "inst-1/bob", "before").status.code(),
+        Some(0)
+    );
     lines.recv_timeout(WAIT).unwrap();
 
     relay.stop();

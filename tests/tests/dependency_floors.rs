@@ -25,7 +25,10 @@ fn locked_versions(name: &str) -> Vec<Vec<u64>> {
 
 #[test]
 fn quinn_proto_and_rustls_are_above_advisory_floors() {
-    for (name, floor) in [("quinn-proto", vec![0, 11, 15]), ("rustls", vec![0, 23, 45])] {
+    for (name, floor) in [
+        ("quinn-proto", vec![0, 11, 15]),
+        ("rustls", vec![0, 23, 45]),
+    ] {
         let versions = locked_versions(name);
         assert!(!versions.is_empty(), "{name} not in Cargo.lock");
         for v in versions {

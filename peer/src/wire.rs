@@ -1,0 +1,154 @@
+//! QUIC connection set-up and frame I/O on streams for the peer: the thin
+//! I/O layer around `agent_link_proto::codec`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_link_crypto::tls::{instance_client_config, TlsIdentity, RELAY_SERVER_NAME};
+use agent_link_crypto::Identity;
+use agent_link_proto::{codec, ErrorCode, PeerToRelay};
+use bytes::{Bytes, BytesMut};
+
+use crate::LinkError;
+
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client endpoint presenting `identity` and pinning the relay's
+/// certificate `fingerprint`.
+pub fn endpoint(
+    identity: &Identity,
+    fingerprint: [u8; 32],
+    v6: bool,
+) -> Result<quinn::Endpoint, LinkError> {
+    let tls_id = TlsIdentity::self_signed(identity, "agent-link-instance")?;
+    let tls = instance_client_config(&tls_id, fingerprint)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| LinkError::Other(format!("QUIC TLS config: {e}")))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(30))
+            .map_err(|e| LinkError::Other(e.to_string()))?,
+    ));
+    cfg.transport_config(Arc::new(t));
+    let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(|_| LinkError::Other("bind address".into()))?;
+    let mut ep =
+        quinn::Endpoint::client(bind).map_err(|e| LinkError::Other(format!("UDP socket: {e}")))?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+/// Resolve `host:port`.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| LinkError::Unreachable {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| LinkError::Unreachable {
+            addr: addr.to_string(),
+            reason: "no address found".into(),
+        })
+}
+
+/// One connection attempt, bounded by [`CONNECT_TIMEOUT`].
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    label: &str,
+) -> Result<quinn::Connection, LinkError> {
+    let unreachable = |reason: String| LinkError::Unreachable {
+        addr: label.to_string(),
+        reason,
+    };
+    let connecting = ep
+        .connect(addr, RELAY_SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => {
+            Err(connection_error(&e).map_or_else(|| unreachable(e.to_string()), LinkError::Refused))
+        }
+        Err(_) => Err(unreachable("no answer (timed out)".into())),
+    }
+}
+
+/// The relay's reason when it closed the connection deliberately.
+pub fn connection_error(e: &quinn::ConnectionError) -> Option<ErrorCode> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => u32::try_from(u64::from(c.error_code))
+            .ok()
+            .and_then(ErrorCode::from_u32),
+        _ => None,
+    }
+}
+
+/// Buffered frame reader.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// Wrap a receive stream.
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Every whole frame buffered (reading once if none is). `Ok(false)` at
+    /// the end of the stream.
+    pub async fn next_batch(&mut self, out: &mut Vec<Bytes>) -> Result<bool, LinkError> {
+        out.clear();
+        loop {
+            while let Some((_, total)) = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)
+                .map_err(|e| LinkError::Other(format!("relay sent a bad frame: {e}")))?
+            {
+                let mut f = self.buf.split_to(total);
+                out.push(f.split_off(codec::FRAME_HEADER_LEN).freeze());
+            }
+            if !out.is_empty() {
+                return Ok(true);
+            }
+            self.buf.reserve(16 * 1024);
+            match tokio::io::AsyncReadExt::read_buf(&mut self.recv, &mut self.buf).await {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e) => return Err(LinkError::Other(format!("stream: {e}"))),
+            }
+        }
+    }
+
+    /// The next frame.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, LinkError> {
+        loop {
+            if let Some((_, total)) = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)
+                .map_err(|e| LinkError::Other(format!("relay sent a bad frame: {e}")))?
+            {
+                let mut f = self.buf.split_to(total);
+                return Ok(Some(f.split_off(codec::FRAME_HEADER_LEN).freeze()));
+            }
+            self.buf.reserve(16 * 1024);
+            match tokio::io::AsyncReadExt::read_buf(&mut self.recv, &mut self.buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(LinkError::Other(format!("stream: {e}"))),
+            }
+        }
+    }
+}
+
+/// Encode a frame we send.
+pub fn frame(f: &PeerToRelay<'_>) -> Vec<u8> {
+    codec::frame(f).unwrap_or_default()
+}
