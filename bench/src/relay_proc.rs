@@ -99,11 +99,7 @@ impl RelayProcess {
             .context("relay did not report its address")?
             .parse()?;
         let token = run(&["invite", "--dir", d, "--addr", &addr.to_string()])?;
-        Ok(Self {
-            child,
-            addr,
-            token,
-        })
+        Ok(Self { child, addr, token })
     }
 
     /// User+system CPU seconds the relay has used so far.
