@@ -1,0 +1,265 @@
+//! Golden vectors: the exact bytes of every frame, the envelope, the
+//! registration proof and the join token, rebuilt from fixed inputs and
+//! compared with `tests/vectors/*.hex` at the repository root (and with the
+//! worked examples in PROTOCOL.md). A change to the wire format fails here
+//! first. Regenerate deliberately with
+//! `GOLDEN_UPDATE=1 cargo test -p agent-link-proto --test golden`.
+
+use std::path::PathBuf;
+
+use agent_link_crypto::{Domain, FleetSecret, Identity};
+use agent_link_proto::{
+    codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, JoinToken, OpenedEnvelope,
+    PeerToRelay, Receipt, RelayToPeer,
+};
+
+fn vectors_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors")
+}
+
+fn check(name: &str, bytes: &[u8]) {
+    let path = vectors_dir().join(format!("{name}.hex"));
+    let hex = hex::encode(bytes);
+    if std::env::var_os("GOLDEN_UPDATE").is_some() {
+        std::fs::create_dir_all(vectors_dir()).unwrap();
+        std::fs::write(&path, format!("{hex}\n")).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with GOLDEN_UPDATE=1 to create)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        hex,
+        want.trim(),
+        "{name}: bytes differ from {}",
+        path.display()
+    );
+}
+
+fn read(name: &str) -> Vec<u8> {
+    let path = vectors_dir().join(format!("{name}.hex"));
+    hex::decode(std::fs::read_to_string(path).unwrap().trim()).unwrap()
+}
+
+const SENDER_SEED: [u8; 32] = [1; 32];
+const FLEET: [u8; 32] = [2; 32];
+const ID: [u8; 16] = [0x11; 16];
+const SENT_AT: u64 = 1_700_000_000_000;
+
+fn body() -> EnvelopeBody<'static> {
+    EnvelopeBody {
+        version: 1,
+        id: ID,
+        from: Address {
+            instance: "instance-002",
+            agent: "healthguard",
+        },
+        to: Address {
+            instance: "instance-001",
+            agent: "xiaobaozi",
+        },
+        sent_at_ms: SENT_AT,
+        payload: b"hi",
+    }
+}
+
+fn envelope() -> Vec<u8> {
+    body()
+        .seal(
+            &Identity::from_seed(&SENDER_SEED),
+            &FleetSecret::from_bytes(FLEET).key(),
+        )
+        .unwrap()
+}
+
+#[test]
+fn envelope_vector() {
+    let env = envelope();
+    check("envelope", &env);
+    check(
+        "envelope_body",
+        OpenedEnvelope::open(&env).unwrap().outer.body,
+    );
+    // The file decodes and verifies with the fixed keys.
+    let bytes = read("envelope");
+    let opened = OpenedEnvelope::open(&bytes).unwrap();
+    assert_eq!(opened.body, body());
+    opened
+        .check_tag(&FleetSecret::from_bytes(FLEET).key())
+        .unwrap();
+    opened
+        .check_signature(&Identity::from_seed(&SENDER_SEED).public_key())
+        .unwrap();
+}
+
+#[test]
+fn protocol_md_shows_the_vectors() {
+    if std::env::var_os("GOLDEN_UPDATE").is_some() {
+        return;
+    }
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md")).unwrap();
+    let doc: String = doc.split_whitespace().collect();
+    for name in ["envelope", "register_proof", "frame_attach", "frame_failed"] {
+        let hex = hex::encode(read(name));
+        assert!(
+            doc.contains(&hex),
+            "PROTOCOL.md does not show the {name} vector"
+        );
+    }
+}
+
+#[test]
+fn register_proof_vector() {
+    let exporter = [4u8; 32];
+    let key = Identity::from_seed(&SENDER_SEED).public_key();
+    let proof = FleetSecret::from_bytes(FLEET).key().tag(
+        Domain::RegisterProof,
+        &[&exporter, key.as_bytes(), b"instance-001"],
+    );
+    check("register_proof", &proof);
+    check("public_key", key.as_bytes());
+}
+
+#[test]
+fn join_token_vector() {
+    let token = JoinToken {
+        addr: "127.0.0.1:8765".into(),
+        fingerprint: [3; 32],
+        secret: FleetSecret::from_bytes(FLEET),
+    };
+    let text = token.encode().unwrap();
+    check("join_token", text.as_bytes());
+    let back = JoinToken::parse(std::str::from_utf8(&read("join_token")).unwrap()).unwrap();
+    assert_eq!(back.addr, "127.0.0.1:8765");
+    assert_eq!(back.fingerprint, [3; 32]);
+}
+
+fn receipt() -> Receipt<'static> {
+    Receipt {
+        id: ID,
+        from: Address {
+            instance: "instance-001",
+            agent: "xiaobaozi",
+        },
+        delivered_at_ms: SENT_AT + 1,
+    }
+}
+
+fn peer_frames(env: &[u8]) -> Vec<(&'static str, PeerToRelay<'_>)> {
+    vec![
+        (
+            "frame_register",
+            PeerToRelay::Register {
+                instance_id: "instance-001",
+                name: "one",
+                proof: [5; 32],
+            },
+        ),
+        ("frame_status_request", PeerToRelay::StatusRequest),
+        (
+            "frame_attach",
+            PeerToRelay::Attach {
+                agent: "xiaobaozi",
+                receive: true,
+            },
+        ),
+        ("frame_send", PeerToRelay::Send { envelope: env }),
+        (
+            "frame_ack",
+            PeerToRelay::Ack {
+                reply_token: 300,
+                receipt: receipt(),
+            },
+        ),
+        (
+            "frame_nack",
+            PeerToRelay::Nack {
+                reply_token: 300,
+                id: ID,
+                code: ErrorCode::KeyChanged,
+            },
+        ),
+    ]
+}
+
+fn relay_frames(env: &[u8]) -> Vec<(&'static str, RelayToPeer<'_>)> {
+    let st = InstanceStatus {
+        instance_id: "instance-001".into(),
+        name: "one".into(),
+        public_key: [6; 32],
+        online: true,
+        agents: vec!["xiaobaozi".into()],
+    };
+    vec![
+        (
+            "frame_registered",
+            RelayToPeer::Registered {
+                instance_id: "instance-001",
+            },
+        ),
+        (
+            "frame_status",
+            RelayToPeer::Status {
+                you: st.clone(),
+                instances: vec![st],
+            },
+        ),
+        (
+            "frame_attached",
+            RelayToPeer::Attached {
+                agent: "xiaobaozi",
+                max_message_size: 1 << 20,
+                timestamp_window_ms: 60_000,
+            },
+        ),
+        (
+            "frame_deliver",
+            RelayToPeer::Deliver {
+                reply_token: 300,
+                sender_key: [6; 32],
+                envelope: env,
+            },
+        ),
+        ("frame_receipt", RelayToPeer::Receipt { receipt: receipt() }),
+        (
+            "frame_failed",
+            RelayToPeer::Failed {
+                id: ID,
+                code: ErrorCode::TargetOffline,
+            },
+        ),
+        (
+            "frame_error",
+            RelayToPeer::Error {
+                code: ErrorCode::NotRegistered,
+            },
+        ),
+    ]
+}
+
+#[test]
+fn frame_vectors() {
+    let env = envelope();
+    for (name, f) in peer_frames(&env) {
+        check(name, &codec::frame(&f).unwrap());
+        let file = read(name);
+        let (body, used) = codec::split_frame(&file, codec::HARD_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, file.len());
+        assert_eq!(codec::decode::<PeerToRelay>(body).unwrap(), f, "{name}");
+    }
+    for (name, f) in relay_frames(&env) {
+        check(name, &codec::frame(&f).unwrap());
+        let file = read(name);
+        let (body, used) = codec::split_frame(&file, codec::HARD_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, file.len());
+        assert_eq!(codec::decode::<RelayToPeer>(body).unwrap(), f, "{name}");
+    }
+}
