@@ -18,7 +18,7 @@ pub struct RelayProcess {
 }
 
 /// Find `agent-link-relay`: beside this executable (cargo puts both in
-/// target/<profile>/), else on PATH.
+/// `target/<profile>/`), else on PATH.
 pub fn relay_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
