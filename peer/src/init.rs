@@ -90,33 +90,27 @@ async fn register(
         &[&exporter, pk.as_bytes(), instance_id.as_bytes()],
     );
     let fut = async {
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| LinkError::Other(e.to_string()))?;
+        let fail = || wire::stream_failure(conn, "registration");
+        let (mut send, recv) = conn.open_bi().await.map_err(|_| fail())?;
         send.write_all(&wire::frame(&PeerToRelay::Register {
             instance_id,
             name,
             proof,
         }))
         .await
-        .map_err(|e| LinkError::Other(e.to_string()))?;
+        .map_err(|_| fail())?;
         let mut reader = FrameReader::new(recv);
-        let body = reader.next().await?;
+        let body = reader.next().await.map_err(|_| fail())?;
         let _ = send.finish();
         match body {
             Some(b) => match codec::decode::<RelayToPeer>(&b)
-                .map_err(|e| LinkError::Other(e.to_string()))?
+                .map_err(|e| LinkError::Other(format!("undecodable registration reply: {e}")))?
             {
                 RelayToPeer::Registered { .. } => Ok(()),
                 RelayToPeer::Error { code } => Err(LinkError::Refused(code)),
                 _ => Err(LinkError::Other("unexpected reply to registration".into())),
             },
-            None => Err(conn
-                .close_reason()
-                .as_ref()
-                .and_then(wire::connection_error)
-                .map_or(LinkError::Closed, LinkError::Refused)),
+            None => Err(fail()),
         }
     };
     tokio::time::timeout(Duration::from_secs(10), fut)

@@ -19,7 +19,8 @@
 //!
 //! Modules: [`config`] (the peer directory), `link` (connection supervisor
 //! and agent tasks), `receive` (the receiver's checks), `pins` (trust on
-//! first use of other instances' keys), `wire` (QUIC and frame I/O), `init`
+//! first use of other instances' keys), `outbox` (messages waiting for an
+//! outcome), `wire` (QUIC and frame I/O), `init`
 //! (online registration), `error` (errors and exit codes).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -27,6 +28,7 @@ pub mod config;
 mod error;
 mod init;
 mod link;
+mod outbox;
 mod pins;
 mod receive;
 mod wire;

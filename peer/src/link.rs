@@ -9,7 +9,6 @@
 //! same signature) until their deadline; receivers drop duplicates by id and
 //! answer them with the first receipt, so a retry is safe.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,8 +16,8 @@ use std::time::Duration;
 
 use agent_link_crypto::{FleetKey, FleetSecret, Identity, PublicKey};
 use agent_link_proto::{
-    codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, MessageId, PeerToRelay,
-    Receipt as WireReceipt, RelayToPeer, ReplayWindow, VERSION,
+    codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, MessageId, OpenedEnvelope,
+    PeerToRelay, Receipt as WireReceipt, RelayToPeer, ReplayWindow, VERSION,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -28,6 +27,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{PeerConfig, KEY_FILE, PINS_FILE, SECRET_FILE};
+use crate::outbox::{Outbox, RECONNECT_GRACE};
 use crate::pins::Pins;
 use crate::receive::{check_delivery, Verdict};
 use crate::wire::{self, FrameReader};
@@ -203,6 +203,7 @@ impl AgentLink {
         let (msg_tx, msg_rx) = mpsc::channel(INBOX_LEN);
         let (ready_tx, ready_rx) = oneshot::channel();
         let max_size = Arc::new(AtomicUsize::new(usize::MAX));
+        let stop = Arc::new(Mutex::new(None));
         let task = AgentTask {
             shared: self.shared.clone(),
             agent: agent.to_string(),
@@ -211,10 +212,12 @@ impl AgentLink {
             inbox: msg_tx,
             ready: Some(ready_tx),
             max_size: max_size.clone(),
-            pending: HashMap::new(),
-            seq: 0,
+            outbox: Outbox::new(OUTBOX_LIMIT),
             window_ms: 60_000,
             replay: None,
+            attached_before: false,
+            grace_until: None,
+            stop: stop.clone(),
         };
         let handle = tokio::spawn(task.run());
         match tokio::time::timeout(SETUP_TIMEOUT, ready_rx).await {
@@ -229,6 +232,7 @@ impl AgentLink {
             inbox: receive.then_some(msg_rx),
             max_size,
             default_timeout: Duration::from_secs(self.shared.config.send_timeout_secs),
+            stop,
             task: handle,
         })
     }
@@ -247,18 +251,16 @@ impl AgentLink {
         };
         let t0 = Instant::now();
         let fut = async {
-            let (mut send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| LinkError::Other(e.to_string()))?;
+            let fail = || wire::stream_failure(&conn, "status request");
+            let (mut send, recv) = conn.open_bi().await.map_err(|_| fail())?;
             send.write_all(&wire::frame(&PeerToRelay::StatusRequest))
                 .await
-                .map_err(|e| LinkError::Other(e.to_string()))?;
+                .map_err(|_| fail())?;
             let mut reader = FrameReader::new(recv);
-            let body = reader.next().await?.ok_or(LinkError::Closed)?;
+            let body = reader.next().await.map_err(|_| fail())?.ok_or_else(fail)?;
             let _ = send.finish();
             match codec::decode::<RelayToPeer>(&body)
-                .map_err(|e| LinkError::Other(e.to_string()))?
+                .map_err(|e| LinkError::Other(format!("undecodable status reply: {e}")))?
             {
                 RelayToPeer::Status { you, instances } => Ok((you, instances)),
                 RelayToPeer::Error { code } => Err(LinkError::Refused(code)),
@@ -372,6 +374,7 @@ pub struct Agent {
     inbox: Option<mpsc::Receiver<Message>>,
     max_size: Arc<AtomicUsize>,
     default_timeout: Duration,
+    stop: Arc<Mutex<Option<ErrorCode>>>,
     /// Ends by itself once the handle is gone (after flushing receipts it
     /// still owes), or at once when the link shuts down.
     task: tokio::task::JoinHandle<()>,
@@ -425,6 +428,9 @@ impl Agent {
         }
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + timeout;
+        // A message that is in the outbox gets its outcome from the agent
+        // task (which also enforces the deadline); the extra second below is
+        // only a safety net should that task be gone.
         self.cmds
             .send(Cmd::Send {
                 to: to.to_string(),
@@ -443,9 +449,16 @@ impl Agent {
     }
 
     /// The next verified message; `None` when the agent stopped (or it is a
-    /// send-only attach).
+    /// send-only attach). [`Agent::stop_reason`] then says why.
     pub async fn recv(&mut self) -> Option<Message> {
         self.inbox.as_mut()?.recv().await
+    }
+
+    /// Why the agent stopped for good, when the relay said so: `Replaced`
+    /// (attached again elsewhere), `Revoked`, `NotRegistered`, … `None`
+    /// while it runs or when the link was closed locally.
+    pub fn stop_reason(&self) -> Option<ErrorCode> {
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Detach politely: stop taking messages, send the receipts still owed
@@ -480,14 +493,6 @@ impl Agent {
     }
 }
 
-struct Pending {
-    seq: u64,
-    to: String,
-    frame: Vec<u8>,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<Receipt, SendError>>,
-}
-
 struct AgentTask {
     shared: Arc<Shared>,
     agent: String,
@@ -496,10 +501,16 @@ struct AgentTask {
     inbox: mpsc::Sender<Message>,
     ready: Option<oneshot::Sender<Result<(), LinkError>>>,
     max_size: Arc<AtomicUsize>,
-    pending: HashMap<MessageId, Pending>,
-    seq: u64,
+    outbox: Outbox,
     window_ms: u64,
     replay: Option<ReplayWindow>,
+    /// Whether this agent has been attached before (a later attach is a
+    /// re-attach, which opens the `TargetOffline` grace).
+    attached_before: bool,
+    /// End of the post-reconnect grace (see `outbox`).
+    grace_until: Option<Instant>,
+    /// Why the agent stopped for good, for [`Agent::stop_reason`].
+    stop: Arc<Mutex<Option<ErrorCode>>>,
 }
 
 enum SessionEnd {
@@ -519,30 +530,25 @@ impl AgentTask {
             let state = conn_rx.borrow_and_update().clone();
             let conn = match state {
                 ConnState::Up(c) => c,
-                ConnState::Failed(code) => return self.fail_all(SendErrorKind::Refused(code)),
-                ConnState::Closed => return self.fail_all(SendErrorKind::Closed),
+                ConnState::Failed(code) => return self.stop_for_good(Some(code)),
+                ConnState::Closed => return self.stop_for_good(None),
                 ConnState::Connecting => {
                     // Disconnected: keep taking sends into the outbox and
                     // expiring deadlines until the connection is back.
                     tokio::select! {
-                        r = conn_rx.changed() => if r.is_err() { return self.fail_all(SendErrorKind::Closed) },
+                        r = conn_rx.changed() => if r.is_err() { return self.stop_for_good(None) },
                         c = self.cmds.recv() => match c {
                             Some(c) => { self.enqueue(c); }
                             None => return,
                         },
-                        _ = tick.tick() => self.expire(),
+                        _ = tick.tick() => { self.outbox.expire(Instant::now()); }
                     }
                     continue;
                 }
             };
             match self.session(&conn, &mut tick).await {
                 SessionEnd::Stop => return,
-                SessionEnd::Fatal(code) => {
-                    if let Some(r) = self.ready.take() {
-                        let _ = r.send(Err(LinkError::Refused(code)));
-                    }
-                    return self.fail_all(SendErrorKind::Refused(code));
-                }
+                SessionEnd::Fatal(code) => return self.stop_for_good(Some(code)),
                 SessionEnd::Lost => {
                     // Wait for the supervisor to notice, or retry the stream
                     // shortly if the connection itself is fine.
@@ -555,10 +561,27 @@ impl AgentTask {
         }
     }
 
+    /// End every waiting send and a pending `attach` with the cause.
+    fn stop_for_good(&mut self, code: Option<ErrorCode>) {
+        if let Some(code) = code {
+            warn!(agent = %self.agent, "agent stopped: {code}");
+            *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(code);
+        }
+        self.outbox.fail_all(|| match code {
+            Some(c) => SendError::Refused(c),
+            None => SendError::Closed("link closed".into()),
+        });
+        if let Some(r) = self.ready.take() {
+            let _ = r.send(Err(code.map_or(LinkError::Closed, LinkError::Refused)));
+        }
+    }
+
     fn me(&self) -> String {
         format!("{}/{}", self.shared.config.instance_id, self.agent)
     }
 
+    /// Seal a message and put it in the outbox; returns the frame to write
+    /// (or `None` when the caller already has its error).
     fn enqueue(&mut self, cmd: Cmd) -> Option<Vec<u8>> {
         let Cmd::Send {
             to,
@@ -566,8 +589,17 @@ impl AgentTask {
             deadline,
             reply,
         } = cmd;
-        if self.pending.len() >= OUTBOX_LIMIT {
-            let _ = reply.send(Err(SendError::OutboxFull(self.pending.len())));
+        if self.outbox.is_full() {
+            let _ = reply.send(Err(SendError::OutboxFull(self.outbox.len())));
+            return None;
+        }
+        let max = self.max_size.load(Ordering::Relaxed);
+        if payload.len() > max {
+            // The limit can shrink on a re-attach to a reconfigured relay.
+            let _ = reply.send(Err(SendError::TooLarge {
+                len: payload.len(),
+                max,
+            }));
             return None;
         }
         let Ok(to_addr) = Address::parse(&to) else {
@@ -592,56 +624,18 @@ impl AgentTask {
         {
             Ok(f) => f,
             Err(e) => {
+                debug!(len = payload.len(), "encoding failed: {e}");
                 let _ = reply.send(Err(SendError::TooLarge {
                     len: payload.len(),
-                    max: self.max_size.load(Ordering::Relaxed),
+                    max,
                 }));
-                debug!("encoding failed: {e}");
                 return None;
             }
         };
-        self.seq += 1;
-        self.pending.insert(
-            id,
-            Pending {
-                seq: self.seq,
-                to,
-                frame: frame.clone(),
-                deadline,
-                reply,
-            },
-        );
-        Some(frame)
-    }
-
-    fn expire(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<MessageId> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some(p) = self.pending.remove(&id) {
-                let _ = p.reply.send(Err(SendError::Timeout));
-            }
-        }
-    }
-
-    fn fail_all(&mut self, kind: SendErrorKind) {
-        for (_, p) in self.pending.drain() {
-            let _ = p.reply.send(Err(match kind {
-                SendErrorKind::Refused(c) => SendError::Refused(c),
-                SendErrorKind::Closed => SendError::Closed("link closed".into()),
-            }));
-        }
-        if let Some(r) = self.ready.take() {
-            let _ = r.send(Err(match kind {
-                SendErrorKind::Refused(c) => LinkError::Refused(c),
-                SendErrorKind::Closed => LinkError::Closed,
-            }));
-        }
+        debug!(agent = %self.agent, id = %hex::encode(id), len = payload.len(), "send");
+        self.outbox
+            .insert(id, to, frame.clone(), deadline, reply)
+            .then_some(frame)
     }
 
     async fn session(
@@ -684,15 +678,14 @@ impl AgentTask {
             Ok(RelayToPeer::Error { code }) => return classify(code),
             _ => return SessionEnd::Lost,
         }
-        debug!(agent = %self.agent, waiting = self.pending.len(), "attached");
+        if self.attached_before {
+            self.grace_until = Some(Instant::now() + RECONNECT_GRACE);
+        }
+        self.attached_before = true;
+        debug!(agent = %self.agent, waiting = self.outbox.len(), "attached");
         // Re-send everything still waiting, oldest first, byte for byte.
-        let mut waiting: Vec<(&u64, &Vec<u8>)> =
-            self.pending.values().map(|p| (&p.seq, &p.frame)).collect();
-        waiting.sort_by_key(|(s, _)| **s);
-        let mut out: Vec<u8> = waiting
-            .iter()
-            .flat_map(|(_, f)| f.iter().copied())
-            .collect();
+        let mut out: Vec<u8> = Vec::new();
+        self.outbox.resend_all(&mut out);
         let mut cmds = Vec::with_capacity(64);
         let mut frames = Vec::with_capacity(64);
         loop {
@@ -734,7 +727,11 @@ impl AgentTask {
                     }
                     frames = batch;
                 }
-                _ = tick.tick() => self.expire(),
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.outbox.expire(now);
+                    self.outbox.take_due(now, &mut out);
+                }
                 _ = self.shared.shutdown.cancelled() => return SessionEnd::Stop,
             }
         }
@@ -750,35 +747,36 @@ impl AgentTask {
         };
         match frame {
             RelayToPeer::Receipt { receipt } => {
-                let from = receipt.from.to_string();
-                if let Some(p) = self.pending.get(&receipt.id) {
-                    if p.to == from {
-                        if let Some(p) = self.pending.remove(&receipt.id) {
-                            let _ = p.reply.send(Ok(Receipt {
-                                id: receipt.id,
-                                from,
-                                delivered_at_ms: receipt.delivered_at_ms,
-                            }));
-                        }
-                    } else {
-                        warn!("receipt from an agent the message was not sent to; ignored");
-                    }
-                }
+                self.outbox.receipt(Receipt {
+                    id: receipt.id,
+                    from: receipt.from.to_string(),
+                    delivered_at_ms: receipt.delivered_at_ms,
+                });
             }
             RelayToPeer::Failed { id, code } => {
-                if let Some(p) = self.pending.remove(&id) {
-                    let _ = p.reply.send(Err(SendError::Refused(code)));
-                }
+                let outcome = self
+                    .outbox
+                    .failed(&id, code, Instant::now(), self.grace_until);
+                debug!(agent = %self.agent, id = %hex::encode(id), ?code, ?outcome, "failed");
             }
             RelayToPeer::Deliver {
                 reply_token,
                 sender_key,
                 envelope,
             } => {
+                let envelope = body.slice_ref(envelope);
                 if !self.receive {
+                    // The relay should never deliver to a send-only stream;
+                    // if it does, refuse out loud rather than leave the
+                    // sender waiting for its deadline.
+                    let id = OpenedEnvelope::open(&envelope).map_or([0; 16], |e| e.body.id);
+                    out.extend_from_slice(&wire::frame(&PeerToRelay::Nack {
+                        reply_token,
+                        id,
+                        code: ErrorCode::NotAttached,
+                    }));
                     return None;
                 }
-                let envelope = body.slice_ref(envelope);
                 let me_text = self.me();
                 let me = Address {
                     instance: &self.shared.config.instance_id,
@@ -808,14 +806,14 @@ impl AgentTask {
                         if self.inbox.send(m).await.is_err() {
                             return Some(SessionEnd::Stop);
                         }
-                        ack(reply_token, id, &me_text, now)
+                        ack(reply_token, id, &me, now)
                     }
                     Verdict::Duplicate {
                         id,
                         delivered_at_ms,
-                    } => ack(reply_token, id, &me_text, delivered_at_ms),
+                    } => ack(reply_token, id, &me, delivered_at_ms),
                     Verdict::Refuse { id, code } => {
-                        debug!(?code, "delivery refused");
+                        debug!(agent = %me_text, id = %hex::encode(id), ?code, "delivery refused");
                         wire::frame(&PeerToRelay::Nack {
                             reply_token,
                             id,
@@ -832,21 +830,19 @@ impl AgentTask {
     }
 }
 
-fn ack(reply_token: u64, id: MessageId, me: &str, delivered_at_ms: u64) -> Vec<u8> {
-    let from = Address::parse(me).unwrap_or(Address {
-        instance: "",
-        agent: "",
-    });
+fn ack(reply_token: u64, id: MessageId, me: &Address<'_>, delivered_at_ms: u64) -> Vec<u8> {
     wire::frame(&PeerToRelay::Ack {
         reply_token,
         receipt: WireReceipt {
             id,
-            from,
+            from: *me,
             delivered_at_ms,
         },
     })
 }
 
+/// Which refusals on an agent stream end the agent for good; the others
+/// (e.g. the relay shutting down) are worth a re-attach.
 fn classify(code: ErrorCode) -> SessionEnd {
     match code {
         ErrorCode::Replaced
@@ -859,8 +855,41 @@ fn classify(code: ErrorCode) -> SessionEnd {
     }
 }
 
-#[derive(Clone, Copy)]
-enum SendErrorKind {
-    Refused(ErrorCode),
-    Closed,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_seconds_with_jitter() {
+        let mut b = Backoff::new();
+        let mut bases = Vec::new();
+        for _ in 0..12 {
+            let base = b.peek();
+            let d = b.next_delay();
+            assert!(d >= base / 2 && d <= base.mul_f64(1.5), "{d:?} vs {base:?}");
+            bases.push(base);
+        }
+        assert_eq!(bases[0], Duration::from_millis(100));
+        assert_eq!(bases[1], Duration::from_millis(200));
+        assert_eq!(*bases.last().unwrap(), Duration::from_secs(5));
+        assert!(bases.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn only_lasting_refusals_stop_an_agent() {
+        for code in [
+            ErrorCode::Replaced,
+            ErrorCode::Revoked,
+            ErrorCode::NotRegistered,
+        ] {
+            assert!(matches!(classify(code), SessionEnd::Fatal(c) if c == code));
+        }
+        for code in [
+            ErrorCode::ShuttingDown,
+            ErrorCode::Malformed,
+            ErrorCode::Internal,
+        ] {
+            assert!(matches!(classify(code), SessionEnd::Lost));
+        }
+    }
 }

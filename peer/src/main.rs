@@ -236,9 +236,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             count,
         } => listen(dir.path(), &agent, json, count).await,
         Command::Status { dir, json } => {
-            let link = AgentLink::connect(dir.path()).await?;
-            let st = link.status().await?;
-            link.close().await;
+            let dir = dir.path();
+            let relay = agent_link::config::PeerConfig::load(&dir)?.relay_url;
+            let report = async {
+                let link = AgentLink::connect(&dir).await?;
+                let st = link.status().await;
+                link.close().await;
+                st
+            }
+            .await;
+            let st = match report {
+                Ok(st) => st,
+                Err(e) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"relay": relay, "connected": false, "error": e.to_string()})
+                        );
+                    } else {
+                        println!("relay      {relay} (not connected)");
+                    }
+                    return Err(e.into());
+                }
+            };
             let rtt_ms = st.rtt.as_secs_f64() * 1000.0;
             if json {
                 let peers: Vec<_> = st
@@ -283,10 +303,22 @@ fn join_or_dash(v: &[String]) -> String {
     }
 }
 
+/// One line naming the cause, the target, and what to do next.
 fn send_error_line(e: &SendError, to: &str) -> String {
     match e {
-        SendError::Refused(code) => format!("{code} ({to})"),
-        other => format!("{other} ({to})"),
+        SendError::Refused(code) => with_target(code.describe(), to),
+        SendError::Timeout => format!(
+            "no receipt from {to} before the deadline; the message may or may not have been delivered (raise --timeout, or check with the receiver before resending)"
+        ),
+        other => with_target(&other.to_string(), to),
+    }
+}
+
+/// `"what; next"` → `"what (to); next"`.
+fn with_target(text: &str, to: &str) -> String {
+    match text.split_once("; ") {
+        Some((what, next)) => format!("{what} ({to}); {next}"),
+        None => format!("{text} ({to})"),
     }
 }
 
@@ -306,7 +338,16 @@ async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Re
             _ = &mut stop => break,
         };
         let Some(m) = m else {
-            return Err(Failure(1, format!("agent {agent} stopped receiving (attached elsewhere, or the relay refused this instance)")));
+            return Err(match me.stop_reason() {
+                Some(code) => Failure(
+                    agent_link::exit_code_of(code),
+                    format!("agent {agent} stopped receiving: {code}"),
+                ),
+                None => Failure(
+                    1,
+                    format!("agent {agent} stopped receiving: the link closed"),
+                ),
+            });
         };
         seen += 1;
         let mut out = stdout.lock();
@@ -348,5 +389,33 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_link::ErrorCode;
+
+    #[test]
+    fn error_lines_name_the_target_and_the_next_step() {
+        assert_eq!(
+            send_error_line(
+                &SendError::Refused(ErrorCode::TargetOffline),
+                "instance-002/xiaobaozi"
+            ),
+            "target agent is not connected (instance-002/xiaobaozi); try again when it is listening"
+        );
+        assert!(send_error_line(&SendError::Timeout, "a/b").contains("a/b"));
+        assert_eq!(with_target("no next step", "a/b"), "no next step (a/b)");
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let e = Cli::try_parse_from(["agent-link", "send", "--to", "a/b"]).err();
+        assert_eq!(e.map(|e| e.exit_code()), Some(2));
+        assert!(
+            Cli::try_parse_from(["agent-link", "listen", "--agent", "x", "--count", "3"]).is_ok()
+        );
     }
 }

@@ -51,6 +51,11 @@ impl Pins {
         }
     }
 
+    /// Where the pins live (for messages telling people how to re-pin).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
     /// Check `key` for `instance`, pinning it on first sight.
     pub fn check(&mut self, instance: &str, key: &PublicKey) -> PinCheck {
         let text = key.to_string();

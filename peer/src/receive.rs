@@ -56,7 +56,12 @@ pub fn check_delivery(
         PinCheck::Changed => {
             tracing::warn!(
                 instance = env.body.from.instance,
-                "sender presented a different key than the pinned one; refused"
+                "sender presented a different key than the pinned one; refused (if that \
+                 instance was legitimately re-created, remove its entry from {})",
+                pins.path().map_or_else(
+                    || crate::config::PINS_FILE.to_string(),
+                    |p| p.display().to_string()
+                )
             );
             return refuse(ErrorCode::KeyChanged);
         }

@@ -90,6 +90,16 @@ pub fn connection_error(e: &quinn::ConnectionError) -> Option<ErrorCode> {
     }
 }
 
+/// The error for a stream operation that failed: the relay's reason when it
+/// closed the connection deliberately (e.g. `Revoked`), else `what` failed.
+pub fn stream_failure(conn: &quinn::Connection, what: &str) -> LinkError {
+    match conn.close_reason().as_ref().and_then(connection_error) {
+        Some(code) => LinkError::Refused(code),
+        None if conn.close_reason().is_some() => LinkError::Closed,
+        None => LinkError::Other(format!("{what} failed")),
+    }
+}
+
 /// Buffered frame reader.
 #[derive(Debug)]
 pub struct FrameReader {

@@ -36,24 +36,31 @@ pub fn encode_body<T: Encode>(value: &T) -> Result<Vec<u8>, ProtoError> {
     bincode::encode_to_vec(value, CONFIG).map_err(|e| ProtoError::Encode(e.to_string()))
 }
 
-/// Append `value` as a whole frame (header and body) to `out`.
+/// Append `value` as a whole frame (header and body) to `out`. On error
+/// `out` is left exactly as it was, so a reused buffer never carries a
+/// half-written frame.
 pub fn encode_frame<T: Encode>(value: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     let start = out.len();
+    let result = append_frame(value, out, start);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+fn append_frame<T: Encode>(value: &T, out: &mut Vec<u8>, start: usize) -> Result<(), ProtoError> {
     out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
     bincode::encode_into_std_write(value, out, CONFIG)
         .map_err(|e| ProtoError::Encode(e.to_string()))?;
     let body_len = out.len() - start - FRAME_HEADER_LEN;
-    let len = u32::try_from(body_len).map_err(|_| ProtoError::FrameTooLarge {
+    let too_large = || ProtoError::FrameTooLarge {
         len: body_len as u64,
         max: HARD_MAX_FRAME,
-    })?;
+    };
     if body_len > HARD_MAX_FRAME {
-        out.truncate(start);
-        return Err(ProtoError::FrameTooLarge {
-            len: body_len as u64,
-            max: HARD_MAX_FRAME,
-        });
+        return Err(too_large());
     }
+    let len = u32::try_from(body_len).map_err(|_| too_large())?;
     out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
     Ok(())
 }
@@ -148,6 +155,44 @@ mod tests {
             decode::<PeerToRelay>(&body),
             Err(ProtoError::TrailingBytes { extra: 1 })
         ));
+    }
+
+    /// Writes some bytes, then fails, like an encoder that hits a bad value
+    /// half-way.
+    struct FailsHalfway;
+
+    impl Encode for FailsHalfway {
+        fn encode<E: bincode::enc::Encoder>(
+            &self,
+            encoder: &mut E,
+        ) -> Result<(), bincode::error::EncodeError> {
+            7u8.encode(encoder)?;
+            Err(bincode::error::EncodeError::Other("halfway"))
+        }
+    }
+
+    #[test]
+    fn failed_encode_leaves_the_buffer_unchanged() {
+        let mut out = frame(&PeerToRelay::StatusRequest).unwrap();
+        let before = out.clone();
+        assert!(matches!(
+            encode_frame(&FailsHalfway, &mut out),
+            Err(ProtoError::Encode(_))
+        ));
+        assert_eq!(out, before, "no header or partial body left behind");
+        let big = vec![0u8; HARD_MAX_FRAME];
+        assert!(matches!(
+            encode_frame(&PeerToRelay::Send { envelope: &big }, &mut out),
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
+        assert_eq!(out, before);
+        // The buffer still holds exactly one good frame.
+        let (body, used) = split_frame(&out, 1024).unwrap().unwrap();
+        assert_eq!(used, out.len());
+        assert_eq!(
+            decode::<PeerToRelay>(body).unwrap(),
+            PeerToRelay::StatusRequest
+        );
     }
 
     #[test]

@@ -1,0 +1,356 @@
+//! One agent's messages that are waiting for an outcome: a bounded map from
+//! message id to the sealed frame and the caller's reply channel. Pure
+//! bookkeeping (no I/O, `now` passed in), so the delivery rules are unit
+//! tests: every entry ends in exactly one outcome (receipt, refusal, timeout
+//! or link failure); a full outbox is an explicit error, never a drop; a
+//! re-send after a reconnect uses the very same bytes (same id, same
+//! signature), so the receiver's replay window recognises it.
+//!
+//! Right after a reconnect the relay's view of who is online is still
+//! filling in (after a relay restart every instance is reconnecting with its
+//! own backoff), so a `TargetOffline` answer inside [`RECONNECT_GRACE`] of our
+//! own re-attach is retried every [`RETRY_DELAY`] until the grace or the
+//! message's deadline ends, instead of failing a message that would have
+//! gone through a second later.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use agent_link_proto::{ErrorCode, MessageId};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::{Receipt, SendError};
+
+/// How long after a re-attach `TargetOffline` is treated as "not back yet":
+/// longer than the longest reconnect backoff (5 s plus 50 % jitter).
+pub(crate) const RECONNECT_GRACE: Duration = Duration::from_secs(8);
+/// Pause between re-sends of a message whose target is not back yet.
+pub(crate) const RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// Where a caller learns the outcome of its send.
+pub(crate) type Reply = oneshot::Sender<Result<Receipt, SendError>>;
+
+struct Entry {
+    seq: u64,
+    to: String,
+    frame: Vec<u8>,
+    deadline: Instant,
+    retry_at: Option<Instant>,
+    reply: Reply,
+}
+
+/// What a `Failed` answer did to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailOutcome {
+    /// The caller got the error.
+    Failed,
+    /// Kept; it will be re-sent by [`Outbox::take_due`].
+    Retrying,
+    /// Not (or no longer) in the outbox.
+    Unknown,
+}
+
+/// The bounded outbox.
+pub(crate) struct Outbox {
+    limit: usize,
+    seq: u64,
+    entries: HashMap<MessageId, Entry>,
+}
+
+impl Outbox {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            seq: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.entries.len() >= self.limit
+    }
+
+    /// Add a sealed message. When the outbox is full the caller gets
+    /// [`SendError::OutboxFull`] at once and `false` is returned.
+    pub(crate) fn insert(
+        &mut self,
+        id: MessageId,
+        to: String,
+        frame: Vec<u8>,
+        deadline: Instant,
+        reply: Reply,
+    ) -> bool {
+        if self.is_full() {
+            let _ = reply.send(Err(SendError::OutboxFull(self.entries.len())));
+            return false;
+        }
+        self.seq += 1;
+        self.entries.insert(
+            id,
+            Entry {
+                seq: self.seq,
+                to,
+                frame,
+                deadline,
+                retry_at: None,
+                reply,
+            },
+        );
+        true
+    }
+
+    /// A receipt arrived. It resolves the message only when it comes from
+    /// the agent the message was sent to; returns whether it did.
+    pub(crate) fn receipt(&mut self, receipt: Receipt) -> bool {
+        match self.entries.get(&receipt.id) {
+            Some(e) if e.to == receipt.from => {}
+            Some(_) => {
+                tracing::warn!("receipt from an agent the message was not sent to; ignored");
+                return false;
+            }
+            None => return false,
+        }
+        match self.entries.remove(&receipt.id) {
+            Some(e) => {
+                let _ = e.reply.send(Ok(receipt));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The relay (or the receiver) refused message `id` with `code`.
+    /// `grace_until` is the end of the post-reconnect grace, if any.
+    pub(crate) fn failed(
+        &mut self,
+        id: &MessageId,
+        code: ErrorCode,
+        now: Instant,
+        grace_until: Option<Instant>,
+    ) -> FailOutcome {
+        let Some(e) = self.entries.get_mut(id) else {
+            return FailOutcome::Unknown;
+        };
+        let retry_at = now + RETRY_DELAY;
+        if code == ErrorCode::TargetOffline
+            && grace_until.is_some_and(|g| now < g)
+            && retry_at < e.deadline
+        {
+            e.retry_at = Some(retry_at);
+            return FailOutcome::Retrying;
+        }
+        match self.entries.remove(id) {
+            Some(e) => {
+                let _ = e.reply.send(Err(SendError::Refused(code)));
+                FailOutcome::Failed
+            }
+            None => FailOutcome::Unknown,
+        }
+    }
+
+    /// Time out every message whose deadline has passed; returns how many.
+    pub(crate) fn expire(&mut self, now: Instant) -> usize {
+        let expired: Vec<MessageId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            if let Some(e) = self.entries.remove(id) {
+                let _ = e.reply.send(Err(SendError::Timeout));
+            }
+        }
+        expired.len()
+    }
+
+    /// Append the frames of messages whose retry is due to `out`, oldest
+    /// first; returns how many.
+    pub(crate) fn take_due(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
+        let mut due: Vec<&mut Entry> = self
+            .entries
+            .values_mut()
+            .filter(|e| e.retry_at.is_some_and(|t| t <= now))
+            .collect();
+        due.sort_by_key(|e| e.seq);
+        for e in &mut due {
+            e.retry_at = None;
+            out.extend_from_slice(&e.frame);
+        }
+        due.len()
+    }
+
+    /// Append every waiting message's frame to `out`, oldest first, byte for
+    /// byte as first sent (after a re-attach).
+    pub(crate) fn resend_all(&mut self, out: &mut Vec<u8>) -> usize {
+        let mut all: Vec<&mut Entry> = self.entries.values_mut().collect();
+        all.sort_by_key(|e| e.seq);
+        for e in &mut all {
+            e.retry_at = None;
+            out.extend_from_slice(&e.frame);
+        }
+        all.len()
+    }
+
+    /// End every waiting message with the error `make` builds.
+    pub(crate) fn fail_all(&mut self, make: impl Fn() -> SendError) {
+        for (_, e) in self.entries.drain() {
+            let _ = e.reply.send(Err(make()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Rx = oneshot::Receiver<Result<Receipt, SendError>>;
+
+    fn add(ob: &mut Outbox, id: u8, deadline: Instant) -> (bool, Rx) {
+        let (tx, rx) = oneshot::channel();
+        let ok = ob.insert([id; 16], "i/a".into(), vec![id; 3], deadline, tx);
+        (ok, rx)
+    }
+
+    fn receipt(id: u8, from: &str) -> Receipt {
+        Receipt {
+            id: [id; 16],
+            from: from.into(),
+            delivered_at_ms: 7,
+        }
+    }
+
+    #[test]
+    fn full_outbox_is_an_explicit_error() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(2);
+        let later = now + Duration::from_secs(9);
+        assert!(add(&mut ob, 1, later).0);
+        assert!(add(&mut ob, 2, later).0);
+        let (ok, mut rx) = add(&mut ob, 3, later);
+        assert!(!ok);
+        assert!(matches!(rx.try_recv(), Ok(Err(SendError::OutboxFull(2)))));
+        assert_eq!(ob.len(), 2);
+        // A receipt frees a place.
+        assert!(ob.receipt(receipt(1, "i/a")));
+        assert!(add(&mut ob, 3, later).0);
+    }
+
+    #[test]
+    fn receipt_must_come_from_the_target() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(8);
+        let (_, mut rx) = add(&mut ob, 1, now + Duration::from_secs(9));
+        assert!(!ob.receipt(receipt(1, "i/other")));
+        assert!(rx.try_recv().is_err(), "still waiting");
+        assert!(!ob.receipt(receipt(9, "i/a")), "unknown id");
+        assert!(ob.receipt(receipt(1, "i/a")));
+        assert_eq!(rx.try_recv().unwrap().unwrap().delivered_at_ms, 7);
+        assert_eq!(ob.len(), 0);
+    }
+
+    #[test]
+    fn every_message_ends_in_one_outcome() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(8);
+        let (_, mut a) = add(&mut ob, 1, now + Duration::from_secs(1));
+        let (_, mut b) = add(&mut ob, 2, now + Duration::from_secs(9));
+        let (_, mut c) = add(&mut ob, 3, now + Duration::from_secs(9));
+        assert_eq!(ob.expire(now + Duration::from_secs(1)), 1);
+        assert!(matches!(a.try_recv(), Ok(Err(SendError::Timeout))));
+        assert_eq!(
+            ob.failed(&[2; 16], ErrorCode::UnknownTarget, now, None),
+            FailOutcome::Failed
+        );
+        assert!(matches!(
+            b.try_recv(),
+            Ok(Err(SendError::Refused(ErrorCode::UnknownTarget)))
+        ));
+        assert_eq!(
+            ob.failed(&[2; 16], ErrorCode::UnknownTarget, now, None),
+            FailOutcome::Unknown
+        );
+        ob.fail_all(|| SendError::Closed("test".into()));
+        assert!(matches!(c.try_recv(), Ok(Err(SendError::Closed(_)))));
+        assert_eq!(ob.len(), 0);
+    }
+
+    #[test]
+    fn target_offline_is_retried_only_inside_the_grace() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(8);
+        let grace = Some(now + RECONNECT_GRACE);
+        let (_, mut a) = add(&mut ob, 1, now + Duration::from_secs(30));
+        // No grace (first attach): the caller hears TargetOffline at once.
+        let (_, mut b) = add(&mut ob, 2, now + Duration::from_secs(30));
+        assert_eq!(
+            ob.failed(&[2; 16], ErrorCode::TargetOffline, now, None),
+            FailOutcome::Failed
+        );
+        assert!(matches!(
+            b.try_recv(),
+            Ok(Err(SendError::Refused(ErrorCode::TargetOffline)))
+        ));
+        // Inside the grace: kept and re-sent with the same bytes once due.
+        assert_eq!(
+            ob.failed(&[1; 16], ErrorCode::TargetOffline, now, grace),
+            FailOutcome::Retrying
+        );
+        let mut out = Vec::new();
+        assert_eq!(ob.take_due(now, &mut out), 0);
+        assert_eq!(ob.take_due(now + RETRY_DELAY, &mut out), 1);
+        assert_eq!(out, vec![1; 3]);
+        assert_eq!(ob.take_due(now + RETRY_DELAY * 2, &mut out), 0, "once");
+        // Other refusals are final even inside the grace.
+        let (_, mut c) = add(&mut ob, 3, now + Duration::from_secs(30));
+        assert_eq!(
+            ob.failed(&[3; 16], ErrorCode::RateLimited, now, grace),
+            FailOutcome::Failed
+        );
+        assert!(matches!(c.try_recv(), Ok(Err(SendError::Refused(_)))));
+        // After the grace the next TargetOffline is final.
+        let after = now + RECONNECT_GRACE;
+        assert_eq!(
+            ob.failed(&[1; 16], ErrorCode::TargetOffline, after, grace),
+            FailOutcome::Failed
+        );
+        assert!(matches!(
+            a.try_recv(),
+            Ok(Err(SendError::Refused(ErrorCode::TargetOffline)))
+        ));
+    }
+
+    #[test]
+    fn no_retry_past_the_deadline() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(8);
+        let (_, mut a) = add(&mut ob, 1, now + RETRY_DELAY / 2);
+        assert_eq!(
+            ob.failed(
+                &[1; 16],
+                ErrorCode::TargetOffline,
+                now,
+                Some(now + RECONNECT_GRACE)
+            ),
+            FailOutcome::Failed
+        );
+        assert!(a.try_recv().unwrap().is_err());
+    }
+
+    #[test]
+    fn resend_all_is_oldest_first_and_byte_identical() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(8);
+        for id in [5u8, 1, 9] {
+            add(&mut ob, id, now + Duration::from_secs(9));
+        }
+        let mut out = Vec::new();
+        assert_eq!(ob.resend_all(&mut out), 3);
+        assert_eq!(out, [vec![5; 3], vec![1; 3], vec![9; 3]].concat());
+    }
+}

@@ -1,0 +1,204 @@
+//! The peer library's delivery rules under faults, against an in-process
+//! relay on 127.0.0.1: a message sent while the relay is down waits in the
+//! outbox and is delivered once after it returns; a deadline that passes
+//! while it is down ends in `Timeout`; the newest receiving attach wins and
+//! the displaced agent learns why; a send-only attach displaces nobody.
+//! Every wait is bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent_link::{Agent, AgentLink, ErrorCode, JoinToken, SendError};
+use agent_link_relay::{Relay, SpawnOptions};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    state: PathBuf,
+    relay: Option<Relay>,
+    addr: SocketAddr,
+    token: JoinToken,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("relay");
+        agent_link_relay::state::init(&state, Some("127.0.0.1:0".parse().unwrap())).unwrap();
+        let relay = spawn(&state, None).await.unwrap();
+        let addr = relay.local_addr();
+        let token = JoinToken::parse(&relay.join_token()).unwrap();
+        Self {
+            _tmp: tmp,
+            state,
+            relay: Some(relay),
+            addr,
+            token,
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.state.parent().unwrap().join(name)
+    }
+
+    async fn peer(&self, name: &str) -> AgentLink {
+        let dir = self.dir(name);
+        agent_link::init(&dir, name, &self.token, None)
+            .await
+            .unwrap();
+        AgentLink::connect(&dir).await.unwrap()
+    }
+
+    async fn stop(&mut self) {
+        if let Some(r) = self.relay.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Start again on the same port (bounded retries while it is released).
+    async fn restart(&mut self) {
+        for _ in 0..50 {
+            if let Ok(r) = spawn(&self.state, Some(self.addr)).await {
+                self.relay = Some(r);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not rebind {}", self.addr);
+    }
+}
+
+async fn spawn(state: &Path, listen: Option<SocketAddr>) -> Result<Relay, String> {
+    let st = agent_link_relay::state::load(state).map_err(|e| e.to_string())?;
+    Relay::spawn(
+        st,
+        SpawnOptions {
+            listen,
+            metrics: None,
+            admin_socket: false,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn recv(agent: &mut Agent) -> agent_link::Message {
+    tokio::time::timeout(WAIT, agent.recv())
+        .await
+        .expect("message in time")
+        .expect("agent still receiving")
+}
+
+#[tokio::test]
+async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
+    let mut f = Fixture::start().await;
+    let one = f.peer("inst-one").await;
+    let two = f.peer("inst-two").await;
+    let mut bob = one.attach("bob").await.unwrap();
+    let alice = two.sender("alice").await.unwrap();
+
+    f.stop().await;
+    let send = tokio::spawn(async move {
+        let r = alice
+            .send_with_timeout("inst-one/bob", "while down", WAIT)
+            .await;
+        (alice, r)
+    });
+    // The send is parked in the outbox, not failed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !send.is_finished(),
+        "send resolved while the relay was down"
+    );
+    f.restart().await;
+
+    let (_alice, r) = tokio::time::timeout(WAIT + Duration::from_secs(2), send)
+        .await
+        .unwrap()
+        .unwrap();
+    let receipt = r.expect("delivered after the relay came back");
+    assert_eq!(receipt.from, "inst-one/bob");
+    let m = recv(&mut bob).await;
+    assert_eq!(m.id, receipt.id);
+    assert_eq!(&m.payload[..], b"while down");
+    // Delivered once: nothing else arrives.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bob.recv())
+            .await
+            .is_err(),
+        "a second copy reached the application"
+    );
+}
+
+#[tokio::test]
+async fn a_deadline_that_passes_while_the_relay_is_down_is_a_timeout() {
+    let mut f = Fixture::start().await;
+    let two = f.peer("inst-two").await;
+    let alice = two.sender("alice").await.unwrap();
+    f.stop().await;
+    let t0 = std::time::Instant::now();
+    let r = alice
+        .send_with_timeout("inst-one/bob", "x", Duration::from_millis(700))
+        .await;
+    assert!(matches!(r, Err(SendError::Timeout)), "{r:?}");
+    assert_eq!(r.unwrap_err().exit_code(), 5);
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn the_newest_receiving_attach_wins_and_a_sender_displaces_nobody() {
+    let f = Fixture::start().await;
+    let one = f.peer("inst-one").await;
+    let two = f.peer("inst-two").await;
+    let mut old = one.attach("bob").await.unwrap();
+    let mut new = one.attach("bob").await.unwrap();
+    assert!(
+        tokio::time::timeout(WAIT, old.recv())
+            .await
+            .unwrap()
+            .is_none(),
+        "the older attach is closed"
+    );
+    assert_eq!(old.stop_reason(), Some(ErrorCode::Replaced));
+
+    // A send-only attach of the same agent leaves `new` receiving.
+    let also_bob = one.sender("bob").await.unwrap();
+    let alice = two.sender("alice").await.unwrap();
+    alice.send("inst-one/bob", "hello").await.unwrap();
+    assert_eq!(&recv(&mut new).await.payload[..], b"hello");
+    // And the send-only bob can send.
+    let mut alice_rx = two.attach("alice").await.unwrap();
+    let r = also_bob.send("inst-two/alice", "hi back").await.unwrap();
+    assert_eq!(r.from, "inst-two/alice");
+    assert_eq!(recv(&mut alice_rx).await.from, "inst-one/bob");
+    assert_eq!(new.stop_reason(), None);
+}
+
+#[tokio::test]
+async fn offline_target_fails_at_once_outside_the_reconnect_grace() {
+    let f = Fixture::start().await;
+    let two = f.peer("inst-two").await;
+    let _one = f.peer("inst-one").await;
+    let alice = two.sender("alice").await.unwrap();
+    let t0 = std::time::Instant::now();
+    let r = alice.send("inst-one/nobody", "x").await;
+    assert!(
+        matches!(r, Err(SendError::Refused(ErrorCode::TargetOffline))),
+        "{r:?}"
+    );
+    assert_eq!(r.unwrap_err().exit_code(), 3);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let st = two.status().await.unwrap();
+    assert!(st.instances.iter().any(|i| i.instance_id == "inst-one"));
+    assert_eq!(st.you.instance_id, "inst-two");
+}
