@@ -1,0 +1,210 @@
+//! Hostile handshakes and stalls: each case is refused with a clear reason
+//! while the relay keeps serving a well-behaved client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_link_crypto::tls::{instance_client_config, TlsIdentity};
+use agent_link_crypto::Identity;
+use agent_link_proto::{ErrorCode, PeerToRelay, RelayToPeer};
+use agent_link_tests::*;
+
+/// A relay with a short authentication deadline, and a registered client
+/// that must keep working whatever the hostile one did.
+async fn relay_and_bystander() -> (TestRelay, RawClient, RawClient) {
+    let relay = TestRelay::start(|c| {
+        c.auth_timeout_secs = 1;
+        c.max_agents_per_connection = 2;
+    })
+    .await;
+    let (a, b) = (Identity::generate(), Identity::generate());
+    relay.register("good-a", &a);
+    relay.register("good-b", &b);
+    let a = RawClient::connect(&relay, a, "good-a").await.unwrap();
+    let b = RawClient::connect(&relay, b, "good-b").await.unwrap();
+    (relay, a, b)
+}
+
+async fn bystander_still_works(a: &RawClient, b: &RawClient) {
+    let mut rx = b.attach("rx", true).await;
+    let mut tx = a.attach("tx", false).await;
+    tx.send_envelope(&a.envelope(random_id(), "tx", "good-b/rx", now_ms(), b"still here"))
+        .await;
+    let f = rx.read().await.expect("delivery");
+    assert!(
+        matches!(f.get(), RelayToPeer::Deliver { .. }),
+        "{:?}",
+        f.get()
+    );
+}
+
+fn endpoint_with(cfg: rustls::ClientConfig) -> quinn::Endpoint {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    ep
+}
+
+#[tokio::test]
+async fn wrong_alpn_fails_the_handshake() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    let ep = endpoint_with(cfg);
+    let r = tokio::time::timeout(WAIT, ep.connect(relay.addr, "agent-link-relay").unwrap())
+        .await
+        .expect("refused promptly, not a hang");
+    assert!(r.is_err(), "a connection with the wrong ALPN was accepted");
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn a_relay_with_another_certificate_is_refused_by_the_peer() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let id = Identity::generate();
+    relay.register("pinned-wrong", &id);
+    let mut wrong_fp = relay.token.fingerprint;
+    wrong_fp[0] ^= 1;
+    let r = RawClient::connect_with(
+        relay.addr,
+        wrong_fp,
+        relay.token.secret.key(),
+        id,
+        "pinned-wrong",
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "connected to a relay whose certificate is not the pinned one"
+    );
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn client_without_a_certificate_is_refused() {
+    let (relay, a, b) = relay_and_bystander().await;
+    // A client that offers no certificate at all (plain server-auth TLS).
+    let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    cfg.client_auth_cert_resolver = Arc::new(NoCert);
+    let ep = endpoint_with(cfg);
+    let r = tokio::time::timeout(WAIT, async {
+        let conn = ep.connect(relay.addr, "agent-link-relay").unwrap().await?;
+        // Some stacks only learn of the refusal on first use.
+        let (mut s, _) = conn.open_bi().await?;
+        s.write_all(b"x")
+            .await
+            .map_err(|_| quinn::ConnectionError::LocallyClosed)?;
+        conn.closed().await;
+        Ok::<_, quinn::ConnectionError>(())
+    })
+    .await
+    .expect("refused promptly");
+    let _ = r;
+    assert_eq!(
+        relay
+            .relay()
+            .stats()
+            .connections_accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn unregistered_key_that_never_registers_is_closed_at_the_deadline() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let idle = RawClient::connect(&relay, Identity::generate(), "idle")
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(WAIT, idle.conn.closed())
+        .await
+        .expect("closed at the auth deadline");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                u64::from(c.error_code),
+                u64::from(ErrorCode::AuthTimeout.as_u32())
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_never_sends_its_first_frame_is_ended() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let mut s = a.open().await;
+    // Trickle: two bytes of a header, then nothing.
+    s.write_raw(&[0, 0]).await;
+    let f = s.read().await.expect("an error frame at the deadline");
+    assert_eq!(
+        f.get(),
+        RelayToPeer::Error {
+            code: ErrorCode::AuthTimeout
+        }
+    );
+    assert_eq!(
+        relay.relay().stats().refused_count(ErrorCode::AuthTimeout),
+        1
+    );
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn more_agents_than_allowed_are_refused_and_the_connection_stays_usable() {
+    let (_relay, a, b) = relay_and_bystander().await;
+    let _one = a.attach("one", true).await;
+    let _two = a.attach("two", true).await;
+    let mut three = a.open().await;
+    three
+        .write(&PeerToRelay::Attach {
+            agent: "three",
+            receive: true,
+        })
+        .await;
+    let f = three.read().await.expect("refusal");
+    assert_eq!(
+        f.get(),
+        RelayToPeer::Error {
+            code: ErrorCode::TooManyStreams
+        }
+    );
+    drop(_two);
+    // Closing one frees a slot (bounded wait for the relay to notice).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut s = a.open().await;
+        s.write(&PeerToRelay::Attach {
+            agent: "three",
+            receive: true,
+        })
+        .await;
+        let f = s.read().await.expect("reply");
+        if matches!(f.get(), RelayToPeer::Attached { .. }) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = b;
+}
+
+#[derive(Debug)]
+struct NoCert;
+
+impl rustls::client::ResolvesClientCert for NoCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
