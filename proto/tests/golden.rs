@@ -83,10 +83,17 @@ fn envelope_vector() {
         "envelope_body",
         OpenedEnvelope::open(&env).unwrap().outer.body,
     );
-    // The file decodes and verifies with the fixed keys.
+    // The files decode and verify with the fixed keys.
+    let body_bytes = read("envelope_body");
+    assert_eq!(codec::decode::<EnvelopeBody>(&body_bytes).unwrap(), body());
     let bytes = read("envelope");
     let opened = OpenedEnvelope::open(&bytes).unwrap();
     assert_eq!(opened.body, body());
+    assert_eq!(opened.outer.body, body_bytes.as_slice());
+    assert_eq!(
+        hex::encode(Identity::from_seed(&SENDER_SEED).public_key().as_bytes()),
+        hex::encode(read("public_key"))
+    );
     opened
         .check_tag(&FleetSecret::from_bytes(FLEET).key())
         .unwrap();
@@ -95,21 +102,94 @@ fn envelope_vector() {
         .unwrap();
 }
 
+/// Every vector file this test writes; a stray or missing file fails
+/// `vector_files_are_exactly_these`.
+const VECTORS: [&str; 18] = [
+    "envelope",
+    "envelope_body",
+    "public_key",
+    "register_proof",
+    "join_token",
+    "frame_register",
+    "frame_status_request",
+    "frame_attach",
+    "frame_send",
+    "frame_ack",
+    "frame_nack",
+    "frame_registered",
+    "frame_status",
+    "frame_attached",
+    "frame_deliver",
+    "frame_receipt",
+    "frame_failed",
+    "frame_error",
+];
+
+fn protocol_md() -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md")).unwrap();
+    // Hex in the document may be split into fields by spaces or lines.
+    doc.split_whitespace().collect()
+}
+
 #[test]
-fn protocol_md_shows_the_vectors() {
+fn protocol_md_shows_every_vector() {
     if std::env::var_os("GOLDEN_UPDATE").is_some() {
         return;
     }
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md")).unwrap();
-    let doc: String = doc.split_whitespace().collect();
-    for name in ["envelope", "register_proof", "frame_attach", "frame_failed"] {
-        let hex = hex::encode(read(name));
+    let doc = protocol_md();
+    for name in VECTORS {
+        let bytes = read(name);
+        let shown = if name == "join_token" {
+            String::from_utf8(bytes).unwrap()
+        } else {
+            hex::encode(bytes)
+        };
         assert!(
-            doc.contains(&hex),
-            "PROTOCOL.md does not show the {name} vector"
+            doc.contains(&shown),
+            "PROTOCOL.md does not show the {name} vector: {shown}"
         );
     }
+}
+
+#[test]
+fn protocol_md_shows_the_domain_strings_and_labels() {
+    let doc = protocol_md();
+    for d in [
+        Domain::EnvelopeTag,
+        Domain::EnvelopeSignature,
+        Domain::RegisterProof,
+    ] {
+        let hex = hex::encode(d.as_bytes());
+        assert!(doc.contains(&hex), "PROTOCOL.md lacks the bytes of {d:?}");
+        assert_eq!(d.as_bytes().last(), Some(&0), "{d:?} ends in NUL");
+    }
+    let label = std::str::from_utf8(agent_link_proto::REGISTER_EXPORTER_LABEL).unwrap();
+    assert!(doc.contains(&format!("\"{label}\"").replace(' ', "")));
+    let alpn = std::str::from_utf8(agent_link_crypto::tls::ALPN).unwrap();
+    assert!(doc.contains(&format!("ALPN**`{alpn}`**")));
+    let name = agent_link_crypto::tls::RELAY_SERVER_NAME;
+    assert!(doc.contains(&format!("**`{name}`**")));
+    let limit = codec::HARD_MAX_FRAME.to_string();
+    assert!(doc.contains(&format!("`codec::HARD_MAX_FRAME`={limit}")));
+}
+
+#[test]
+fn vector_files_are_exactly_these() {
+    if std::env::var_os("GOLDEN_UPDATE").is_some() {
+        return;
+    }
+    let mut found: Vec<String> = std::fs::read_dir(vectors_dir())
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".hex").map(str::to_owned)
+        })
+        .collect();
+    found.sort();
+    let mut want: Vec<String> = VECTORS.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(found, want, "tests/vectors/*.hex and VECTORS differ");
 }
 
 #[test]
@@ -136,6 +216,8 @@ fn join_token_vector() {
     let back = JoinToken::parse(std::str::from_utf8(&read("join_token")).unwrap()).unwrap();
     assert_eq!(back.addr, "127.0.0.1:8765");
     assert_eq!(back.fingerprint, [3; 32]);
+    assert_eq!(back.secret.expose(), &FLEET);
+    assert_eq!(back.encode().unwrap(), text);
 }
 
 fn receipt() -> Receipt<'static> {
