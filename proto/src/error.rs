@@ -155,7 +155,7 @@ pub enum ProtoError {
     #[error("encoding failed: {0}")]
     Encode(String),
     /// An id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
-    #[error("invalid id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    #[error("invalid id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ - (but not . or ..)")]
     BadId(String),
     /// An address is not `instance/agent`.
     #[error("invalid address {0:?}: expected INSTANCE/AGENT")]

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------- strategies
 
 fn id_strategy() -> impl Strategy<Value = String> {
-    "[A-Za-z0-9._-]{1,64}"
+    "[A-Za-z0-9._-]{1,64}".prop_filter("`.` and `..` are not ids", |s| s != "." && s != "..")
 }
 
 /// Any text at all (names are free text; also used for invalid ids).
