@@ -236,7 +236,11 @@ async fn read_loop(
                 Ok(PeerToRelay::Ack {
                     reply_token,
                     receipt,
-                }) => on_ack(shared, ctx, agent, reply_token, receipt).await,
+                }) => {
+                    if let Some(refusal) = on_ack(shared, ctx, agent, reply_token, receipt).await {
+                        replies.push(refusal);
+                    }
+                }
                 Ok(PeerToRelay::Nack {
                     reply_token,
                     id,
@@ -335,16 +339,22 @@ async fn on_ack(
     agent: &str,
     reply_token: u64,
     receipt: Receipt<'_>,
-) {
-    // A receipt may only speak for the agent that received the message.
+) -> Option<Out> {
+    // A receipt may only speak for the agent that received the message: it
+    // is not forwarded, and the acking stream is told why (the original
+    // sender's send then ends in its deadline: outcome unknown).
     if receipt.from.instance != ctx.instance || receipt.from.agent != agent {
         shared.stats.refused(ErrorCode::SenderMismatch);
-        return;
+        return Some(Out::Frame(frame(&RelayToPeer::Failed {
+            id: receipt.id,
+            code: ErrorCode::SenderMismatch,
+        })));
     }
     let f = frame(&RelayToPeer::Receipt { receipt });
     if route_reply(shared, reply_token, f).await {
         shared.stats.receipts_routed.fetch_add(1, Relaxed);
     }
+    None
 }
 
 /// Send a frame to the stream with `reply_token`, waiting (bounded) for room.
