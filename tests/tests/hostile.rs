@@ -208,3 +208,96 @@ impl rustls::client::ResolvesClientCert for NoCert {
         false
     }
 }
+
+#[tokio::test]
+async fn a_receiver_that_stops_reading_gets_its_senders_explicit_busy_and_others_flow() {
+    // Small queue and windows so the slow receiver fills up quickly.
+    let relay = TestRelay::start(|c| {
+        c.agent_queue_len = 16;
+        c.max_message_size = 16 * 1024;
+        c.stream_receive_window = 64 * 1024;
+        c.receive_window = 256 * 1024;
+        c.send_window = 256 * 1024;
+    })
+    .await;
+    let (s, slow, fast) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
+    relay.register("sender", &s);
+    relay.register("slow", &slow);
+    relay.register("fast", &fast);
+    let s = RawClient::connect(&relay, s, "sender").await.unwrap();
+    let slow = RawClient::connect(&relay, slow, "slow").await.unwrap();
+    let fast = RawClient::connect(&relay, fast, "fast").await.unwrap();
+    let _never_reads = slow.attach("sink", true).await;
+    let mut fast_rx = fast.attach("rx", true).await;
+    let mut tx = s.attach("tx", false).await;
+
+    // Flood the receiver that never reads, with 4 KiB messages; reading our
+    // own stream concurrently so the relay can always answer us.
+    let payload = vec![0u8; 4096];
+    let total = 2000usize;
+    let mut busy = 0usize;
+    let mut answered = 0usize;
+    let mut sent = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sent < total && tokio::time::Instant::now() < deadline {
+        tx.send_envelope(&s.envelope(random_id(), "tx", "slow/sink", now_ms(), &payload))
+            .await;
+        sent += 1;
+        if sent % 20 != 0 {
+            continue;
+        }
+        while let Ok(Some(f)) = tx.read_within(Duration::from_millis(1)).await {
+            answered += 1;
+            if matches!(
+                f.get(),
+                RelayToPeer::Failed {
+                    code: ErrorCode::Busy,
+                    ..
+                }
+            ) {
+                busy += 1;
+            }
+        }
+    }
+    assert_eq!(sent, total, "the sender was never blocked for long");
+    while let Ok(Some(f)) = tx.read_within(Duration::from_millis(500)).await {
+        answered += 1;
+        if matches!(
+            f.get(),
+            RelayToPeer::Failed {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ) {
+            busy += 1;
+        }
+    }
+    // Most were refused explicitly; the rest sit in bounded buffers (queue +
+    // QUIC windows), none vanished: every answer is an explicit Busy.
+    assert!(busy > total / 2, "only {busy} of {total} got Busy");
+    assert_eq!(answered, busy, "every answer was an explicit Busy");
+    let forwarded = relay
+        .relay()
+        .stats()
+        .messages_forwarded
+        .load(std::sync::atomic::Ordering::Relaxed) as usize;
+    assert_eq!(forwarded + busy, total, "forwarded + refused = sent");
+    // Bounded: what the relay holds is its queue (16) plus its QUIC send
+    // window (256 KiB ≈ 62 messages); beyond that, the receiving client's own
+    // QUIC stack buffers up to its default stream window (1.25 MiB ≈ 305
+    // messages) even though its application never reads.
+    assert!(
+        forwarded <= 16 + 62 + 310,
+        "unbounded: {forwarded} accepted for a receiver that never reads"
+    );
+
+    // A third agent is unaffected.
+    tx.send_envelope(&s.envelope(random_id(), "tx", "fast/rx", now_ms(), b"hi"))
+        .await;
+    let f = fast_rx.read().await.expect("delivered");
+    assert!(matches!(f.get(), RelayToPeer::Deliver { .. }));
+}
