@@ -247,7 +247,7 @@ async fn a_receiver_that_stops_reading_gets_its_senders_explicit_busy_and_others
         tx.send_envelope(&s.envelope(random_id(), "tx", "slow/sink", now_ms(), &payload))
             .await;
         sent += 1;
-        if sent % 20 != 0 {
+        if !sent.is_multiple_of(20) {
             continue;
         }
         while let Ok(Some(f)) = tx.read_within(Duration::from_millis(1)).await {
