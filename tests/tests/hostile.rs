@@ -301,3 +301,44 @@ async fn a_receiver_that_stops_reading_gets_its_senders_explicit_busy_and_others
     let f = fast_rx.read().await.expect("delivered");
     assert!(matches!(f.get(), RelayToPeer::Deliver { .. }));
 }
+
+#[tokio::test]
+async fn zero_rtt_is_never_accepted() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let id = Identity::generate();
+    relay.register("eager", &id);
+    let tls_id = TlsIdentity::self_signed(&id, "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    // A client that would send 0-RTT data if the relay let it.
+    cfg.enable_early_data = true;
+    let ep = endpoint_with(cfg);
+    // First connection: obtains a session ticket, then closes.
+    let first = ep
+        .connect(relay.addr, "agent-link-relay")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut s, _r) = first.open_bi().await.unwrap();
+    s.write_all(&agent_link_proto::codec::frame(&PeerToRelay::StatusRequest).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.close(0u32.into(), b"bye");
+    // Second connection: the relay's tickets carry no early-data allowance,
+    // so 0-RTT is impossible and the client must complete the handshake.
+    let connecting = ep.connect(relay.addr, "agent-link-relay").unwrap();
+    match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            assert!(!accepted.await, "the relay accepted 0-RTT data");
+            drop(conn);
+        }
+        Err(connecting) => {
+            // Expected: no early data possible; the 1-RTT handshake works.
+            tokio::time::timeout(WAIT, connecting)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    bystander_still_works(&a, &b).await;
+}
