@@ -209,6 +209,25 @@ impl rustls::client::ResolvesClientCert for NoCert {
     }
 }
 
+/// Read every answer already waiting (each read waits at most `wait`):
+/// (answers, of which `Busy`).
+async fn drain_answers(tx: &mut RawStream, wait: Duration) -> (usize, usize) {
+    let (mut answered, mut busy) = (0, 0);
+    while let Ok(Some(f)) = tx.read_within(wait).await {
+        answered += 1;
+        if matches!(
+            f.get(),
+            RelayToPeer::Failed {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ) {
+            busy += 1;
+        }
+    }
+    (answered, busy)
+}
+
 #[tokio::test]
 async fn a_receiver_that_stops_reading_gets_its_senders_explicit_busy_and_others_flow() {
     // Small queue and windows so the slow receiver fills up quickly.
@@ -250,32 +269,14 @@ async fn a_receiver_that_stops_reading_gets_its_senders_explicit_busy_and_others
         if !sent.is_multiple_of(20) {
             continue;
         }
-        while let Ok(Some(f)) = tx.read_within(Duration::from_millis(1)).await {
-            answered += 1;
-            if matches!(
-                f.get(),
-                RelayToPeer::Failed {
-                    code: ErrorCode::Busy,
-                    ..
-                }
-            ) {
-                busy += 1;
-            }
-        }
+        let (a, b) = drain_answers(&mut tx, Duration::from_millis(1)).await;
+        answered += a;
+        busy += b;
     }
     assert_eq!(sent, total, "the sender was never blocked for long");
-    while let Ok(Some(f)) = tx.read_within(Duration::from_millis(500)).await {
-        answered += 1;
-        if matches!(
-            f.get(),
-            RelayToPeer::Failed {
-                code: ErrorCode::Busy,
-                ..
-            }
-        ) {
-            busy += 1;
-        }
-    }
+    let (a, b) = drain_answers(&mut tx, Duration::from_millis(500)).await;
+    answered += a;
+    busy += b;
     // Most were refused explicitly; the rest sit in bounded buffers (queue +
     // QUIC windows), none vanished: every answer is an explicit Busy.
     assert!(busy > total / 2, "only {busy} of {total} got Busy");
