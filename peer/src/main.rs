@@ -137,10 +137,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn hex16(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Init {
@@ -214,12 +210,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({"status": "delivered", "id": hex16(&r.id), "to": r.from, "delivered_at": r.delivered_at_ms})
+                            serde_json::json!({"status": "delivered", "id": hex::encode(r.id), "to": r.from, "delivered_at": r.delivered_at_ms})
                         );
                     } else {
                         println!(
                             "delivered {} to {} at {}",
-                            hex16(&r.id),
+                            hex::encode(r.id),
                             r.from,
                             r.delivered_at_ms
                         );
@@ -353,7 +349,7 @@ async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Re
         let mut out = stdout.lock();
         let line = if json {
             let mut v = serde_json::json!({
-                "id": hex16(&m.id), "from": m.from, "to": m.to, "sent_at": m.sent_at_ms,
+                "id": hex::encode(m.id), "from": m.from, "to": m.to, "sent_at": m.sent_at_ms,
             });
             match std::str::from_utf8(&m.payload) {
                 Ok(s) => v["message"] = s.into(),

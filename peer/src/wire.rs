@@ -120,33 +120,21 @@ impl FrameReader {
     /// the end of the stream.
     pub async fn next_batch(&mut self, out: &mut Vec<Bytes>) -> Result<bool, LinkError> {
         out.clear();
-        loop {
-            while let Some((_, total)) = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)
-                .map_err(|e| LinkError::Other(format!("relay sent a bad frame: {e}")))?
-            {
-                let mut f = self.buf.split_to(total);
-                out.push(f.split_off(codec::FRAME_HEADER_LEN).freeze());
-            }
-            if !out.is_empty() {
-                return Ok(true);
-            }
-            self.buf.reserve(16 * 1024);
-            match tokio::io::AsyncReadExt::read_buf(&mut self.recv, &mut self.buf).await {
-                Ok(0) => return Ok(false),
-                Ok(_) => {}
-                Err(e) => return Err(LinkError::Other(format!("stream: {e}"))),
-            }
+        match self.next().await? {
+            Some(f) => out.push(f),
+            None => return Ok(false),
         }
+        while let Some(f) = self.split_one()? {
+            out.push(f);
+        }
+        Ok(true)
     }
 
-    /// The next frame.
+    /// The next frame; `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<Bytes>, LinkError> {
         loop {
-            if let Some((_, total)) = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)
-                .map_err(|e| LinkError::Other(format!("relay sent a bad frame: {e}")))?
-            {
-                let mut f = self.buf.split_to(total);
-                return Ok(Some(f.split_off(codec::FRAME_HEADER_LEN).freeze()));
+            if let Some(f) = self.split_one()? {
+                return Ok(Some(f));
             }
             self.buf.reserve(16 * 1024);
             match tokio::io::AsyncReadExt::read_buf(&mut self.recv, &mut self.buf).await {
@@ -155,6 +143,17 @@ impl FrameReader {
                 Err(e) => return Err(LinkError::Other(format!("stream: {e}"))),
             }
         }
+    }
+
+    /// One whole frame's body off the front of the buffer, if there is one.
+    fn split_one(&mut self) -> Result<Option<Bytes>, LinkError> {
+        let total = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)
+            .map_err(|e| LinkError::Other(format!("relay sent a bad frame: {e}")))?
+            .map(|(_, total)| total);
+        Ok(total.map(|total| {
+            let mut f = self.buf.split_to(total);
+            f.split_off(codec::FRAME_HEADER_LEN).freeze()
+        }))
     }
 }
 

@@ -325,7 +325,7 @@ fn forward(
                 .stats
                 .bytes_forwarded
                 .fetch_add(envelope.len() as u64, Relaxed);
-            debug!(id = %hex_id(&env.body.id), size = envelope.len(), "forwarded");
+            debug!(id = %hex::encode(env.body.id), size = envelope.len(), "forwarded");
             Ok(())
         }
         Err(TrySendError::Full(_)) => Err(ErrorCode::Busy),
@@ -372,8 +372,4 @@ async fn route_reply(shared: &Shared, reply_token: u64, f: Bytes) -> bool {
             false
         }
     }
-}
-
-fn hex_id(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
