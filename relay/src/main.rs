@@ -279,7 +279,9 @@ fn serve(
     metrics: Option<SocketAddr>,
 ) -> Result<(), Failure> {
     let fresh = !state::is_initialised(dir);
-    let st = if fresh && state::is_empty(dir) {
+    // `init` itself refuses a non-empty directory that holds no relay state,
+    // with an error that says so.
+    let st = if fresh {
         let st = state::init(dir, listen)?;
         eprintln!("initialised {}", dir.display());
         st
