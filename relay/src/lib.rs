@@ -32,7 +32,10 @@ mod control;
 mod framed;
 pub mod rate;
 pub mod registry;
-mod router;
+// Public only so the bench crate's criterion suite can time route lookups;
+// not part of the relay's supported API.
+#[doc(hidden)]
+pub mod router;
 mod server;
 pub mod state;
 pub mod stats;

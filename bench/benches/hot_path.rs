@@ -1,0 +1,318 @@
+//! Criterion suite for the relay's per-message hot path (DESIGN.md
+//! "Performance targets"): read a frame, check it, look up the route, hand
+//! the original bytes to the target's stream. Each step is timed alone on a
+//! `Send` frame carrying a 256-byte payload, plus the whole per-message path
+//! without I/O.
+//!
+//! ```sh
+//! cargo bench -p agent-link-bench --bench hot_path             # full
+//! cargo bench -p agent-link-bench --bench hot_path -- --quick  # a few seconds
+//! ```
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_link_crypto::tls::{
+    instance_client_config, relay_server_config, TlsIdentity, RELAY_SERVER_NAME,
+};
+use agent_link_crypto::{Domain, FleetKey, FleetSecret, Identity, PublicKey};
+use agent_link_proto::{
+    codec, Address, EnvelopeBody, OpenedEnvelope, PeerToRelay, RelayToPeer, VERSION,
+};
+use agent_link_relay::checks::{check_send, verify_batch, CheckPolicy, SenderContext};
+use agent_link_relay::router::{Router, StreamHandle};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const PAYLOAD: usize = 256;
+const SENT_AT_MS: u64 = 1_700_000_000_000;
+/// Instances in the routing table for the lookup benches.
+const ROUTED_INSTANCES: usize = 1000;
+
+struct Fixture {
+    identity: Identity,
+    key: PublicKey,
+    fleet: FleetKey,
+    /// A sealed envelope (256-byte payload) from `bench-s0/tx` to `inst-517/rx`.
+    envelope: Vec<u8>,
+    /// The same envelope as a whole `Send` frame (header included).
+    send_frame: Vec<u8>,
+}
+
+fn fixture() -> Fixture {
+    let identity = Identity::from_seed(&[7; 32]);
+    let key = identity.public_key();
+    let fleet = FleetSecret::from_bytes([9; 32]).key();
+    let payload = vec![0x5a; PAYLOAD];
+    let envelope = EnvelopeBody {
+        version: VERSION,
+        id: [1; 16],
+        from: Address {
+            instance: "bench-s0",
+            agent: "tx",
+        },
+        to: Address {
+            instance: "inst-517",
+            agent: "rx",
+        },
+        sent_at_ms: SENT_AT_MS,
+        payload: &payload,
+    }
+    .seal(&identity, &fleet)
+    .expect("seal");
+    let send_frame = codec::frame(&PeerToRelay::Send {
+        envelope: &envelope,
+    })
+    .expect("frame");
+    Fixture {
+        identity,
+        key,
+        fleet,
+        envelope,
+        send_frame,
+    }
+}
+
+fn policy(f: &Fixture, verify_signatures: bool) -> CheckPolicy {
+    CheckPolicy {
+        fleet: f.fleet.clone(),
+        window_ms: 60_000,
+        verify_signatures,
+    }
+}
+
+fn sender(f: &Fixture) -> SenderContext<'_> {
+    SenderContext {
+        instance: "bench-s0",
+        agent: "tx",
+        key: &f.key,
+    }
+}
+
+fn decode_send(frame: &[u8]) -> &[u8] {
+    let (body, _) = codec::split_frame(frame, codec::HARD_MAX_FRAME)
+        .expect("split")
+        .expect("whole frame");
+    match codec::decode::<PeerToRelay>(body).expect("decode") {
+        PeerToRelay::Send { envelope } => envelope,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn codec_and_checks(c: &mut Criterion) {
+    let f = fixture();
+    let mut g = c.benchmark_group("hot_path");
+    g.throughput(Throughput::Elements(1));
+
+    g.bench_function("frame_decode_send_256B", |b| {
+        b.iter(|| black_box(decode_send(black_box(&f.send_frame))).len())
+    });
+    g.bench_function("envelope_open_256B", |b| {
+        b.iter(|| OpenedEnvelope::open(black_box(&f.envelope)).expect("open"))
+    });
+    let env = OpenedEnvelope::open(&f.envelope).expect("open");
+    g.bench_function("hmac_check_256B", |b| {
+        b.iter(|| {
+            f.fleet
+                .check(
+                    Domain::EnvelopeTag,
+                    &[black_box(env.outer.body)],
+                    black_box(&env.outer.tag),
+                )
+                .expect("tag")
+        })
+    });
+    g.bench_function("ed25519_verify_strict_256B", |b| {
+        b.iter(|| black_box(&env).check_signature(&f.key).expect("signature"))
+    });
+    g.bench_function("open_and_verify_256B", |b| {
+        b.iter(|| {
+            let env = OpenedEnvelope::open(black_box(&f.envelope)).expect("open");
+            env.check_tag(&f.fleet).expect("tag");
+            env.check_signature(&f.key).expect("signature");
+        })
+    });
+    let (no_sig, with_sig) = (policy(&f, false), policy(&f, true));
+    let ctx = sender(&f);
+    g.bench_function("relay_check_send_256B", |b| {
+        b.iter(|| {
+            check_send(black_box(&f.envelope), &ctx, &no_sig, SENT_AT_MS + 5)
+                .expect("check")
+                .body
+                .id
+        })
+    });
+    g.bench_function("relay_check_send_with_signature_256B", |b| {
+        b.iter(|| {
+            check_send(black_box(&f.envelope), &ctx, &with_sig, SENT_AT_MS + 5)
+                .expect("check")
+                .body
+                .id
+        })
+    });
+    g.bench_function("seal_256B", |b| {
+        let payload = vec![0x5a; PAYLOAD];
+        b.iter(|| {
+            EnvelopeBody {
+                version: VERSION,
+                id: [1; 16],
+                from: Address {
+                    instance: "bench-s0",
+                    agent: "tx",
+                },
+                to: Address {
+                    instance: "inst-517",
+                    agent: "rx",
+                },
+                sent_at_ms: SENT_AT_MS,
+                payload: black_box(&payload),
+            }
+            .seal(&f.identity, &f.fleet)
+            .expect("seal")
+        })
+    });
+    g.finish();
+
+    // Batch verification as the relay runs it with verify_signatures on:
+    // one batch per read of up to 64 frames from one sender.
+    let mut g = c.benchmark_group("hot_path_batch");
+    let envs: Vec<OpenedEnvelope<'_>> = (0..64).map(|_| env).collect();
+    g.throughput(Throughput::Elements(envs.len() as u64));
+    g.bench_function("relay_verify_batch_64x256B", |b| {
+        b.iter(|| verify_batch(black_box(&envs), &f.key))
+    });
+    g.finish();
+}
+
+/// One real loopback QUIC connection: `Router::add_connection` stores a
+/// `quinn::Connection`, and the bench wants the relay's own table.
+struct Loopback {
+    _server: quinn::Endpoint,
+    _client: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+async fn loopback() -> Loopback {
+    let server_tls =
+        TlsIdentity::self_signed(&Identity::generate(), RELAY_SERVER_NAME).expect("relay cert");
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(
+        relay_server_config(&server_tls).expect("server tls"),
+    )
+    .expect("quic server");
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+        "127.0.0.1:0".parse().expect("addr"),
+    )
+    .expect("server endpoint");
+    let addr = server.local_addr().expect("server addr");
+    let accept = {
+        let server = server.clone();
+        tokio::spawn(async move { server.accept().await?.await.ok() })
+    };
+    let client_tls =
+        TlsIdentity::self_signed(&Identity::generate(), "agent-link-instance").expect("cert");
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(
+        instance_client_config(&client_tls, server_tls.fingerprint()).expect("client tls"),
+    )
+    .expect("quic client");
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = client
+        .connect(addr, RELAY_SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let _ = accept.await;
+    Loopback {
+        _server: server,
+        _client: client,
+        conn,
+    }
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let lb = rt.block_on(loopback());
+    let router = Router::default();
+    // Keep every receiver queue alive so routes stay open.
+    let mut queues = Vec::new();
+    for i in 0..ROUTED_INSTANCES {
+        let instance = format!("inst-{i}");
+        let conn_id = router.next_id();
+        router
+            .add_connection(
+                &instance,
+                conn_id,
+                lb.conn.clone(),
+                4,
+                (1_000_000, 1_000_000),
+            )
+            .expect("connection slot");
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let handle = StreamHandle {
+            token: router.next_id(),
+            tx,
+            cancel: tokio_util::sync::CancellationToken::new(),
+        };
+        router.add_stream(handle.clone());
+        assert!(router.attach_receiver(&instance, "rx", handle).is_none());
+        queues.push(rx);
+    }
+    let token = router.route("inst-517", "rx").expect("route").token;
+
+    let mut g = c.benchmark_group("hot_path");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("router_route_1000_instances", |b| {
+        b.iter(|| {
+            router
+                .route(black_box("inst-517"), black_box("rx"))
+                .is_some()
+        })
+    });
+    g.bench_function("router_reply_token_1000_streams", |b| {
+        b.iter(|| router.stream(black_box(token)).is_some())
+    });
+
+    // The whole per-message work of the relay without the socket: decode
+    // the Send frame, check it (signatures off, the default), look up the
+    // route, build the Deliver frame, queue it, and the receiver's queue
+    // is drained.
+    let f = fixture();
+    let no_sig = policy(&f, false);
+    let ctx = sender(&f);
+    let rx = &mut queues[517];
+    g.bench_function("relay_per_message_256B", |b| {
+        b.iter(|| {
+            let envelope = decode_send(black_box(&f.send_frame));
+            let env = check_send(envelope, &ctx, &no_sig, SENT_AT_MS + 5).expect("check");
+            let target = router
+                .route(env.body.to.instance, env.body.to.agent)
+                .expect("route");
+            let deliver = bytes::Bytes::from(
+                codec::frame(&RelayToPeer::Deliver {
+                    reply_token: token,
+                    sender_key: *f.key.as_bytes(),
+                    envelope: env.bytes,
+                })
+                .expect("frame"),
+            );
+            target
+                .tx
+                .try_send(agent_link_relay::router::Out::Frame(deliver))
+                .expect("queue");
+            rx.try_recv().expect("drain")
+        })
+    });
+    g.finish();
+    drop(queues);
+    drop(router);
+    drop(lb);
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+criterion_group!(benches, codec_and_checks, route_lookup);
+criterion_main!(benches);
