@@ -56,6 +56,19 @@ impl Identity {
         Signature(self.signing.sign(&input).to_bytes())
     }
 
+    /// A 32-byte secret for another purpose, derived from this key as
+    /// HMAC-SHA256(seed, "agent-link/v1 derive " || `label`): one key file
+    /// backs several independent secrets, and none of them reveals the key.
+    pub fn derive_secret(&self, label: &str) -> Zeroizing<[u8; 32]> {
+        use hmac::{Hmac, Mac};
+        let seed = Zeroizing::new(self.signing.to_bytes());
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(seed.as_ref())
+            .expect("HMAC takes keys of any length");
+        mac.update(b"agent-link/v1 derive ");
+        mac.update(label.as_bytes());
+        Zeroizing::new(mac.finalize().into_bytes().into())
+    }
+
     /// PKCS#8 v2 DER of the key, for rcgen / rustls. Zeroized when dropped.
     pub(crate) fn pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         use ed25519_dalek::pkcs8::EncodePrivateKey;

@@ -32,6 +32,9 @@ pub struct RelayConfig {
     pub keep_alive_secs: u64,
     /// Time allowed for the QUIC/TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// New connections accepted per second, relay-wide (token bucket with a
+    /// burst of the same size); more are refused before any cryptography.
+    pub handshakes_per_sec: u32,
     /// Time an unregistered key has to register, and any stream to send its
     /// first frame.
     pub auth_timeout_secs: u64,
@@ -64,6 +67,7 @@ impl Default for RelayConfig {
             idle_timeout_secs: 30,
             keep_alive_secs: 10,
             handshake_timeout_secs: 10,
+            handshakes_per_sec: 2_000,
             auth_timeout_secs: 10,
             rate_per_instance: 200_000,
             rate_burst: 20_000,
@@ -139,7 +143,7 @@ impl RelayConfig {
                 &format!("must be between 1 and {max_payload}"),
             ));
         }
-        let nonzero: [(&'static str, u64); 11] = [
+        let nonzero: [(&'static str, u64); 12] = [
             ("max_connections", self.max_connections.into()),
             (
                 "max_connections_per_instance",
@@ -152,6 +156,7 @@ impl RelayConfig {
             ("idle_timeout_secs", self.idle_timeout_secs),
             ("keep_alive_secs", self.keep_alive_secs),
             ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("handshakes_per_sec", self.handshakes_per_sec.into()),
             ("auth_timeout_secs", self.auth_timeout_secs),
             ("rate_per_instance", self.rate_per_instance.into()),
             ("rate_burst", self.rate_burst.into()),

@@ -72,7 +72,7 @@ pub(crate) async fn handle(
         if status == KeyStatus::Unknown {
             // An operator may have just run `agent-link-relay register`:
             // look at the file before treating the key as a stranger.
-            if let Err(e) = crate::server::refresh_registry(&shared).await {
+            if let Err(e) = crate::server::reload_registry_for_unknown_key(&shared).await {
                 tracing::warn!("registry reload failed: {e}");
             }
             status = shared.registry().key_status(&key);

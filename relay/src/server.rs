@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +33,13 @@ pub(crate) struct Shared {
     pub fleet: FleetKey,
     pub registry: RwLock<Registry>,
     pub store: RegistryStore,
+    /// What the registry file looked like when last loaded.
+    pub registry_stamp: std::sync::Mutex<Option<FileStamp>>,
+    /// Reloads so far (every successful `refresh_registry`).
+    pub registry_generation: std::sync::atomic::AtomicU64,
+    /// When a stranger's key last caused a reload (see
+    /// `reload_registry_for_unknown_key`).
+    pub unknown_key_reload: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     pub router: Router,
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
@@ -116,8 +124,10 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     ));
     t.keep_alive_interval(Some(Duration::from_secs(cfg.keep_alive_secs)));
     server.transport_config(Arc::new(t));
-    // Handshakes from addresses that have not proven they can receive get a
-    // Retry first (anti-amplification); quinn does this when validation is on.
+    // quinn sends an unvalidated address at most 3x what it received from it
+    // (anti-amplification). The relay sends no Retry packets; the
+    // relay-wide handshake rate (`handshakes_per_sec`) bounds the work a
+    // flood can cause.
     Ok(server)
 }
 
@@ -131,12 +141,23 @@ impl Relay {
         let store = RegistryStore::new(&state.dir);
         let registry = store.load()?;
         let server_config = build_server_config(&state)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            SpawnError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_err = |source| SpawnError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(state.reset_key.clone()));
+        let cid_key = state.cid_key;
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         let local_addr = endpoint.local_addr().map_err(|source| SpawnError::Bind {
             addr: config.listen,
             source,
@@ -150,6 +171,9 @@ impl Relay {
             },
             fleet,
             registry: RwLock::new(registry),
+            registry_stamp: std::sync::Mutex::new(file_stamp(store.path())),
+            registry_generation: Default::default(),
+            unknown_key_reload: tokio::sync::Mutex::new(None),
             store,
             router: Router::default(),
             stats: Arc::new(Stats::default()),
@@ -242,6 +266,11 @@ impl Relay {
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections as usize));
     let mut conns = JoinSet::new();
+    let mut handshakes = crate::rate::TokenBucket::new(
+        shared.config.handshakes_per_sec,
+        shared.config.handshakes_per_sec,
+        std::time::Instant::now(),
+    );
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -249,6 +278,13 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
         };
         let Some(incoming) = incoming else { break };
         while conns.try_join_next().is_some() {}
+        if !handshakes.try_take(std::time::Instant::now()) {
+            // A connection flood: refuse at the QUIC level before spending
+            // any cryptography on it; peers retry with backoff.
+            shared.stats.refused(ErrorCode::TooManyConnections);
+            incoming.refuse();
+            continue;
+        }
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 conns.spawn(crate::connection::handle(shared.clone(), incoming, permit));
@@ -270,32 +306,76 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     }
 }
 
+/// Modification time, size and inode of a file: every registry write
+/// replaces the file (rename), so any change alters at least the inode.
+pub(crate) type FileStamp = (SystemTime, u64, u64);
+
+fn file_stamp(p: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
 /// Pick up registry changes made by `register`/`revoke` while running; close
 /// the connections of newly revoked instances (within about a second).
 async fn watch_registry(shared: Arc<Shared>) {
-    let path = shared.store.path().to_path_buf();
-    // Every write replaces the file (rename), so the inode changes too.
-    let stamp = |p: &std::path::Path| -> Option<(SystemTime, u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len(), m.ino()))
-    };
-    let mut last = stamp(&path);
+    const FULL_RELOAD_EVERY: u64 = 20; // ticks of 500 ms
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
+    for n in 1u64.. {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shared.shutdown.cancelled() => return,
         }
-        let now = stamp(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        if let Err(e) = refresh_registry(&shared).await {
+        let force = n % FULL_RELOAD_EVERY == 0;
+        if let Err(e) = refresh_registry_if_changed(&shared, force).await {
             warn!("registry reload failed, keeping the previous one: {e}");
         }
     }
+}
+
+/// Reload the registry when the file changed since the last load (its
+/// stamp), and in any case every 10 s: a write that reuses the inode, keeps
+/// the size and lands within the file system's timestamp granularity looks
+/// unchanged.
+pub(crate) async fn refresh_registry_if_changed(
+    shared: &Arc<Shared>,
+    force: bool,
+) -> Result<(), crate::registry::StoreError> {
+    let now = file_stamp(shared.store.path());
+    if !force {
+        let mut last = shared
+            .registry_stamp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *last == now {
+            return Ok(());
+        }
+        *last = now;
+    }
+    refresh_registry(shared).await
+}
+
+/// An unknown key connected: an operator may have just run
+/// `agent-link-relay register`, so look at the file again — but at most once
+/// every 100 ms, with every stranger that arrives meanwhile sharing that one
+/// reload. A flood of unknown keys thus costs at most ten registry reads a
+/// second, however many connections it makes.
+pub(crate) async fn reload_registry_for_unknown_key(
+    shared: &Arc<Shared>,
+) -> Result<(), crate::registry::StoreError> {
+    const MIN_GAP: Duration = Duration::from_millis(100);
+    let seen = shared.registry_generation.load(Acquire);
+    let mut last = shared.unknown_key_reload.lock().await;
+    if shared.registry_generation.load(Acquire) != seen {
+        // Someone reloaded after this key arrived: that reload covers it.
+        return Ok(());
+    }
+    if let Some(t) = *last {
+        tokio::time::sleep_until(t + MIN_GAP).await;
+    }
+    let r = refresh_registry(shared).await;
+    *last = Some(tokio::time::Instant::now());
+    r
 }
 
 /// Re-read the registry from disk and apply it: newly revoked instances have
@@ -320,6 +400,7 @@ pub(crate) async fn refresh_registry(
             .collect()
     };
     shared.set_registry(loaded);
+    shared.registry_generation.fetch_add(1, Release);
     for id in newly_revoked {
         let conns = shared.router.connections_of(&id);
         info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");

@@ -68,6 +68,31 @@ pub struct RelayState {
     pub tls: TlsIdentity,
     /// Fleet secret.
     pub fleet: FleetSecret,
+    /// Key of QUIC stateless resets, derived from the relay's key so that it
+    /// is the same after a restart (see `server::endpoint`).
+    pub(crate) reset_key: ring::hmac::Key,
+    /// Key of the connection-id hash, also stable across restarts: a new
+    /// process must recognise the old process's connection ids as its own,
+    /// or it drops their packets instead of answering with a reset.
+    pub(crate) cid_key: u64,
+}
+
+/// A relay that crashed and came back on the same address has lost every
+/// connection; with the same reset key as before, it answers the peers'
+/// packets with stateless resets they can check and they reconnect at once,
+/// instead of waiting out the idle timeout. Derived from the relay's private
+/// key: only this relay can make resets (a fleet member, who knows the fleet
+/// secret, cannot forge one to cut other members off).
+fn cid_key(identity: &Identity) -> u64 {
+    let secret = identity.derive_secret("quic connection id hash");
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&secret[..8]);
+    u64::from_le_bytes(k)
+}
+
+fn reset_key(identity: &Identity) -> ring::hmac::Key {
+    let secret = identity.derive_secret("quic stateless reset");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -130,6 +155,8 @@ pub fn init(dir: &Path, listen: Option<SocketAddr>) -> Result<RelayState, StateE
         config,
         tls,
         fleet,
+        reset_key: reset_key(&identity),
+        cid_key: cid_key(&identity),
     })
 }
 
@@ -150,6 +177,8 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
         config,
         tls,
         fleet,
+        reset_key: reset_key(&identity),
+        cid_key: cid_key(&identity),
     })
 }
 

@@ -368,3 +368,75 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 pub fn random_id() -> [u8; 16] {
     rand::random()
 }
+
+/// The path of a workspace binary in this test's own `target/` directory.
+/// `cargo test` builds binaries only for the package under test, so the
+/// first call builds the relay and peer CLIs (a no-op when they are fresh);
+/// this keeps `cargo test --workspace` and `cargo test -p agent-link-tests`
+/// honest.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    BUILT.get_or_init(|| {
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut c = std::process::Command::new(env!("CARGO"));
+        c.args([
+            "build",
+            "--bins",
+            "-p",
+            "agent-link",
+            "-p",
+            "agent-link-relay",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        let status = c.status().expect("running cargo build");
+        assert!(status.success(), "building the CLI binaries failed");
+    });
+    let p = profile_dir.join(name);
+    assert!(p.exists(), "{} is missing", p.display());
+    p
+}
+
+impl TestRelay {
+    /// Register many instances in one registry write (as the admin would,
+    /// offline); `register` per instance rewrites the file each time.
+    pub fn register_many(&self, instances: &[(String, Identity)]) {
+        agent_link_relay::registry::RegistryStore::new(&self.state_dir())
+            .update(|r| {
+                for (id, identity) in instances {
+                    r.register(id, &identity.public_key(), id)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            })
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Write a peer directory for an instance the relay already knows (what
+/// `agent-link init` leaves behind, without the online registration).
+pub fn write_peer_dir(dir: &Path, instance_id: &str, identity: &Identity, token: &JoinToken) {
+    use agent_link::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
+    std::fs::create_dir_all(dir).unwrap();
+    identity.write_new(&dir.join(KEY_FILE)).unwrap();
+    token.secret.write_new(&dir.join(SECRET_FILE)).unwrap();
+    let cfg = PeerConfig {
+        relay_url: token.addr.clone(),
+        relay_fingerprint: hex::encode(token.fingerprint),
+        instance_id: instance_id.to_string(),
+        name: instance_id.to_string(),
+        auto_reconnect: true,
+        send_timeout_secs: 30,
+    };
+    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg).unwrap()).unwrap();
+}

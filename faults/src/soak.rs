@@ -1,0 +1,560 @@
+//! The soak engine: pairs of agents (each side its own instance, through the
+//! `agent-link` library, every check on) exchange messages through a real
+//! relay process for a set time while faults are injected; at the end every
+//! message id is reconciled against what each receiving application saw.
+//!
+//! The delivery promise (DESIGN.md) it checks: every send ends in exactly one
+//! outcome; a message whose send returned a receipt reached its receiving
+//! application exactly once; nothing reaches an application that was not
+//! sent; and an explicit refusal is never given for a message that was in
+//! fact delivered. A timeout ("outcome unknown") may go either way.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_link::{AgentLink, SendError};
+use agent_link_proto::JoinToken;
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::netns::LossyNamespace;
+use crate::proxy::{Impairment, ProxyStats, UdpProxy};
+use crate::relay_process::RelayProcess;
+
+/// Which faults, and how hard.
+#[derive(Debug, Clone, Default)]
+pub struct FaultPlan {
+    /// SIGKILL the relay this often and start it again after `down_for`.
+    pub kill_every: Option<Duration>,
+    /// How long the relay stays dead each time.
+    pub down_for: Duration,
+    /// Impair every datagram between peers and relay through a UDP proxy.
+    pub proxy: Option<Impairment>,
+    /// Run the relay in a network namespace whose veth drops this percentage
+    /// of packets each way (nftables; needs root).
+    pub netns_loss_pct: Option<u32>,
+}
+
+impl FaultPlan {
+    /// A one-line description, e.g. `kill/3s, proxy(delay 20ms ...)`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(k) = self.kill_every {
+            parts.push(format!("SIGKILL every {:?} (down {:?})", k, self.down_for));
+        }
+        if let Some(p) = &self.proxy {
+            parts.push(format!(
+                "proxy: loss {}%, delay {:?}+{:?} jitter, dup {}%, reorder {}% by {:?}",
+                p.loss_pct, p.delay, p.jitter, p.duplicate_pct, p.reorder_pct, p.reorder_hold
+            ));
+        }
+        if let Some(l) = self.netns_loss_pct {
+            parts.push(format!("nftables loss {l}% each way"));
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SoakConfig {
+    /// The `agent-link-relay` binary.
+    pub relay_bin: PathBuf,
+    /// How long messages are sent (faults are active for this long).
+    pub duration: Duration,
+    /// Sender→receiver pairs.
+    pub pairs: usize,
+    /// Messages in flight per sender.
+    pub window: usize,
+    /// Offered messages per second over all senders (`None`: as fast as the
+    /// window allows).
+    pub rate: Option<u32>,
+    /// Payload bytes (at least 8: the soak's own id).
+    pub payload: usize,
+    /// Deadline of each send.
+    pub send_timeout: Duration,
+    /// Faults.
+    pub faults: FaultPlan,
+}
+
+impl Default for SoakConfig {
+    fn default() -> Self {
+        Self {
+            relay_bin: PathBuf::from("agent-link-relay"),
+            duration: Duration::from_secs(10),
+            pairs: 2,
+            window: 8,
+            rate: Some(200),
+            payload: 256,
+            send_timeout: Duration::from_secs(30),
+            faults: FaultPlan::default(),
+        }
+    }
+}
+
+/// The reconciliation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SoakReport {
+    /// Faults applied.
+    pub faults: String,
+    /// Seconds of sending.
+    pub seconds: f64,
+    /// Sends started.
+    pub sent: u64,
+    /// Sends that ended in a receipt.
+    pub receipts: u64,
+    /// Sends that ended in an error, by cause.
+    pub errored: BTreeMap<String, u64>,
+    /// Distinct messages the receiving applications got.
+    pub delivered: u64,
+    /// Extra deliveries of a message already delivered (must be 0).
+    pub duplicated: u64,
+    /// Receipted messages no application got (must be 0).
+    pub lost: u64,
+    /// Deliveries of something never sent, or from the wrong sender (must be 0).
+    pub unexpected: u64,
+    /// Sends that never ended (must be 0).
+    pub unresolved: u64,
+    /// Timed-out sends that had in fact been delivered (allowed: a timeout
+    /// says "outcome unknown").
+    pub timed_out_but_delivered: u64,
+    /// Sends refused with a definite cause that had in fact been delivered
+    /// (must be 0: the error would be a lie).
+    pub refused_but_delivered: u64,
+    /// Receipts obtained after the last fault healed (the system recovered).
+    pub receipts_after_last_restart: u64,
+    /// Times the relay was started (1 + restarts).
+    pub relay_starts: u32,
+    /// Highest relay VmHWM over all its lives, KiB.
+    pub relay_peak_rss_kib: u64,
+    /// What the UDP proxy did.
+    pub proxy: Option<ProxyStats>,
+    /// Packets nftables dropped.
+    pub netns_dropped_packets: Option<u64>,
+}
+
+impl SoakReport {
+    /// No loss, no duplicate, nothing unexpected, every send ended, no lie.
+    pub fn is_clean(&self) -> bool {
+        self.lost == 0
+            && self.duplicated == 0
+            && self.unexpected == 0
+            && self.unresolved == 0
+            && self.refused_but_delivered == 0
+    }
+
+    /// Sends that ended in an error.
+    pub fn errored_total(&self) -> u64 {
+        self.errored.values().sum()
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<32} {v}\n"));
+        row("faults", self.faults.clone());
+        row("seconds sending", format!("{:.1}", self.seconds));
+        row("sent", self.sent.to_string());
+        row("receipts", self.receipts.to_string());
+        let causes = if self.errored.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self
+                .errored
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(" ({})", list.join(", "))
+        };
+        row("errored", format!("{}{causes}", self.errored_total()));
+        row("delivered (distinct)", self.delivered.to_string());
+        row("duplicated", self.duplicated.to_string());
+        row("lost (receipt, not delivered)", self.lost.to_string());
+        row("unexpected", self.unexpected.to_string());
+        row("unresolved sends", self.unresolved.to_string());
+        row(
+            "timed out but delivered",
+            self.timed_out_but_delivered.to_string(),
+        );
+        row(
+            "refused but delivered",
+            self.refused_but_delivered.to_string(),
+        );
+        row(
+            "receipts after last restart",
+            self.receipts_after_last_restart.to_string(),
+        );
+        row("relay starts", self.relay_starts.to_string());
+        row(
+            "relay peak RSS",
+            format!("{:.1} MiB", self.relay_peak_rss_kib as f64 / 1024.0),
+        );
+        if let Some(p) = &self.proxy {
+            row(
+                "proxy datagrams",
+                format!(
+                    "{} seen, {} dropped, {} duplicated, {} reordered",
+                    p.received, p.dropped, p.duplicated, p.reordered
+                ),
+            );
+        }
+        if let Some(d) = self.netns_dropped_packets {
+            row("nftables dropped packets", d.to_string());
+        }
+        row(
+            "verdict",
+            if self.is_clean() {
+                "CLEAN: nothing lost, nothing duplicated".into()
+            } else {
+                "FAILED: see lost / duplicated / unexpected / unresolved / refused".into()
+            },
+        );
+        t
+    }
+}
+
+/// How one send ended.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Receipt { at: Instant },
+    Error { cause: String, definite: bool },
+}
+
+fn classify(e: &SendError) -> (String, bool) {
+    match e {
+        SendError::Refused(code) => (format!("refused {code:?}"), true),
+        SendError::Timeout => ("timeout".into(), false),
+        SendError::TooLarge { .. } => ("too large".into(), true),
+        SendError::BadAddress(_) => ("bad address".into(), true),
+        SendError::OutboxFull(_) => ("outbox full".into(), true),
+        // The link went away with the message possibly on the wire.
+        SendError::Closed(_) => ("closed".into(), false),
+        _ => ("other".into(), false),
+    }
+}
+
+/// Soak ids: the pair in the top 24 bits, the sequence below.
+fn soak_id(pair: usize, seq: u64) -> u64 {
+    ((pair as u64) << 40) | seq
+}
+
+fn pair_of(id: u64) -> usize {
+    (id >> 40) as usize
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Every id a send was started for.
+    sent: Mutex<HashSet<u64>>,
+    outcomes: Mutex<HashMap<u64, Outcome>>,
+    /// Deliveries per id, as seen by the receiving applications.
+    deliveries: Mutex<HashMap<u64, u32>>,
+    unexpected: AtomicU64,
+    last_delivery: Mutex<Option<Instant>>,
+}
+
+impl Ledger {
+    fn outcome(&self, id: u64, o: Outcome) {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, o);
+    }
+}
+
+/// Run a soak; `Err` only when it could not be set up (a namespace that
+/// cannot be created is an `Err` whose message says why).
+pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
+    let tmp = tempfile::tempdir()?;
+    let netns = match cfg.faults.netns_loss_pct {
+        Some(p) => Some(LossyNamespace::create(p)?),
+        None => None,
+    };
+    let (listen_ip, wrapper) = match &netns {
+        Some(ns) => (ns.inner_ip(), ns.wrapper()),
+        None => (IpAddr::V4(Ipv4Addr::LOCALHOST), Vec::new()),
+    };
+    let relay_dir = tmp.path().join("relay");
+    RelayProcess::init(
+        &cfg.relay_bin,
+        &relay_dir,
+        SocketAddr::new(listen_ip, 0),
+        &serde_json::json!({
+            // The soak measures delivery, not the rate limiter.
+            "rate_per_instance": 1_000_000,
+            "rate_burst": 1_000_000,
+        }),
+    )?;
+    let relay = RelayProcess::start(&cfg.relay_bin, &relay_dir, wrapper)?;
+    let proxy = match cfg.faults.proxy {
+        Some(_) => Some(UdpProxy::start(relay.addr(), Impairment::none()).await?),
+        None => None,
+    };
+    let dial = proxy.as_ref().map_or(relay.addr(), |p| p.addr());
+    let token = JoinToken::parse(&relay.invite(dial)?)?;
+    let relay = Arc::new(Mutex::new(relay));
+
+    // Instances join before any fault starts.
+    let mut links = Vec::new();
+    for k in 0..cfg.pairs {
+        for role in ["s", "r"] {
+            let id = format!("soak-{role}{k}");
+            let dir = tmp.path().join(&id);
+            agent_link::init(&dir, &id, &token, None)
+                .await
+                .with_context(|| format!("init {id}"))?;
+            links.push(
+                AgentLink::connect(&dir)
+                    .await
+                    .with_context(|| format!("connect {id}"))?,
+            );
+        }
+    }
+    let ledger = Arc::new(Ledger::default());
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for k in 0..cfg.pairs {
+        senders.push(Arc::new(links[2 * k].sender("tx").await?));
+        let mut rx = links[2 * k + 1].attach("rx").await?;
+        let ledger = ledger.clone();
+        let expect_from = format!("soak-s{k}/tx");
+        receivers.push(tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let id = m
+                    .payload
+                    .get(..8)
+                    .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                match id {
+                    Some(id) if pair_of(id) == k && m.from == expect_from => {
+                        *ledger
+                            .deliveries
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(id)
+                            .or_default() += 1;
+                    }
+                    _ => {
+                        ledger.unexpected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                *ledger
+                    .last_delivery
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
+        }));
+    }
+
+    // Faults on.
+    if let (Some(p), Some(plan)) = (&proxy, cfg.faults.proxy) {
+        p.set(plan);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let last_restart = Arc::new(Mutex::new(None::<Instant>));
+    let killer = cfg.faults.kill_every.map(|every| {
+        let (relay, stop, last_restart, down) = (
+            relay.clone(),
+            stop.clone(),
+            last_restart.clone(),
+            cfg.faults.down_for,
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if stop.load(Ordering::Relaxed) {
+                    return anyhow::Ok(());
+                }
+                let r = relay.clone();
+                tokio::task::spawn_blocking(move || {
+                    r.lock().unwrap_or_else(|e| e.into_inner()).kill()
+                })
+                .await?;
+                tokio::time::sleep(down).await;
+                let r = relay.clone();
+                tokio::task::spawn_blocking(move || {
+                    r.lock().unwrap_or_else(|e| e.into_inner()).restart()
+                })
+                .await??;
+                *last_restart.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
+        })
+    });
+
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut drivers = Vec::new();
+    for (k, sender) in senders.iter().enumerate() {
+        let (sender, ledger, stop, sent) =
+            (sender.clone(), ledger.clone(), stop.clone(), sent.clone());
+        let to = format!("soak-r{k}/rx");
+        let (window, payload_len, timeout) = (cfg.window, cfg.payload.max(8), cfg.send_timeout);
+        let interval = cfg
+            .rate
+            .map(|r| Duration::from_secs_f64(cfg.pairs as f64 / f64::from(r.max(1))));
+        drivers.push(tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(window));
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut tick = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let permit = match tokio::time::timeout(
+                    Duration::from_millis(100),
+                    permits.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => continue,
+                };
+                let id = soak_id(k, seq);
+                seq += 1;
+                let mut body = vec![0x5a; payload_len];
+                body[..8].copy_from_slice(&id.to_be_bytes());
+                let (sender, ledger, to) = (sender.clone(), ledger.clone(), to.clone());
+                sent.fetch_add(1, Ordering::Relaxed);
+                ledger
+                    .sent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
+                tasks.spawn(async move {
+                    let r = sender
+                        .send_with_timeout(&to, Bytes::from(body), timeout)
+                        .await;
+                    let o = match r {
+                        Ok(_) => Outcome::Receipt { at: Instant::now() },
+                        Err(e) => {
+                            let (cause, definite) = classify(&e);
+                            Outcome::Error { cause, definite }
+                        }
+                    };
+                    ledger.outcome(id, o);
+                    drop(permit);
+                });
+            }
+            // Every send has its own deadline; give them that (and a margin)
+            // to end, then count the ones that did not.
+            let limit = Instant::now() + timeout + Duration::from_secs(5);
+            while !tasks.is_empty() {
+                match tokio::time::timeout_at(limit.into(), tasks.join_next()).await {
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            let unresolved = tasks.len() as u64;
+            tasks.abort_all();
+            unresolved
+        }));
+    }
+
+    tokio::time::sleep(cfg.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    // Heal: the killer finishes its current cycle (the relay is up after),
+    // the proxy stops impairing; messages still in flight get through.
+    if let Some(k) = killer {
+        k.await??;
+    }
+    if let Some(p) = &proxy {
+        p.set(Impairment::none());
+    }
+    let mut unresolved = 0;
+    for d in drivers {
+        unresolved += d.await?;
+    }
+    // Receipts mean the receiving library handed the message to its inbox;
+    // let the receiving loops drain it (bounded).
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let quiet = ledger
+            .last_delivery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() > Duration::from_millis(500));
+        if quiet || Instant::now() > drain_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut report = SoakReport {
+        faults: cfg.faults.describe(),
+        seconds,
+        sent: sent.load(Ordering::Relaxed),
+        unresolved,
+        unexpected: ledger.unexpected.load(Ordering::Relaxed),
+        proxy: proxy.as_ref().map(UdpProxy::stats),
+        netns_dropped_packets: netns.as_ref().map(LossyNamespace::dropped_packets),
+        ..SoakReport::default()
+    };
+    let last_restart = *last_restart.lock().unwrap_or_else(|e| e.into_inner());
+    {
+        let outcomes = ledger.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let deliveries = ledger.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let sent_ids = ledger.sent.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, n) in deliveries.iter() {
+            report.duplicated += u64::from(n.saturating_sub(1));
+            if !sent_ids.contains(id) {
+                report.unexpected += 1;
+            }
+        }
+        report.delivered = deliveries.len() as u64;
+        for (id, o) in outcomes.iter() {
+            let delivered = deliveries.contains_key(id);
+            match o {
+                Outcome::Receipt { at } => {
+                    report.receipts += 1;
+                    if !delivered {
+                        report.lost += 1;
+                    }
+                    if last_restart.is_none_or(|r| *at > r) {
+                        report.receipts_after_last_restart += 1;
+                    }
+                }
+                Outcome::Error { cause, definite } => {
+                    *report.errored.entry(cause.clone()).or_default() += 1;
+                    if delivered && *definite {
+                        report.refused_but_delivered += 1;
+                    } else if delivered {
+                        report.timed_out_but_delivered += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    for l in links {
+        l.close().await;
+    }
+    for r in receivers {
+        r.abort();
+    }
+    drop(proxy);
+    let relay = Arc::try_unwrap(relay)
+        .map_err(|_| anyhow::anyhow!("relay still shared"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut relay = relay;
+    report.relay_starts = relay.starts();
+    report.relay_peak_rss_kib = relay.peak_rss_kib();
+    relay.stop();
+    drop(netns);
+    Ok(report)
+}
