@@ -7,25 +7,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_link::AgentLink;
-use agent_link_proto::JoinToken;
-use anyhow::{Context, Result};
-use hdrhistogram::Histogram;
+use anyhow::{bail, Context, Result};
 
-use crate::{bench_relay_config, figure, relay_proc, Args, Figure, Mode};
+use crate::ceiling::{run_names, RelayTarget, RelayUnderTest};
+use crate::load::{new_histogram, Outcome, RunCfg};
+use crate::progress::Progress;
+use crate::report::{Figure, System};
+use crate::workload::Workload;
 
-pub async fn run(args: &Args, bin: &std::path::Path) -> Result<Figure> {
+pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
+    if cfg.topo.workload != Workload::Pairs || cfg.rate.is_some() || cfg.topo.senders.agents != 1 {
+        bail!("the e2e figure is measured for the pairs workload, closed loop, one agent per instance");
+    }
+    let pairs = cfg.topo.senders.endpoints();
+    let relay = RelayUnderTest::start(target, cfg)?;
+    let token = relay.token.clone();
+    let prefix = run_names().prefix;
     let dir = tempfile::tempdir()?;
-    let relay = relay_proc::RelayProcess::start(
-        bin,
-        &dir.path().join("relay"),
-        &[],
-        &bench_relay_config(args),
-    )?;
-    let token = JoinToken::parse(&relay.token)?;
     let mut links = Vec::new();
-    for k in 0..args.pairs {
+    for k in 0..pairs {
         for role in ["s", "r"] {
-            let id = format!("e2e-{role}{k}");
+            let id = format!("{prefix}-e2e-{role}{k}");
             let pdir = dir.path().join(&id);
             agent_link::init(&pdir, &id, &token, None)
                 .await
@@ -38,22 +40,21 @@ pub async fn run(args: &Args, bin: &std::path::Path) -> Result<Figure> {
         }
     }
     let start = Instant::now() + Duration::from_millis(300);
-    let measure_from = start + Duration::from_secs(args.warmup);
-    let measure_until = measure_from + Duration::from_secs(args.duration);
+    let measure_from = start + cfg.warmup;
+    let measure_until = measure_from + cfg.duration;
     let mut handlers = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
-    for k in 0..args.pairs {
+    for k in 0..pairs {
         let sender = links[2 * k].sender("tx").await?;
         let receiver = links[2 * k + 1].attach("rx").await?;
         handlers.push(receiver.on_message(|_m| {}));
         let sender = Arc::new(sender);
-        let to = format!("e2e-r{k}/rx");
-        let payload = bytes::Bytes::from(vec![0x5au8; args.size]);
-        for _ in 0..args.window {
+        let to = format!("{prefix}-e2e-r{k}/rx");
+        let payload = bytes::Bytes::from(vec![0x5au8; cfg.size]);
+        for _ in 0..cfg.window {
             let (sender, to, payload) = (sender.clone(), to.clone(), payload.clone());
             tasks.spawn(async move {
-                let mut hist =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut hist = new_histogram();
                 let (mut ok, mut failed) = (0u64, 0u64);
                 tokio::time::sleep_until(start.into()).await;
                 loop {
@@ -77,24 +78,31 @@ pub async fn run(args: &Args, bin: &std::path::Path) -> Result<Figure> {
             });
         }
     }
+    let _bar = Progress::start(
+        format!("e2e {} {} B", cfg.topo.label(), cfg.size),
+        measure_from,
+        measure_until,
+    );
+    let watch = relay.watch();
     tokio::time::sleep_until(measure_from.into()).await;
-    let cpu0 = relay.cpu_seconds();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut delivered, mut failed) = (0, 0);
+    let cpu0 = watch.map(|w| w.cpu_seconds());
+    let mut out = Outcome::new();
     while let Some(r) = tasks.join_next().await {
         let (ok, f, h) = r?;
-        delivered += ok;
-        failed += f;
-        hist.add(&h)?;
+        out.delivered += ok;
+        out.failed += f;
+        out.offered += ok + f;
+        out.latency.add(&h)?;
     }
-    let cpu = relay.cpu_seconds() - cpu0;
+    let server = watch
+        .zip(cpu0)
+        .map(|(w, c0)| (w.cpu_seconds() - c0, w.peak_rss_kib()));
     for h in handlers {
         h.abort();
     }
     for l in links {
         l.close().await;
     }
-    let peak = relay.peak_rss_kib();
     relay.stop();
-    Ok(figure(Mode::E2e, args, delivered, failed, &hist, cpu, peak))
+    Ok(Figure::new(System::E2e, &cfg.info(), &out, server))
 }

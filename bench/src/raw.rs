@@ -11,20 +11,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_link_crypto::tls::{instance_client_config, TlsIdentity};
-use agent_link_crypto::{FleetKey, Identity};
+use agent_link_crypto::{Domain, FleetKey, FleetSecret, Identity};
 use agent_link_proto::{
     codec, Address, EnvelopeBody, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer,
 };
 use anyhow::{bail, Context, Result};
-use hdrhistogram::Histogram;
 
-/// One connection with one agent stream.
+use crate::load::{Outcome, Plan, Tracker};
+
+/// One QUIC connection to the relay (one instance).
+pub struct RawConn {
+    pub conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+/// One agent stream on a [`RawConn`] (or, for the direct baseline, a plain
+/// bidirectional stream to a receiver).
 pub struct RawAgent {
     _conn: quinn::Connection,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
     buf: Vec<u8>,
-    _endpoint: quinn::Endpoint,
 }
 
 pub fn now_ms() -> u64 {
@@ -33,35 +40,85 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl RawAgent {
+/// QUIC client endpoint presenting `identity`, pinning `fingerprint`.
+pub fn client_endpoint(identity: &Identity, fingerprint: [u8; 32]) -> Result<quinn::Endpoint> {
+    let tls_id = TlsIdentity::self_signed(identity, "agent-link-instance")?;
+    let tls = instance_client_config(&tls_id, fingerprint)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    cfg.transport_config(Arc::new(t));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(cfg);
+    Ok(endpoint)
+}
+
+impl RawConn {
     pub async fn connect(
         addr: SocketAddr,
         fingerprint: [u8; 32],
         identity: &Identity,
-        agent: &str,
-        receive: bool,
     ) -> Result<Self> {
-        let tls_id = TlsIdentity::self_signed(identity, "agent-link-instance")?;
-        let tls = instance_client_config(&tls_id, fingerprint)?;
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-        let mut t = quinn::TransportConfig::default();
-        t.keep_alive_interval(Some(Duration::from_secs(5)));
-        cfg.transport_config(Arc::new(t));
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(cfg);
+        let endpoint = client_endpoint(identity, fingerprint)?;
         let conn = endpoint
             .connect(addr, agent_link_crypto::tls::RELAY_SERVER_NAME)?
             .await
-            .context("connecting to the relay")?;
-        let (send, recv) = conn.open_bi().await?;
-        let mut me = Self {
-            _conn: conn,
+            .context("connecting")?;
+        Ok(Self {
+            conn,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// Online registration with the join token's fleet secret, the way
+    /// `agent-link init` does it (PROTOCOL.md §5.3): the proof is bound to
+    /// this TLS session and key. The connection then serves as the instance.
+    pub async fn register(
+        &self,
+        identity: &Identity,
+        instance_id: &str,
+        secret: &FleetSecret,
+    ) -> Result<()> {
+        let mut exporter = [0u8; 32];
+        self.conn
+            .export_keying_material(
+                &mut exporter,
+                agent_link_proto::REGISTER_EXPORTER_LABEL,
+                b"",
+            )
+            .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
+        let pk = identity.public_key();
+        let proof = secret.key().tag(
+            Domain::RegisterProof,
+            &[&exporter, pk.as_bytes(), instance_id.as_bytes()],
+        );
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send.write_all(&codec::frame(&PeerToRelay::Register {
+            instance_id,
+            name: instance_id,
+            proof,
+        })?)
+        .await?;
+        let mut control = RawAgent {
+            _conn: self.conn.clone(),
             send,
             recv,
             buf: Vec::new(),
-            _endpoint: endpoint,
         };
+        let reply = tokio::time::timeout(Duration::from_secs(10), control.next_frame())
+            .await
+            .context("registration timed out")??
+            .context("relay closed the registration stream")?;
+        match codec::decode::<RelayToPeer>(&reply)? {
+            RelayToPeer::Registered { .. } => Ok(()),
+            other => bail!("registration of {instance_id} refused: {other:?}"),
+        }
+    }
+
+    /// Open an agent stream and attach `agent`.
+    pub async fn attach(&self, agent: &str, receive: bool) -> Result<RawAgent> {
+        let mut me = RawAgent::open(&self.conn).await?;
         me.send
             .write_all(&codec::frame(&PeerToRelay::Attach { agent, receive })?)
             .await?;
@@ -69,6 +126,27 @@ impl RawAgent {
         match codec::decode::<RelayToPeer>(&first)? {
             RelayToPeer::Attached { .. } => Ok(me),
             other => bail!("attach refused: {other:?}"),
+        }
+    }
+}
+
+impl RawAgent {
+    /// A new bidirectional stream on `conn`, nothing sent yet.
+    pub async fn open(conn: &quinn::Connection) -> Result<Self> {
+        let (send, recv) = conn.open_bi().await?;
+        Ok(Self::from_streams(conn.clone(), send, recv))
+    }
+
+    pub fn from_streams(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Self {
+        Self {
+            _conn: conn,
+            send,
+            recv,
+            buf: Vec::new(),
         }
     }
 
@@ -165,36 +243,27 @@ pub async fn run_receiver(
     Ok(())
 }
 
-/// Result of one sender.
-pub struct SenderResult {
-    pub delivered_in_window: u64,
-    pub failed: u64,
-    pub latency: Histogram<u64>,
-}
-
-/// Sender: keep `window` messages in flight from a pool signed in advance;
-/// record send→receipt latency for receipts that arrive inside
-/// `[measure_from, measure_until)`.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_sender(
-    mut tx: RawAgent,
+/// A sender's pool, signed before the timed window: one `Send` frame per
+/// slot (slot number in the first 8 bytes of the id), to `targets` round
+/// robin.
+pub fn sign_pool(
     identity: &Identity,
     fleet: &FleetKey,
     from: (&str, &str),
-    to: (&str, &str),
+    targets: &[(String, String)],
     size: usize,
-    window: usize,
-    measure_from: Instant,
-    measure_until: Instant,
-) -> Result<SenderResult> {
-    let pool_len = (window * 8).max(256);
+    slots: usize,
+) -> Result<Vec<Vec<u8>>> {
     let payload = vec![0x5au8; size];
+    // Signed now; --duration is capped so these stay inside the relay's
+    // timestamp window for the whole run.
     let sent_at_ms = now_ms();
-    let mut pool = Vec::with_capacity(pool_len);
-    for i in 0..pool_len {
+    let mut pool = Vec::with_capacity(slots);
+    for i in 0..slots {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&(i as u64).to_le_bytes());
         id[8..].copy_from_slice(&rand::random::<[u8; 8]>());
+        let to = &targets[i % targets.len()];
         let env = EnvelopeBody {
             version: agent_link_proto::VERSION,
             id,
@@ -203,8 +272,8 @@ pub async fn run_sender(
                 agent: from.1,
             },
             to: Address {
-                instance: to.0,
-                agent: to.1,
+                instance: &to.0,
+                agent: &to.1,
             },
             sent_at_ms,
             payload: &payload,
@@ -212,60 +281,47 @@ pub async fn run_sender(
         .seal(identity, fleet)?;
         pool.push(codec::frame(&PeerToRelay::Send { envelope: &env })?);
     }
-    let mut sent_at = vec![Instant::now(); pool_len];
-    let mut next = 0usize;
+    Ok(pool)
+}
+
+/// Sender: sends slots of `pool` as the [`Tracker`] says and completes them
+/// on `Receipt` / `Failed`. The same code drives the relay ceiling and the
+/// direct baseline (whose receivers answer with the same `Receipt` frames).
+pub async fn run_sender(mut tx: RawAgent, pool: Vec<Vec<u8>>, plan: Plan) -> Result<Outcome> {
+    let mut tr = Tracker::new(plan, pool.len());
+    tokio::time::sleep_until(plan.start.into()).await;
     let mut batch = Vec::new();
-    for _ in 0..window {
-        sent_at[next] = Instant::now();
-        batch.extend_from_slice(&pool[next]);
-        next = (next + 1) % pool_len;
-    }
-    tx.send.write_all(&batch).await?;
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut delivered = 0u64;
-    let mut failed = 0u64;
     let mut frames = Vec::new();
+    let slot_of =
+        |id: &[u8]| -> Result<usize> { Ok(u64::from_le_bytes(id[..8].try_into()?) as usize) };
     loop {
         let now = Instant::now();
-        if now >= measure_until {
+        batch.clear();
+        while let Some(slot) = tr.take_due(now) {
+            batch.extend_from_slice(&pool[slot]);
+        }
+        if !batch.is_empty() {
+            tx.send.write_all(&batch).await?;
+        }
+        if now >= tr.measure_until() {
             break;
         }
+        let wake = tr.wake_at().unwrap_or(tr.measure_until());
         let more = tokio::select! {
             r = tx.frames(&mut frames) => r?,
-            _ = tokio::time::sleep_until((measure_until).into()) => break,
+            _ = tokio::time::sleep_until(wake.into()) => continue,
         };
         if !more {
-            bail!("relay closed the sender's stream");
+            bail!("the stream closed under the sender");
         }
-        batch.clear();
         let now = Instant::now();
         for f in &frames {
-            let idx = match codec::decode::<RelayToPeer>(f)? {
-                RelayToPeer::Receipt { receipt } => {
-                    let i = u64::from_le_bytes(receipt.id[..8].try_into()?) as usize;
-                    if now >= measure_from {
-                        delivered += 1;
-                        let _ = latency
-                            .record(now.duration_since(sent_at[i % pool_len]).as_micros() as u64);
-                    }
-                    i
-                }
-                RelayToPeer::Failed { id, .. } => {
-                    failed += 1;
-                    u64::from_le_bytes(id[..8].try_into()?) as usize
-                }
+            match codec::decode::<RelayToPeer>(f)? {
+                RelayToPeer::Receipt { receipt } => tr.complete(slot_of(&receipt.id)?, now, true),
+                RelayToPeer::Failed { id, .. } => tr.complete(slot_of(&id)?, now, false),
                 other => bail!("unexpected frame {other:?}"),
-            };
-            let _ = idx;
-            sent_at[next] = now;
-            batch.extend_from_slice(&pool[next]);
-            next = (next + 1) % pool_len;
+            }
         }
-        tx.send.write_all(&batch).await?;
     }
-    Ok(SenderResult {
-        delivered_in_window: delivered,
-        failed,
-        latency,
-    })
+    Ok(tr.out)
 }

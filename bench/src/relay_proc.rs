@@ -32,14 +32,10 @@ pub fn relay_binary(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 impl RelayProcess {
-    /// Initialise `dir`, register `keys` offline, then start serving on
+    /// Initialise `dir` (the bench's instances register online with the
+    /// join token, as `agent-link init` does), then start serving on
     /// 127.0.0.1:0 and wait for its `listening on` line.
-    pub fn start(
-        bin: &Path,
-        dir: &Path,
-        keys: &[(String, String)],
-        config: &serde_json::Value,
-    ) -> Result<Self> {
+    pub fn start(bin: &Path, dir: &Path, config: &serde_json::Value) -> Result<Self> {
         let run = |args: &[&str]| -> Result<String> {
             let out = Command::new(bin)
                 .args(args)
@@ -66,17 +62,6 @@ impl RelayProcess {
             }
         }
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
-        for (id, key) in keys {
-            run(&[
-                "register",
-                "--dir",
-                d,
-                "--instance-id",
-                id,
-                "--public-key",
-                key,
-            ])?;
-        }
         let mut child = Command::new(bin)
             .args(["run", "--dir", d])
             .env("RUST_LOG", "info")
@@ -102,36 +87,9 @@ impl RelayProcess {
         Ok(Self { child, addr, token })
     }
 
-    /// User+system CPU seconds the relay has used so far.
-    pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
-            return f64::NAN;
-        };
-        // Fields after the parenthesised command name; utime and stime are
-        // fields 14 and 15 (1-based) of the whole line.
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
-            + f.get(12)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(f64::NAN);
-        ticks / clock_ticks()
-    }
-
-    /// Peak resident set size in KiB (VmHWM).
-    pub fn peak_rss_kib(&self) -> u64 {
-        self.status_field("VmHWM:")
-    }
-
-    fn status_field(&self, name: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(name))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            })
-            .unwrap_or(0)
+    /// CPU and memory readings of the relay process.
+    pub fn watch(&self) -> ProcWatch {
+        ProcWatch(self.child.id())
     }
 
     /// Stop with SIGTERM (graceful), bounded.
@@ -147,6 +105,40 @@ impl RelayProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// CPU time and peak memory of a child process, from `/proc/<pid>`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcWatch(pub u32);
+
+impl ProcWatch {
+    /// User+system CPU seconds the process has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.0)) else {
+            return f64::NAN;
+        };
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 (1-based) of the whole line.
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+            + f.get(12)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN);
+        ticks / clock_ticks()
+    }
+
+    /// Peak resident set size in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.0))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
     }
 }
 
