@@ -38,6 +38,10 @@ pub struct RelayConfig {
     /// Time an unregistered key has to register, and any stream to send its
     /// first frame.
     pub auth_timeout_secs: u64,
+    /// Time a frame that has begun arriving has to arrive whole; a stream
+    /// that trickles a frame slower than this is ended (slowloris). A stream
+    /// idle between frames is not affected.
+    pub frame_timeout_secs: u64,
     /// Messages per second one instance may send (token bucket rate).
     pub rate_per_instance: u32,
     /// Burst size of that bucket.
@@ -69,6 +73,7 @@ impl Default for RelayConfig {
             handshake_timeout_secs: 10,
             handshakes_per_sec: 2_000,
             auth_timeout_secs: 10,
+            frame_timeout_secs: 30,
             rate_per_instance: 200_000,
             rate_burst: 20_000,
             timestamp_window_secs: 60,
@@ -114,6 +119,11 @@ impl RelayConfig {
         (self.max_message_size + FRAME_OVERHEAD) as usize
     }
 
+    /// The frame deadline (see [`RelayConfig::frame_timeout_secs`]).
+    pub fn frame_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.frame_timeout_secs)
+    }
+
     /// Read and validate `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
@@ -143,7 +153,7 @@ impl RelayConfig {
                 &format!("must be between 1 and {max_payload}"),
             ));
         }
-        let nonzero: [(&'static str, u64); 12] = [
+        let nonzero: [(&'static str, u64); 13] = [
             ("max_connections", self.max_connections.into()),
             (
                 "max_connections_per_instance",
@@ -158,6 +168,7 @@ impl RelayConfig {
             ("handshake_timeout_secs", self.handshake_timeout_secs),
             ("handshakes_per_sec", self.handshakes_per_sec.into()),
             ("auth_timeout_secs", self.auth_timeout_secs),
+            ("frame_timeout_secs", self.frame_timeout_secs),
             ("rate_per_instance", self.rate_per_instance.into()),
             ("rate_burst", self.rate_burst.into()),
             ("timestamp_window_secs", self.timestamp_window_secs),
@@ -207,6 +218,12 @@ mod tests {
     fn default_is_valid_and_round_trips() {
         let c = RelayConfig::default();
         c.validate("x").unwrap();
+        // Generous enough for a whole 1 MiB frame on a slow link, short
+        // enough that a trickling stream does not hold its slot for long.
+        assert_eq!(c.frame_timeout(), std::time::Duration::from_secs(30));
+        // A config written before the field existed still loads.
+        let old: RelayConfig = serde_json::from_str(r#"{"auth_timeout_secs": 5}"#).unwrap();
+        assert_eq!(old.frame_timeout_secs, 30);
         let text = serde_json::to_string_pretty(&c).unwrap();
         let back: RelayConfig = serde_json::from_str(&text).unwrap();
         assert_eq!(back, c);
@@ -232,6 +249,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("keep_alive_secs"));
+        c = RelayConfig {
+            frame_timeout_secs: 0,
+            ..RelayConfig::default()
+        };
+        assert!(c
+            .validate("f")
+            .unwrap_err()
+            .to_string()
+            .contains("frame_timeout_secs"));
         let err = serde_json::from_str::<RelayConfig>(r#"{"lisen": "1.2.3.4:5"}"#).unwrap_err();
         assert!(err.to_string().contains("lisen"));
     }

@@ -245,6 +245,7 @@ async fn serve(
     let mut streams = JoinSet::new();
     if let Some((send, mut reader)) = control {
         reader.set_max(shared.config.max_frame());
+        reader.set_frame_timeout(shared.config.frame_timeout());
         streams.spawn(crate::control::run(
             shared.clone(),
             ctx.clone(),

@@ -3,7 +3,10 @@
 //!
 //! A frame's length is checked against the limit as soon as its 4-byte
 //! header arrives, before any buffer is grown for it, so a peer that declares
-//! a 1 GiB frame costs nothing but an error.
+//! a 1 GiB frame costs nothing but an error. A frame that has begun must be
+//! complete within the frame deadline (`frame_timeout_secs`), so a peer that
+//! trickles a frame byte by byte cannot hold a stream and its buffer open
+//! for ever; a stream idle between frames has no deadline.
 
 use std::time::Duration;
 
@@ -22,6 +25,9 @@ pub enum ReadError {
     /// The stream ended in the middle of a frame.
     #[error("stream ended mid-frame")]
     Truncated,
+    /// A frame was begun but not completed within the frame deadline.
+    #[error("frame not completed in time")]
+    TimedOut,
     /// The stream or connection failed.
     #[error(transparent)]
     Stream(#[from] std::io::Error),
@@ -33,6 +39,9 @@ impl ReadError {
         match self {
             Self::Frame(e) => Some(e.code()),
             Self::Truncated => Some(ErrorCode::Malformed),
+            // No code of its own in protocol version 1: the closest is the
+            // one for a first frame that does not arrive in time.
+            Self::TimedOut => Some(ErrorCode::AuthTimeout),
             Self::Stream(_) => None,
         }
     }
@@ -44,15 +53,18 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
     max: usize,
+    frame_timeout: Option<Duration>,
 }
 
 impl FrameReader {
-    /// Frames over `max` body bytes are refused.
+    /// Frames over `max` body bytes are refused. No frame deadline until
+    /// [`FrameReader::set_frame_timeout`].
     pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
         Self {
             recv,
             buf: BytesMut::with_capacity(8 * 1024),
             max,
+            frame_timeout: None,
         }
     }
 
@@ -61,9 +73,20 @@ impl FrameReader {
         self.max = max;
     }
 
+    /// A frame that has begun (some of its bytes are buffered) must be
+    /// complete within `timeout` of this reader starting to wait for the
+    /// rest; else [`ReadError::TimedOut`].
+    pub fn set_frame_timeout(&mut self, timeout: Duration) {
+        self.frame_timeout = Some(timeout);
+    }
+
     /// The next frame's body; `Ok(None)` when the peer finished the stream
     /// cleanly at a frame boundary.
     pub async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
+        // Counted only while this call waits for the peer, so time the
+        // caller spends elsewhere (e.g. on backpressure) is never charged to
+        // the peer.
+        let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             if let Some((_, total)) = codec::split_frame(&self.buf, self.max)? {
                 let mut frame = self.buf.split_to(total);
@@ -79,7 +102,15 @@ impl FrameReader {
                 None => 8 * 1024,
             };
             self.buf.reserve(want.min(64 * 1024));
-            let n = self.recv.read_buf(&mut self.buf).await?;
+            if deadline.is_none() && !self.buf.is_empty() {
+                deadline = self.frame_timeout.map(|t| tokio::time::Instant::now() + t);
+            }
+            let n = match deadline {
+                Some(d) => tokio::time::timeout_at(d, self.recv.read_buf(&mut self.buf))
+                    .await
+                    .map_err(|_| ReadError::TimedOut)??,
+                None => self.recv.read_buf(&mut self.buf).await?,
+            };
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)

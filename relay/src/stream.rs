@@ -43,6 +43,7 @@ pub(crate) async fn handle(
     recv: quinn::RecvStream,
 ) {
     let mut reader = FrameReader::new(recv, shared.config.max_frame());
+    reader.set_frame_timeout(shared.config.frame_timeout());
     let auth = Duration::from_secs(shared.config.auth_timeout_secs);
     let first = match tokio::time::timeout(auth, reader.next()).await {
         Ok(Ok(Some(b))) => b,
