@@ -25,6 +25,7 @@ mod progress;
 mod raw;
 mod relay_proc;
 mod report;
+mod soak;
 mod svg;
 mod workload;
 
@@ -70,7 +71,12 @@ struct Cli {
 
 /// Further tools (the default, with no subcommand, is the benchmark).
 #[derive(Subcommand, Debug)]
-enum Cmd {}
+enum Cmd {
+    /// Run agents under faults for a set time and reconcile every message
+    /// id (sent, delivered, errored, duplicated, lost); exits 1 on any loss
+    /// or duplicate
+    Soak(soak::SoakArgs),
+}
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -134,9 +140,6 @@ pub(crate) struct Args {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(cmd) = cli.cmd {
-        match cmd {}
-    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -144,6 +147,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    if let Some(Cmd::Soak(args)) = cli.cmd {
+        return match rt.block_on(soak::run(args)) {
+            Ok(true) => std::process::ExitCode::SUCCESS,
+            Ok(false) => {
+                eprintln!("soak FAILED: messages lost, duplicated or without an outcome");
+                std::process::ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     match rt.block_on(run(cli.bench)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

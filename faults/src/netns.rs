@@ -162,7 +162,9 @@ impl Drop for LossyNamespace {
     }
 }
 
-fn preflight() -> Result<(), NetnsError> {
+/// Whether this machine can make namespaces at all (root, `ip`, `nft`);
+/// the reason when not.
+pub fn preflight() -> Result<(), NetnsError> {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

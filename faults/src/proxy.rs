@@ -174,7 +174,14 @@ async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Sha
         let up = match clients.get(&from) {
             Some(s) => s.clone(),
             None => {
-                let Ok(s) = UdpSocket::bind("127.0.0.1:0").await else {
+                // Loopback to a loopback relay; otherwise (a relay in a
+                // network namespace) any local address that routes there.
+                let local: SocketAddr = if upstream.ip().is_loopback() {
+                    "127.0.0.1:0".parse().expect("literal address")
+                } else {
+                    "0.0.0.0:0".parse().expect("literal address")
+                };
+                let Ok(s) = UdpSocket::bind(local).await else {
                     continue;
                 };
                 if s.connect(upstream).await.is_err() {
