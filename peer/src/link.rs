@@ -41,6 +41,9 @@ const INBOX_LEN: usize = 1024;
 const REPLAY_CAP: usize = 200_000;
 /// How long `connect` and `attach` wait.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent task waits for the relay's answer to an attach on a
+/// live connection before it tries a new stream.
+const ATTACH_ANSWER_LIMIT: Duration = Duration::from_secs(120);
 
 /// A message delivered to an agent (already verified).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -654,9 +657,17 @@ impl AgentTask {
             return SessionEnd::Lost;
         }
         let mut reader = FrameReader::new(recv);
-        let first = match tokio::time::timeout(SETUP_TIMEOUT, reader.next()).await {
-            Ok(Ok(Some(b))) => b,
-            _ => return SessionEnd::Lost,
+        // Wait for the answer as long as the connection lives (bounded by
+        // ATTACH_ANSWER_LIMIT). Giving up sooner and attaching again on a
+        // new stream of the same connection races with this attach: a busy
+        // relay may process the two in either order, and the older one
+        // would then replace the newer, ending this agent with `Replaced`.
+        let first = tokio::select! {
+            r = tokio::time::timeout(ATTACH_ANSWER_LIMIT, reader.next()) => match r {
+                Ok(Ok(Some(b))) => b,
+                _ => return SessionEnd::Lost,
+            },
+            _ = conn.closed() => return SessionEnd::Lost,
         };
         match codec::decode::<RelayToPeer>(&first) {
             Ok(RelayToPeer::Attached {

@@ -102,9 +102,10 @@ impl TestRelay {
     pub async fn restart(&mut self) {
         let addr = self.addr;
         self.stop().await;
-        // The port was just released; binding it again can race with the
-        // old socket's teardown, so retry briefly (bounded).
-        for _ in 0..50 {
+        // The old endpoint keeps its socket until every connection has
+        // drained (1,000 of them take a while in a debug build), so retry
+        // binding for up to 30 s.
+        for _ in 0..300 {
             let st = agent_link_relay::state::load(&self.state_dir()).unwrap();
             match Relay::spawn(
                 st,
