@@ -256,6 +256,7 @@ fn route_lookup(c: &mut Criterion) {
         let handle = StreamHandle {
             token: router.next_id(),
             tx,
+            queued_bytes: Default::default(),
             cancel: tokio_util::sync::CancellationToken::new(),
         };
         router.add_stream(handle.clone());

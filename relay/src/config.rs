@@ -52,6 +52,9 @@ pub struct RelayConfig {
     pub verify_signatures: bool,
     /// Frames queued for one agent stream before senders get `Busy`.
     pub agent_queue_len: u32,
+    /// Bytes of deliveries queued for one agent stream before senders get
+    /// `Busy` (bounds memory when messages are large; at least one frame).
+    pub agent_queue_bytes: u32,
     /// QUIC per-stream receive window, bytes.
     pub stream_receive_window: u32,
     /// QUIC per-connection receive window, bytes.
@@ -79,6 +82,7 @@ impl Default for RelayConfig {
             timestamp_window_secs: 60,
             verify_signatures: false,
             agent_queue_len: 1024,
+            agent_queue_bytes: 4 << 20,
             stream_receive_window: (1 << 20) + (64 << 10),
             receive_window: 8 << 20,
             send_window: 8 << 20,
@@ -187,6 +191,12 @@ impl RelayConfig {
         }
         if self.timestamp_window_secs > 3600 {
             return Err(bad("timestamp_window_secs", "must be at most 3600"));
+        }
+        if (self.agent_queue_bytes as usize) < self.max_frame() + 4 {
+            return Err(bad(
+                "agent_queue_bytes",
+                "must hold one whole frame (max_message_size + 1028 bytes)",
+            ));
         }
         if (self.stream_receive_window as usize) < self.max_frame() + 4 {
             return Err(bad(

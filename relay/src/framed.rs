@@ -178,6 +178,7 @@ pub async fn write_loop(
     mut send: quinn::SendStream,
     mut rx: tokio::sync::mpsc::Receiver<Out>,
     cancel: tokio_util::sync::CancellationToken,
+    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut batch: Vec<Out> = Vec::with_capacity(64);
     let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
@@ -191,9 +192,14 @@ pub async fn write_loop(
             return;
         }
         let mut close = false;
+        let mut delivered = 0;
         for item in batch.drain(..) {
             match item {
                 Out::Frame(b) => chunks.push(b),
+                Out::Deliver(b) => {
+                    delivered += b.len();
+                    chunks.push(b);
+                }
                 Out::Close(b) => {
                     chunks.push(b);
                     close = true;
@@ -206,6 +212,7 @@ pub async fn write_loop(
             return;
         }
         chunks.clear();
+        queued_bytes.fetch_sub(delivered, std::sync::atomic::Ordering::Relaxed);
         if close {
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;

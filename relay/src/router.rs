@@ -6,7 +6,7 @@
 //! reply token to the stream that sent a message (for its receipt).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -21,6 +21,9 @@ use crate::rate::TokenBucket;
 pub enum Out {
     /// A whole frame to write.
     Frame(Bytes),
+    /// A `Deliver` frame, counted against the stream's byte budget until
+    /// it is written.
+    Deliver(Bytes),
     /// Write this last frame, then finish the stream.
     Close(Bytes),
 }
@@ -30,8 +33,11 @@ pub enum Out {
 pub struct StreamHandle {
     /// Relay-unique stream token (also the reply token of its messages).
     pub token: u64,
-    /// Its writer queue (bounded: `agent_queue_len`).
+    /// Its writer queue (bounded: `agent_queue_len` frames).
     pub tx: mpsc::Sender<Out>,
+    /// Bytes of `Out::Deliver` frames queued and not yet written (bounded:
+    /// `agent_queue_bytes`).
+    pub queued_bytes: Arc<AtomicUsize>,
     /// Cancels the stream's tasks.
     pub cancel: CancellationToken,
 }
@@ -185,6 +191,7 @@ mod tests {
             StreamHandle {
                 token,
                 tx,
+                queued_bytes: Default::default(),
                 cancel: CancellationToken::new(),
             },
             rx,

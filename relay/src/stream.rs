@@ -104,9 +104,11 @@ async fn agent_stream(
     let token = shared.router.next_id();
     let (tx, rx) = mpsc::channel(shared.config.agent_queue_len as usize);
     let cancel = shared.shutdown.child_token();
+    let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handle = StreamHandle {
         token,
         tx: tx.clone(),
+        queued_bytes: queued_bytes.clone(),
         cancel: cancel.clone(),
     };
     shared.router.add_stream(handle.clone());
@@ -143,7 +145,7 @@ async fn agent_stream(
         token,
         agent: receive.then_some(agent.as_str()),
     };
-    let writer = write_loop(send, rx, cancel.clone());
+    let writer = write_loop(send, rx, cancel.clone(), queued_bytes);
     tokio::pin!(writer);
     let reading = read_loop(&shared, &ctx, &agent, token, tx, reader, &cancel);
     tokio::select! {
@@ -319,7 +321,16 @@ fn forward(
         sender_key: *ctx.key.as_bytes(),
         envelope,
     });
-    match target.tx.try_send(Out::Frame(deliver)) {
+    // Memory bound: a receiver that reads slowly holds at most
+    // `agent_queue_bytes` of deliveries (and `agent_queue_len` frames) at the
+    // relay; beyond that its senders get `Busy`, nothing is dropped.
+    let len = deliver.len();
+    let budget = shared.config.agent_queue_bytes as usize;
+    if target.queued_bytes.fetch_add(len, Relaxed) + len > budget {
+        target.queued_bytes.fetch_sub(len, Relaxed);
+        return Err(ErrorCode::Busy);
+    }
+    match target.tx.try_send(Out::Deliver(deliver)) {
         Ok(()) => {
             shared.stats.messages_forwarded.fetch_add(1, Relaxed);
             shared
@@ -329,8 +340,13 @@ fn forward(
             debug!(id = %hex::encode(env.body.id), size = envelope.len(), "forwarded");
             Ok(())
         }
-        Err(TrySendError::Full(_)) => Err(ErrorCode::Busy),
-        Err(TrySendError::Closed(_)) => Err(ErrorCode::TargetOffline),
+        Err(e) => {
+            target.queued_bytes.fetch_sub(len, Relaxed);
+            Err(match e {
+                TrySendError::Full(_) => ErrorCode::Busy,
+                TrySendError::Closed(_) => ErrorCode::TargetOffline,
+            })
+        }
     }
 }
 

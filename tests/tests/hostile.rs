@@ -230,9 +230,25 @@ async fn drain_answers(tx: &mut RawStream, wait: Duration) -> (usize, usize) {
 
 #[tokio::test]
 async fn a_receiver_that_stops_reading_gets_its_senders_explicit_busy_and_others_flow() {
+    // The frame count bounds the queue: 16 frames.
+    slow_receiver_is_bounded(16, 4 << 20).await;
+}
+
+#[tokio::test]
+async fn large_messages_to_a_receiver_that_stops_reading_are_bounded_by_bytes() {
+    // A long queue (1,024 frames) but a 66 KiB byte budget: the bytes bound it
+    // to ~16 messages of 4 KiB, or the test's bound below fails.
+    slow_receiver_is_bounded(1024, 66 * 1024).await;
+}
+
+/// A receiver that never reads, flooded with 4 KiB messages: the relay holds
+/// at most ~16 of them (`queue_len` frames or `queue_bytes`, whichever is
+/// smaller), answers the rest `Busy`, and a third agent is unaffected.
+async fn slow_receiver_is_bounded(queue_len: u32, queue_bytes: u32) {
     // Small queue and windows so the slow receiver fills up quickly.
     let relay = TestRelay::start(|c| {
-        c.agent_queue_len = 16;
+        c.agent_queue_len = queue_len;
+        c.agent_queue_bytes = queue_bytes;
         c.max_message_size = 16 * 1024;
         c.stream_receive_window = 64 * 1024;
         c.receive_window = 256 * 1024;
