@@ -13,40 +13,10 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The path of a workspace binary in this test's own `target/` directory.
-/// `cargo test` builds binaries only for the package under test, so the
-/// first call builds both CLIs (a no-op when they are fresh); this keeps
-/// `cargo test --workspace` and `cargo test -p agent-link-tests` honest.
+/// The path of a workspace binary (built on first use; see
+/// `agent_link_tests::workspace_bin`).
 fn bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    BUILT.get_or_init(|| {
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut c = Command::new(env!("CARGO"));
-        c.args([
-            "build",
-            "--bins",
-            "-p",
-            "agent-link",
-            "-p",
-            "agent-link-relay",
-            "--target-dir",
-        ])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        let status = c.status().expect("running cargo build");
-        assert!(status.success(), "building the CLI binaries failed");
-    });
-    let p = profile_dir.join(name);
-    assert!(p.exists(), "{} is missing", p.display());
-    p
+    agent_link_tests::workspace_bin(name)
 }
 
 fn relay_cmd() -> Command {
