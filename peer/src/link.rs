@@ -223,11 +223,18 @@ impl AgentLink {
             stop: stop.clone(),
         };
         let handle = tokio::spawn(task.run());
-        match tokio::time::timeout(SETUP_TIMEOUT, ready_rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(e),
-            Ok(Err(_)) => return Err(LinkError::Closed),
-            Err(_) => return Err(LinkError::Timeout(format!("attaching agent {agent}"))),
+        let failed = match tokio::time::timeout(SETUP_TIMEOUT, ready_rx).await {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(e),
+            Ok(Err(_)) => Some(LinkError::Closed),
+            Err(_) => Some(LinkError::Timeout(format!("attaching agent {agent}"))),
+        };
+        if let Some(e) = failed {
+            // The task must not live on: its attach, answered late or
+            // retried after a reconnect, would displace the caller's next
+            // attach of the same agent (newest wins) and end it `Replaced`.
+            handle.abort();
+            return Err(e);
         }
         Ok(Agent {
             address: format!("{}/{agent}", self.shared.config.instance_id),
@@ -532,6 +539,10 @@ impl AgentTask {
         loop {
             let state = conn_rx.borrow_and_update().clone();
             let conn = match state {
+                // The handle is gone and so is the stream that owed
+                // receipts: attaching again would only displace a newer
+                // attach of this agent.
+                ConnState::Up(_) if self.cmds.is_closed() => return,
                 ConnState::Up(c) => c,
                 ConnState::Failed(code) => return self.stop_for_good(Some(code)),
                 ConnState::Closed => return self.stop_for_good(None),
