@@ -172,19 +172,68 @@ pub async fn refuse_stream(send: &mut quinn::SendStream, code: ErrorCode) {
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
 }
 
-/// Drain `rx` into `send`, batching what is queued into one write. Ends when
-/// every sender is gone, on `Out::Close`, on cancellation or on error.
+/// Items (envelopes, frames) up to this size are copied into the writer's
+/// batch buffer; larger ones go to QUIC as they are, without a copy.
+const COPY_MAX: usize = 4 * 1024;
+
+/// Smallest allocation of the writer's batch buffer. Batches are carved out
+/// of it one after another, so one allocation serves many writes; QUIC
+/// holds each batch until it is acknowledged.
+const WRITE_BUF: usize = 16 * 1024;
+
+/// Items the writer takes from its queue per write.
+const WRITE_BATCH: usize = 128;
+
+/// One write's worth of bytes: small items coalesced into one buffer, large
+/// ones passed through as their own chunks (order kept).
+struct WriteBatch {
+    buf: BytesMut,
+    chunks: Vec<Bytes>,
+}
+
+impl WriteBatch {
+    fn new() -> Self {
+        Self {
+            buf: BytesMut::with_capacity(WRITE_BUF),
+            chunks: Vec::with_capacity(8),
+        }
+    }
+
+    fn copy(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+
+    fn bytes(&mut self, b: Bytes) {
+        if b.len() <= COPY_MAX {
+            self.copy(&b);
+        } else {
+            self.seal();
+            self.chunks.push(b);
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+    }
+}
+
+/// Drain `rx` into `send`: everything queued goes out in one
+/// `write_all_chunks` (small frames coalesced into one buffer, so QUIC gets
+/// one chunk per write, not one per message). Ends when every sender is
+/// gone, on `Out::Close`, on cancellation or on error.
 pub async fn write_loop(
     mut send: quinn::SendStream,
     mut rx: tokio::sync::mpsc::Receiver<Out>,
     cancel: tokio_util::sync::CancellationToken,
     queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let mut batch: Vec<Out> = Vec::with_capacity(64);
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
+    let mut batch: Vec<Out> = Vec::with_capacity(WRITE_BATCH);
+    let mut w = WriteBatch::new();
     loop {
         let n = tokio::select! {
-            n = rx.recv_many(&mut batch, 64) => n,
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
             _ = cancel.cancelled() => 0,
         };
         if n == 0 {
@@ -193,25 +242,41 @@ pub async fn write_loop(
         }
         let mut close = false;
         let mut delivered = 0;
+        // Room for the copied part up front: at most one allocation per
+        // write, none while the current buffer has room.
+        let copied: usize = batch
+            .iter()
+            .map(|o| match o {
+                Out::Deliver { head, envelope } if envelope.len() > COPY_MAX => {
+                    head.as_bytes().len()
+                }
+                o if o.len() > COPY_MAX => 0,
+                o => o.len(),
+            })
+            .sum();
+        w.buf.reserve(copied.max(1));
         for item in batch.drain(..) {
             match item {
-                Out::Frame(b) => chunks.push(b),
-                Out::Deliver(b) => {
-                    delivered += b.len();
-                    chunks.push(b);
+                Out::Frame(b) => w.bytes(b),
+                Out::Deliver { head, envelope } => {
+                    delivered += head.as_bytes().len() + envelope.len();
+                    w.copy(head.as_bytes());
+                    w.bytes(envelope);
                 }
                 Out::Close(b) => {
-                    chunks.push(b);
+                    w.bytes(b);
                     close = true;
                     break;
                 }
             }
         }
-        if send.write_all_chunks(&mut chunks).await.is_err() {
+        batch.clear();
+        w.seal();
+        if send.write_all_chunks(&mut w.chunks).await.is_err() {
             cancel.cancel();
             return;
         }
-        chunks.clear();
+        w.chunks.clear();
         queued_bytes.fetch_sub(delivered, std::sync::atomic::Ordering::Relaxed);
         if close {
             let _ = send.finish();
@@ -219,5 +284,77 @@ pub async fn write_loop(
             cancel.cancel();
             return;
         }
+    }
+}
+
+/// Encodes relay frames one after another into one buffer and hands each
+/// out as its own `Bytes` (one allocation for many small frames instead of
+/// a growing `Vec` per frame). The bytes are those of [`frame`].
+#[derive(Debug, Default)]
+pub struct FrameArena {
+    buf: BytesMut,
+}
+
+impl FrameArena {
+    /// Smallest allocation.
+    const CHUNK: usize = 8 * 1024;
+
+    /// Encode `f` as a whole frame.
+    pub fn frame(&mut self, f: &RelayToPeer<'_>) -> Bytes {
+        use bytes::BufMut;
+        if self.buf.capacity() < 512 {
+            self.buf.reserve(Self::CHUNK);
+        }
+        self.buf.put_slice(&[0; codec::FRAME_HEADER_LEN]);
+        let encoded =
+            bincode::encode_into_std_write(f, &mut (&mut self.buf).writer(), codec::CONFIG);
+        let body = self.buf.len() - codec::FRAME_HEADER_LEN;
+        match (encoded, u32::try_from(body)) {
+            (Ok(_), Ok(len)) if body <= codec::HARD_MAX_FRAME => {
+                self.buf[..codec::FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+                self.buf.split().freeze()
+            }
+            // As `frame`: our own frames stay under the hard limit.
+            _ => {
+                self.buf.clear();
+                Bytes::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_link_proto::{Address, Receipt};
+
+    #[test]
+    fn arena_frames_equal_plain_frames() {
+        let mut arena = FrameArena::default();
+        let mut kept = Vec::new();
+        for i in 0..2000u64 {
+            let receipt = Receipt {
+                id: [i as u8; 16],
+                from: Address {
+                    instance: "instance-001",
+                    agent: "xiaobaozi",
+                },
+                delivered_at_ms: i * 1_000_003,
+            };
+            let f = RelayToPeer::Receipt { receipt };
+            let a = arena.frame(&f);
+            assert_eq!(a, frame(&f));
+            kept.push((a, f));
+        }
+        // Earlier frames are unchanged by later ones (no aliasing).
+        for (a, f) in &kept {
+            assert_eq!(a, &frame(f));
+        }
+        assert_eq!(
+            arena.frame(&RelayToPeer::Error {
+                code: ErrorCode::NotRegistered
+            })[..],
+            [0, 0, 0, 2, 6, 2]
+        );
     }
 }

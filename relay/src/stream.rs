@@ -19,8 +19,8 @@ use tracing::{debug, debug_span, Instrument};
 
 use crate::checks::{check_send, SenderContext};
 use crate::connection::ConnCtx;
-use crate::framed::{error_frame, frame, refuse_stream, write_loop, FrameReader};
-use crate::router::{Out, StreamHandle};
+use crate::framed::{error_frame, frame, refuse_stream, write_loop, FrameArena, FrameReader};
+use crate::router::{DeliverHead, Out, StreamHandle};
 use crate::server::Shared;
 
 /// Frames taken from a stream's buffer per pass (and per signature batch).
@@ -191,6 +191,8 @@ async fn read_loop(
     };
     let mut frames: Vec<Bytes> = Vec::with_capacity(READ_BATCH);
     let mut replies: Vec<Out> = Vec::new();
+    // Receipts and refusals are encoded here, many per allocation.
+    let mut arena = FrameArena::default();
     loop {
         let next = tokio::select! {
             n = reader.next_batch(&mut frames, READ_BATCH) => n,
@@ -212,21 +214,28 @@ async fn read_loop(
             }
         }
         let now = now_ms();
+        // Checked envelopes with the frame each came in (its bytes are
+        // forwarded as a slice of that frame, never copied or re-encoded).
         let mut passed = Vec::with_capacity(frames.len());
         let mut close = None;
         for body in &frames {
             match codec::decode::<PeerToRelay>(body) {
                 Ok(PeerToRelay::Send { envelope }) => {
+                    // Every check (size at the reader; decode, sender
+                    // binding, fleet HMAC, timestamp here) runs on every
+                    // message, batched or not.
                     match check_send(envelope, &sender, &shared.policy, now) {
-                        Ok(env) => passed.push(env),
+                        Ok(env) => passed.push((env, body)),
                         Err(refusal) => {
                             shared.stats.refused(refusal.code);
                             debug!(code = ?refusal.code, "message refused");
                             match refusal.id {
-                                Some(id) => replies.push(Out::Frame(frame(&RelayToPeer::Failed {
-                                    id,
-                                    code: refusal.code,
-                                }))),
+                                Some(id) => {
+                                    replies.push(Out::Frame(arena.frame(&RelayToPeer::Failed {
+                                        id,
+                                        code: refusal.code,
+                                    })))
+                                }
                                 // Undecodable: nothing to attribute it to.
                                 None => {
                                     close = Some(refusal.code);
@@ -240,7 +249,9 @@ async fn read_loop(
                     reply_token,
                     receipt,
                 }) => {
-                    if let Some(refusal) = on_ack(shared, ctx, agent, reply_token, receipt).await {
+                    if let Some(refusal) =
+                        on_ack(shared, ctx, agent, reply_token, receipt, &mut arena).await
+                    {
                         replies.push(refusal);
                     }
                 }
@@ -252,7 +263,7 @@ async fn read_loop(
                     route_reply(
                         shared,
                         reply_token,
-                        frame(&RelayToPeer::Failed { id, code }),
+                        arena.frame(&RelayToPeer::Failed { id, code }),
                     )
                     .await;
                 }
@@ -264,18 +275,21 @@ async fn read_loop(
             }
         }
         let verdicts = if shared.config.verify_signatures && !passed.is_empty() {
-            crate::checks::verify_batch(&passed, &ctx.key)
+            let envs: Vec<_> = passed.iter().map(|(e, _)| *e).collect();
+            Some(crate::checks::verify_batch(&envs, &ctx.key))
         } else {
-            vec![Ok(()); passed.len()]
+            None
         };
-        for (env, verdict) in passed.iter().zip(verdicts) {
+        let clock = Instant::now();
+        for (i, (env, body)) in passed.iter().enumerate() {
+            let verdict = verdicts.as_ref().map_or(Ok(()), |v| v[i]);
             let outcome = match verdict {
-                Ok(()) => forward(shared, ctx, token, env),
+                Ok(()) => forward(shared, ctx, token, env, body, clock),
                 Err(code) => Err(code),
             };
             if let Err(code) = outcome {
                 shared.stats.refused(code);
-                replies.push(Out::Frame(frame(&RelayToPeer::Failed {
+                replies.push(Out::Frame(arena.frame(&RelayToPeer::Failed {
                     id: env.body.id,
                     code,
                 })));
@@ -294,59 +308,66 @@ async fn read_loop(
 }
 
 /// Rate-limit, route and queue one checked envelope on its target's stream.
+/// `body` is the `Send` frame the envelope was read from.
 fn forward(
     shared: &Shared,
     ctx: &ConnCtx,
     token: u64,
     env: &OpenedEnvelope<'_>,
+    body: &Bytes,
+    now: Instant,
 ) -> Result<(), ErrorCode> {
     {
         let mut bucket = ctx.rate.lock().unwrap_or_else(|e| e.into_inner());
-        if !bucket.try_take(Instant::now()) {
+        if !bucket.try_take(now) {
             return Err(ErrorCode::RateLimited);
         }
     }
+    // The envelope's bytes go out exactly as they came in (never
+    // re-encoded): a slice of the received frame behind a Deliver head.
+    let envelope = body.slice_ref(env.bytes);
+    let head =
+        DeliverHead::new(token, ctx.key.as_bytes(), envelope.len()).ok_or(ErrorCode::TooLarge)?;
+    let len = head.as_bytes().len() + envelope.len();
     let to = env.body.to;
-    let Some(target) = shared.router.route(to.instance, to.agent) else {
-        return Err(match shared.registry().get(to.instance) {
-            None => ErrorCode::UnknownTarget,
-            Some(r) if r.revoked => ErrorCode::TargetRevoked,
-            Some(_) => ErrorCode::TargetOffline,
-        });
-    };
-    let envelope = env.bytes;
-    // The envelope's bytes go out exactly as they came in (never re-encoded).
-    let deliver = frame(&RelayToPeer::Deliver {
-        reply_token: token,
-        sender_key: *ctx.key.as_bytes(),
-        envelope,
-    });
-    // Memory bound: a receiver that reads slowly holds at most
-    // `agent_queue_bytes` of deliveries (and `agent_queue_len` frames) at the
-    // relay; beyond that its senders get `Busy`, nothing is dropped.
-    let len = deliver.len();
     let budget = shared.config.agent_queue_bytes as usize;
-    if target.queued_bytes.fetch_add(len, Relaxed) + len > budget {
-        target.queued_bytes.fetch_sub(len, Relaxed);
-        return Err(ErrorCode::Busy);
-    }
-    match target.tx.try_send(Out::Deliver(deliver)) {
-        Ok(()) => {
+    let queued = shared.router.with_route(to.instance, to.agent, |target| {
+        // Memory bound: a receiver that reads slowly holds at most
+        // `agent_queue_bytes` of deliveries (and `agent_queue_len` frames)
+        // at the relay; beyond that its senders get `Busy`, nothing is
+        // dropped.
+        if target.queued_bytes.fetch_add(len, Relaxed) + len > budget {
+            target.queued_bytes.fetch_sub(len, Relaxed);
+            return Err(ErrorCode::Busy);
+        }
+        // Never blocks: the router's lock is not held across a wait.
+        match target.tx.try_send(Out::Deliver { head, envelope }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                target.queued_bytes.fetch_sub(len, Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => ErrorCode::Busy,
+                    TrySendError::Closed(_) => ErrorCode::TargetOffline,
+                })
+            }
+        }
+    });
+    match queued {
+        Some(Ok(())) => {
             shared.stats.messages_forwarded.fetch_add(1, Relaxed);
             shared
                 .stats
                 .bytes_forwarded
-                .fetch_add(envelope.len() as u64, Relaxed);
-            debug!(id = %hex::encode(env.body.id), size = envelope.len(), "forwarded");
+                .fetch_add(env.bytes.len() as u64, Relaxed);
+            debug!(id = %hex::encode(env.body.id), size = env.bytes.len(), "forwarded");
             Ok(())
         }
-        Err(e) => {
-            target.queued_bytes.fetch_sub(len, Relaxed);
-            Err(match e {
-                TrySendError::Full(_) => ErrorCode::Busy,
-                TrySendError::Closed(_) => ErrorCode::TargetOffline,
-            })
-        }
+        Some(Err(code)) => Err(code),
+        None => Err(match shared.registry().get(to.instance) {
+            None => ErrorCode::UnknownTarget,
+            Some(r) if r.revoked => ErrorCode::TargetRevoked,
+            Some(_) => ErrorCode::TargetOffline,
+        }),
     }
 }
 
@@ -356,33 +377,47 @@ async fn on_ack(
     agent: &str,
     reply_token: u64,
     receipt: Receipt<'_>,
+    arena: &mut FrameArena,
 ) -> Option<Out> {
     // A receipt may only speak for the agent that received the message: it
     // is not forwarded, and the acking stream is told why (the original
     // sender's send then ends in its deadline: outcome unknown).
     if receipt.from.instance != ctx.instance || receipt.from.agent != agent {
         shared.stats.refused(ErrorCode::SenderMismatch);
-        return Some(Out::Frame(frame(&RelayToPeer::Failed {
+        return Some(Out::Frame(arena.frame(&RelayToPeer::Failed {
             id: receipt.id,
             code: ErrorCode::SenderMismatch,
         })));
     }
-    let f = frame(&RelayToPeer::Receipt { receipt });
+    let f = arena.frame(&RelayToPeer::Receipt { receipt });
     if route_reply(shared, reply_token, f).await {
         shared.stats.receipts_routed.fetch_add(1, Relaxed);
     }
     None
 }
 
-/// Send a frame to the stream with `reply_token`, waiting (bounded) for room.
+/// Send a frame to the stream with `reply_token`: at once when its queue
+/// has room, else waiting (bounded) for room.
 async fn route_reply(shared: &Shared, reply_token: u64, f: Bytes) -> bool {
-    let Some(target) = shared.router.stream(reply_token) else {
+    let full = shared.router.with_stream(reply_token, |target| {
+        match target.tx.try_send(Out::Frame(f)) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Full(out)) => Ok(Some((target.tx.clone(), out))),
+            Err(TrySendError::Closed(_)) => Err(()),
+        }
+    });
+    let (tx, out) = match full {
+        Some(Ok(None)) => return true,
+        Some(Ok(Some(waiting))) => waiting,
         // The sender's stream is gone; its retry after reconnecting gets the
         // receiver's duplicate receipt instead.
-        shared.stats.receipts_orphaned.fetch_add(1, Relaxed);
-        return false;
+        Some(Err(())) | None => {
+            shared.stats.receipts_orphaned.fetch_add(1, Relaxed);
+            return false;
+        }
     };
-    match target.tx.send_timeout(Out::Frame(f), RECEIPT_WAIT).await {
+    // Full: wait for room, with the router's lock released.
+    match tx.send_timeout(out, RECEIPT_WAIT).await {
         Ok(()) => true,
         Err(_) => {
             shared.stats.receipts_orphaned.fetch_add(1, Relaxed);
