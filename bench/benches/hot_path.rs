@@ -78,6 +78,7 @@ fn policy(f: &Fixture, verify_signatures: bool) -> CheckPolicy {
         fleet: f.fleet.clone(),
         window_ms: 60_000,
         verify_signatures,
+        max_payload: 1 << 20,
     }
 }
 

@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
         fleet,
         window_ms: 60_000,
         verify_signatures: true,
+        max_payload: 1 << 20,
     };
     let ctx = SenderContext {
         instance: "i",

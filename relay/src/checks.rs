@@ -28,6 +28,8 @@ pub struct CheckPolicy {
     pub window_ms: u64,
     /// Verify Ed25519 at the relay too.
     pub verify_signatures: bool,
+    /// Largest payload, bytes (`max_message_size`).
+    pub max_payload: usize,
 }
 
 /// A refusal: the code, and the message id when it could be decoded (so the
@@ -56,6 +58,11 @@ pub fn check_send<'a>(
         id: Some(env.body.id),
         code,
     };
+    // The frame limit leaves room for the envelope's header; the payload
+    // itself must be within the advertised limit too.
+    if env.body.payload.len() > policy.max_payload {
+        return Err(refuse(ErrorCode::TooLarge));
+    }
     // Sender binding: a member may only speak as its own instance and as the
     // agent attached on this stream (prevents impersonation inside the fleet).
     env.check_sender(sender.instance, sender.agent)
@@ -144,7 +151,36 @@ mod tests {
             fleet: f.fleet.clone(),
             window_ms: 60_000,
             verify_signatures,
+            max_payload: 1024,
         }
+    }
+
+    #[test]
+    fn a_payload_over_the_limit_is_too_large_even_inside_the_frame_limit() {
+        let f = fixture();
+        let ctx = SenderContext {
+            instance: "i1",
+            agent: "a",
+            key: &f.key,
+        };
+        // The fixture's payload is one byte.
+        let p = CheckPolicy {
+            max_payload: 0,
+            ..policy(&f, false)
+        };
+        let bytes = seal(&f, ("i1", "a"), 1_000_000);
+        assert_eq!(
+            check_send(&bytes, &ctx, &p, 1_000_000).unwrap_err(),
+            Refusal {
+                id: Some([5; 16]),
+                code: ErrorCode::TooLarge
+            }
+        );
+        let fits = CheckPolicy {
+            max_payload: 1,
+            ..p
+        };
+        assert!(check_send(&bytes, &ctx, &fits, 1_000_000).is_ok());
     }
 
     #[test]

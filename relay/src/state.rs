@@ -169,7 +169,10 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
     let identity = Identity::read(&dir.join(KEY_FILE))?;
     let cert_path = dir.join(CERT_FILE);
     let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
-    let tls = TlsIdentity::from_parts(&identity, cert)?;
+    let tls = TlsIdentity::from_parts(&identity, cert).map_err(|e| StateError::Io {
+        path: cert_path.display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
     let fleet = FleetSecret::read(&dir.join(SECRET_FILE))?;
     RegistryStore::new(dir).load()?;
     Ok(RelayState {

@@ -435,14 +435,14 @@ fn broken_relay_state_files_are_refused_naming_the_path() {
             "{case}: {msg}"
         );
     }
-    // A certificate that is not the relay key's own. (Refused, but the
-    // message does not name relay.crt: see the report on issue 3.)
+    // A certificate that is not the relay key's own: refused, naming it.
     let dir = relay_dir(&tmp.path().join("crt"));
     let other = relay_dir(&tmp.path().join("other"));
     std::fs::copy(other.join("relay.crt"), dir.join("relay.crt")).unwrap();
     let msg = load_error(&dir, "foreign certificate");
     assert!(
-        msg.contains("certificate does not belong to this key"),
+        msg.contains("certificate does not belong to this key")
+            && msg.contains(&dir.join("relay.crt").display().to_string()),
         "{msg}"
     );
     // No configuration: not a relay directory.
