@@ -258,10 +258,14 @@ fn route_lookup(c: &mut Criterion) {
             token: router.next_id(),
             tx,
             queued_bytes: Default::default(),
+            opened: (0, 0),
             cancel: tokio_util::sync::CancellationToken::new(),
         };
         router.add_stream(handle.clone());
-        assert!(router.attach_receiver(&instance, "rx", handle).is_none());
+        assert!(matches!(
+            router.attach_receiver(&instance, "rx", handle),
+            agent_link_relay::router::AttachOutcome::Attached
+        ));
         queues.push(rx);
     }
     let token = router.route("inst-517", "rx").expect("route").token;

@@ -20,6 +20,7 @@ use crate::server::Shared;
 /// What every stream of a connection knows about it.
 #[derive(Debug)]
 pub(crate) struct ConnCtx {
+    pub conn_id: u64,
     pub instance: String,
     pub key: PublicKey,
     pub conn: quinn::Connection,
@@ -236,6 +237,7 @@ async fn serve(
     shared.stats.connections_accepted.fetch_add(1, Relaxed);
     info!(%instance, "connected");
     let ctx = Arc::new(ConnCtx {
+        conn_id,
         instance: instance.clone(),
         key,
         conn: conn.clone(),

@@ -113,6 +113,19 @@ impl DeliverHead {
     }
 }
 
+/// What [`Router::attach_receiver`] did.
+#[derive(Debug)]
+pub enum AttachOutcome {
+    /// Now the receiving stream; nobody was before.
+    Attached,
+    /// Now the receiving stream; this one was, and must be told.
+    Replaced(StreamHandle),
+    /// Not attached: a newer stream of the same connection holds the agent.
+    Stale,
+    /// Not attached: the instance has no connection.
+    Offline,
+}
+
 /// The sending side of one agent stream.
 #[derive(Debug, Clone)]
 pub struct StreamHandle {
@@ -123,6 +136,9 @@ pub struct StreamHandle {
     /// Bytes of `Out::Deliver` frames queued and not yet written (bounded:
     /// `agent_queue_bytes`).
     pub queued_bytes: Arc<AtomicUsize>,
+    /// Connection id and QUIC stream index: streams of one connection were
+    /// opened in index order, whatever order the relay processes them in.
+    pub opened: (u64, u64),
     /// Cancels the stream's tasks.
     pub cancel: CancellationToken,
 }
@@ -214,17 +230,31 @@ impl Router {
         }
     }
 
-    /// Make `handle` the receiving stream of `instance/agent`; the newest
+    /// Make `handle` the receiving stream of `instance/agent`: the newest
     /// attach wins and the one it replaced is returned (to be told so).
+    /// "Newest" is arrival order across connections, but open order within
+    /// one connection: a peer that gave up waiting on an attach and opened
+    /// another stream must not be displaced by its own older attach that
+    /// the relay happened to process later.
     pub fn attach_receiver(
         &self,
         instance: &str,
         agent: &str,
         handle: StreamHandle,
-    ) -> Option<StreamHandle> {
+    ) -> AttachOutcome {
         let mut g = self.lock();
-        let e = g.instances.get_mut(instance)?;
-        e.receivers.insert(agent.to_string(), handle)
+        let Some(e) = g.instances.get_mut(instance) else {
+            return AttachOutcome::Offline;
+        };
+        if let Some(cur) = e.receivers.get(agent) {
+            if cur.opened.0 == handle.opened.0 && cur.opened.1 > handle.opened.1 {
+                return AttachOutcome::Stale;
+            }
+        }
+        match e.receivers.insert(agent.to_string(), handle) {
+            Some(old) => AttachOutcome::Replaced(old),
+            None => AttachOutcome::Attached,
+        }
     }
 
     /// The receiving stream of `instance/agent`, if attached.
@@ -296,6 +326,7 @@ mod tests {
                 token,
                 tx,
                 queued_bytes: Default::default(),
+                opened: (7, token),
                 cancel: CancellationToken::new(),
             },
             rx,
@@ -349,7 +380,10 @@ mod tests {
         let r = Router::default();
         // No connection: cannot attach (instance offline).
         let (h1, _r1) = handle(1);
-        assert!(r.attach_receiver("i1", "a", h1.clone()).is_none());
+        assert!(matches!(
+            r.attach_receiver("i1", "a", h1.clone()),
+            AttachOutcome::Offline
+        ));
         assert!(r.route("i1", "a").is_none());
         r.lock().instances.insert(
             "i1".into(),
@@ -359,9 +393,35 @@ mod tests {
                 rate: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
             },
         );
-        assert!(r.attach_receiver("i1", "a", h1).is_none());
+        assert!(matches!(
+            r.attach_receiver("i1", "a", h1.clone()),
+            AttachOutcome::Attached
+        ));
         let (h2, _r2) = handle(2);
-        assert_eq!(r.attach_receiver("i1", "a", h2).map(|h| h.token), Some(1));
+        assert!(matches!(
+            r.attach_receiver("i1", "a", h2.clone()),
+            AttachOutcome::Replaced(old) if old.token == 1
+        ));
+        // The older stream of the same connection, processed late, loses;
+        // one of another connection wins however old its stream index.
+        assert!(matches!(
+            r.attach_receiver("i1", "a", h1),
+            AttachOutcome::Stale
+        ));
+        assert_eq!(r.route("i1", "a").map(|h| h.token), Some(2));
+        let (mut h3, _r3) = handle(0);
+        h3.token = 3;
+        h3.opened = (8, 0);
+        assert!(matches!(
+            r.attach_receiver("i1", "a", h3),
+            AttachOutcome::Replaced(old) if old.token == 2
+        ));
+        r.lock()
+            .instances
+            .get_mut("i1")
+            .unwrap()
+            .receivers
+            .insert("a".into(), h2);
         // The replaced stream closing must not remove the new receiver.
         r.remove_stream(1, Some(("i1", "a")));
         assert_eq!(r.route("i1", "a").map(|h| h.token), Some(2));

@@ -20,7 +20,7 @@ use tracing::{debug, debug_span, Instrument};
 use crate::checks::{check_send, SenderContext};
 use crate::connection::ConnCtx;
 use crate::framed::{error_frame, frame, refuse_stream, write_loop, FrameArena, FrameReader};
-use crate::router::{DeliverHead, Out, StreamHandle};
+use crate::router::{AttachOutcome, DeliverHead, Out, StreamHandle};
 use crate::server::Shared;
 
 /// Frames taken from a stream's buffer per pass (and per signature batch).
@@ -109,6 +109,7 @@ async fn agent_stream(
         token,
         tx: tx.clone(),
         queued_bytes: queued_bytes.clone(),
+        opened: (ctx.conn_id, send.id().index()),
         cancel: cancel.clone(),
     };
     shared.router.add_stream(handle.clone());
@@ -121,18 +122,25 @@ async fn agent_stream(
     // first frame the peer reads.
     let _ = tx.try_send(Out::Frame(attached));
     if receive {
-        if let Some(old) = shared.router.attach_receiver(&ctx.instance, &agent, handle) {
-            debug!(
-                old = old.token,
-                "newest attach wins; closing the older stream"
-            );
-            if old
-                .tx
-                .try_send(Out::Close(error_frame(ErrorCode::Replaced)))
-                .is_err()
-            {
-                old.cancel.cancel();
+        match shared.router.attach_receiver(&ctx.instance, &agent, handle) {
+            AttachOutcome::Replaced(old) => {
+                debug!(
+                    old = old.token,
+                    "newest attach wins; closing the older stream"
+                );
+                if old
+                    .tx
+                    .try_send(Out::Close(error_frame(ErrorCode::Replaced)))
+                    .is_err()
+                {
+                    old.cancel.cancel();
+                }
             }
+            AttachOutcome::Stale => {
+                debug!("a newer attach on this connection holds the agent; closing this one");
+                let _ = tx.try_send(Out::Close(error_frame(ErrorCode::Replaced)));
+            }
+            AttachOutcome::Attached | AttachOutcome::Offline => {}
         }
     } else {
         drop(handle);
