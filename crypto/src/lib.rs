@@ -34,7 +34,10 @@ pub mod tls;
 
 pub use fleet::{FleetKey, FleetSecret, Tag, TAG_LEN};
 pub use identity::{Identity, PublicKey, PUBLIC_KEY_LEN};
-pub use sign::{verify, verify_batch, Domain, Signature, SIGNATURE_LEN};
+pub use sign::{
+    verify, verify_batch, verify_batch_checked, verify_checked, CheckedKey, Domain, Signature,
+    SIGNATURE_LEN,
+};
 
 /// Errors from this crate. Each variant says what was wrong, never the secret
 /// material involved.

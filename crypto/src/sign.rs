@@ -62,27 +62,125 @@ pub fn verify(
     message: &[u8],
     signature: &Signature,
 ) -> Result<(), CryptoError> {
-    let vk = key.verifying_key()?;
+    verify_checked(&CheckedKey::new(key)?, domain, message, signature)
+}
+
+/// A public key decoded and checked once (a valid point, not of small
+/// order), for verifying many signatures under it: decoding a key is a
+/// field exponentiation, about a fifth of a strict verification.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedKey {
+    key: PublicKey,
+    vk: ed25519_dalek::VerifyingKey,
+}
+
+impl CheckedKey {
+    /// Decode and check `key` as [`PublicKey::verifying_key`] does.
+    pub fn new(key: &PublicKey) -> Result<Self, CryptoError> {
+        Ok(Self {
+            key: *key,
+            vk: key.verifying_key()?,
+        })
+    }
+
+    /// The key's bytes.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.key
+    }
+}
+
+/// [`verify`] under an already checked key: strict verification.
+pub fn verify_checked(
+    key: &CheckedKey,
+    domain: Domain,
+    message: &[u8],
+    signature: &Signature,
+) -> Result<(), CryptoError> {
     let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-    vk.verify_strict(&domain.prefixed(message), &sig)
+    key.vk
+        .verify_strict(&domain.prefixed(message), &sig)
         .map_err(|_| CryptoError::BadSignature)
+}
+
+/// The y coordinates (sign bit cleared) of every point of small order, in
+/// every encoding that decodes to one: the eight torsion points' canonical
+/// encodings and the non-canonical `y + p` of y = 0 and y = 1 (no other
+/// y + p fits in 255 bits). Comparing with the sign bit masked also covers
+/// the "negative zero" x of (0, ±1), which decoders accept.
+fn small_order_ys() -> &'static [[u8; 32]] {
+    static YS: std::sync::OnceLock<Vec<[u8; 32]>> = std::sync::OnceLock::new();
+    YS.get_or_init(|| {
+        let mut ys: Vec<[u8; 32]> = curve25519_dalek::constants::EIGHT_TORSION
+            .iter()
+            .map(|p| {
+                let mut y = p.compress().to_bytes();
+                y[31] &= 0x7f;
+                y
+            })
+            .collect();
+        for low in [0xed_u8, 0xee] {
+            // p = 2^255 - 19 and p + 1, little-endian.
+            let mut y = [0xff_u8; 32];
+            y[0] = low;
+            y[31] = 0x7f;
+            ys.push(y);
+        }
+        ys.sort_unstable();
+        ys.dedup();
+        ys
+    })
+}
+
+/// Whether a signature's `R` encodes a point of small order, which
+/// `verify_strict` refuses (checked from the bytes: no decompression).
+fn r_is_small_order(r: &[u8]) -> bool {
+    let mut y = [0u8; 32];
+    y.copy_from_slice(&r[..32]);
+    y[31] &= 0x7f;
+    small_order_ys().contains(&y)
 }
 
 /// Verify many signatures at once (ed25519-dalek batch verification: about
 /// 2-3x cheaper per signature than one by one). All must be valid; on
 /// failure the caller falls back to [`verify`] to find the bad ones.
 ///
-/// Batch verification is not "strict" in the `verify_strict` sense, so weak
-/// keys are refused here explicitly before the batch runs.
+/// Batch verification is not "strict" in the `verify_strict` sense, so what
+/// `verify_strict` refuses outright is refused here before the batch runs:
+/// weak (small-order) keys, non-canonical `s` (ed25519-dalek's signature
+/// parsing) and small-order `R`. What remains different is only reachable
+/// by the holder of the signing key: an `R` or key with a small torsion
+/// component can make a batch pass that `verify_strict` would refuse
+/// (dalek's batch equation is cofactorless with random 128-bit weights).
+/// Nobody without the private key can produce a signature that passes
+/// either check.
 pub fn verify_batch(items: &[(&PublicKey, Domain, &[u8], &Signature)]) -> Result<(), CryptoError> {
+    let keys = items
+        .iter()
+        .map(|(pk, ..)| CheckedKey::new(pk))
+        .collect::<Result<Vec<_>, _>>()?;
+    let checked: Vec<_> = items
+        .iter()
+        .zip(&keys)
+        .map(|((_, d, m, s), k)| (k, *d, *m, *s))
+        .collect();
+    verify_batch_checked(&checked)
+}
+
+/// [`verify_batch`] under already checked keys.
+pub fn verify_batch_checked(
+    items: &[(&CheckedKey, Domain, &[u8], &Signature)],
+) -> Result<(), CryptoError> {
     if items.is_empty() {
         return Ok(());
     }
     let mut keys = Vec::with_capacity(items.len());
     let mut msgs = Vec::with_capacity(items.len());
     let mut sigs = Vec::with_capacity(items.len());
-    for (pk, domain, msg, sig) in items {
-        keys.push(pk.verifying_key()?);
+    for (key, domain, msg, sig) in items {
+        if r_is_small_order(&sig.0[..32]) {
+            return Err(CryptoError::BadSignature);
+        }
+        keys.push(key.vk);
         msgs.push(domain.prefixed(msg));
         sigs.push(ed25519_dalek::Signature::from_bytes(&sig.0));
     }
@@ -214,5 +312,50 @@ mod tests {
         items(&sigs).unwrap();
         sigs[3].0[0] ^= 1;
         assert!(items(&sigs).is_err());
+    }
+
+    #[test]
+    fn small_order_r_bytes_are_recognised_without_decoding() {
+        use curve25519_dalek::edwards::CompressedEdwardsY;
+        let ys = small_order_ys();
+        assert_eq!(ys.len(), 7, "0, 1, p-1, two order-8 ys, p, p+1");
+        // Every encoding that decodes to a small-order point is caught,
+        // with either sign bit; random points are not.
+        for y in ys {
+            for sign in [0u8, 0x80] {
+                let mut b = *y;
+                b[31] |= sign;
+                assert!(r_is_small_order(&b));
+                if let Some(p) = CompressedEdwardsY(b).decompress() {
+                    assert!(p.is_small_order(), "{}", hex::encode(b));
+                }
+            }
+        }
+        for t in curve25519_dalek::constants::EIGHT_TORSION {
+            assert!(r_is_small_order(t.compress().as_bytes()));
+        }
+        for i in 0..64u8 {
+            let sig = Identity::generate().sign(Domain::EnvelopeSignature, &[i]);
+            let r = CompressedEdwardsY(sig.0[..32].try_into().unwrap());
+            assert!(!r.decompress().unwrap().is_small_order());
+            assert!(!r_is_small_order(&sig.0[..32]));
+        }
+    }
+
+    #[test]
+    fn batch_refuses_a_small_order_r_like_verify_strict() {
+        let id = Identity::generate();
+        let pk = id.public_key();
+        let good = id.sign(Domain::EnvelopeSignature, b"m");
+        // R = the identity point (small order), any canonical s.
+        let mut bad = Signature([0u8; 64]);
+        bad.0[0] = 1;
+        assert!(verify(&pk, Domain::EnvelopeSignature, b"m", &bad).is_err());
+        let items = [
+            (&pk, Domain::EnvelopeSignature, &b"m"[..], &good),
+            (&pk, Domain::EnvelopeSignature, &b"m"[..], &bad),
+        ];
+        assert!(verify_batch(&items).is_err());
+        assert!(verify_batch(&items[..1]).is_ok());
     }
 }

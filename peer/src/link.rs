@@ -29,7 +29,9 @@ use tracing::{debug, info, warn};
 use crate::config::{PeerConfig, KEY_FILE, PINS_FILE, SECRET_FILE};
 use crate::outbox::{Outbox, RECONNECT_GRACE};
 use crate::pins::Pins;
-use crate::receive::{check_delivery, Verdict};
+use crate::receive::{
+    check_delivery_with, verify_deliveries, Delivered, KeyCache, Signed, Verdict,
+};
 use crate::wire::{self, FrameReader};
 use crate::{LinkError, SendError};
 
@@ -218,6 +220,7 @@ impl AgentLink {
             outbox: Outbox::new(OUTBOX_LIMIT),
             window_ms: 60_000,
             replay: None,
+            keys: KeyCache::default(),
             attached_before: false,
             grace_until: None,
             stop: stop.clone(),
@@ -514,6 +517,8 @@ struct AgentTask {
     outbox: Outbox,
     window_ms: u64,
     replay: Option<ReplayWindow>,
+    /// Sender keys decoded once (see `KeyCache`).
+    keys: KeyCache,
     /// Whether this agent has been attached before (a later attach is a
     /// re-attach, which opens the `TargetOffline` grace).
     attached_before: bool,
@@ -742,8 +747,16 @@ impl AgentTask {
                         _ => return SessionEnd::Lost,
                     }
                     let batch = std::mem::take(&mut frames);
-                    for body in &batch {
-                        if let Some(end) = self.on_frame(body, &mut out).await {
+                    // Deliveries that arrived together: their signatures in
+                    // one Ed25519 batch; every other check per message.
+                    let signed = if self.receive {
+                        batch_signatures(&batch, &mut self.keys)
+                    } else {
+                        Vec::new()
+                    };
+                    for (i, body) in batch.iter().enumerate() {
+                        let s = signed.get(i).copied().unwrap_or(Signed::Unchecked);
+                        if let Some(end) = self.on_frame(body, s, &mut out).await {
                             return end;
                         }
                     }
@@ -759,7 +772,12 @@ impl AgentTask {
         }
     }
 
-    async fn on_frame(&mut self, body: &Bytes, out: &mut Vec<u8>) -> Option<SessionEnd> {
+    async fn on_frame(
+        &mut self,
+        body: &Bytes,
+        signed: Signed,
+        out: &mut Vec<u8>,
+    ) -> Option<SessionEnd> {
         let frame = match codec::decode::<RelayToPeer>(body) {
             Ok(f) => f,
             Err(e) => {
@@ -810,15 +828,17 @@ impl AgentTask {
                     let replay = self
                         .replay
                         .get_or_insert_with(|| ReplayWindow::new(self.window_ms, REPLAY_CAP));
-                    check_delivery(
+                    check_delivery_with(
                         &me,
                         sender_key,
                         &envelope,
                         &self.shared.fleet,
                         &mut pins,
                         replay,
+                        &mut self.keys,
                         self.window_ms,
                         now,
+                        signed,
                     )
                 };
                 let reply = match verdict {
@@ -850,6 +870,34 @@ impl AgentTask {
         }
         None
     }
+}
+
+/// One Ed25519 batch over the `Deliver` frames among `frames`; one flag per
+/// frame (`Unchecked` for the others and when the batch failed).
+fn batch_signatures(frames: &[Bytes], keys: &mut KeyCache) -> Vec<Signed> {
+    let mut at = Vec::with_capacity(frames.len());
+    let mut items = Vec::with_capacity(frames.len());
+    for (i, body) in frames.iter().enumerate() {
+        if let Ok(RelayToPeer::Deliver {
+            sender_key,
+            envelope,
+            ..
+        }) = codec::decode::<RelayToPeer>(body)
+        {
+            at.push(i);
+            items.push(Delivered {
+                sender_key,
+                envelope,
+            });
+        }
+    }
+    let mut out = vec![Signed::Unchecked; frames.len()];
+    if items.len() >= 2 {
+        for (i, s) in at.into_iter().zip(verify_deliveries(&items, keys)) {
+            out[i] = s;
+        }
+    }
+    out
 }
 
 fn ack(reply_token: u64, id: MessageId, me: &Address<'_>, delivered_at_ms: u64) -> Vec<u8> {

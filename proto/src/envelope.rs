@@ -11,7 +11,9 @@
 //! Both cover the body bytes exactly as received. The recipient is inside the
 //! signed body, so a message cannot be redirected to another agent.
 
-use agent_link_crypto::{verify, Domain, FleetKey, Identity, PublicKey, Signature};
+use agent_link_crypto::{
+    verify, verify_checked, CheckedKey, Domain, FleetKey, Identity, PublicKey, Signature,
+};
 use bincode::{BorrowDecode, Encode};
 
 use crate::frames::Address;
@@ -98,6 +100,18 @@ impl<'a> OpenedEnvelope<'a> {
     /// Authorship: strict Ed25519 over the body bytes under `sender`.
     pub fn check_signature(&self, sender: &PublicKey) -> Result<(), ErrorCode> {
         verify(
+            sender,
+            Domain::EnvelopeSignature,
+            self.outer.body,
+            &Signature(self.outer.signature),
+        )
+        .map_err(|_| ErrorCode::BadSignature)
+    }
+
+    /// [`OpenedEnvelope::check_signature`] under a key decoded once for
+    /// many messages: the same strict verification.
+    pub fn check_signature_checked(&self, sender: &CheckedKey) -> Result<(), ErrorCode> {
+        verify_checked(
             sender,
             Domain::EnvelopeSignature,
             self.outer.body,
