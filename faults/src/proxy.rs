@@ -71,14 +71,19 @@ struct Counters {
 }
 
 struct Shared {
-    plan: Mutex<Impairment>,
+    /// Toward the relay, and toward the clients.
+    plan: Mutex<(Impairment, Impairment)>,
     counters: Counters,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl Shared {
-    fn plan(&self) -> Impairment {
-        *self.plan.lock().unwrap_or_else(|e| e.into_inner())
+    fn plan(&self, dest: &Dest) -> Impairment {
+        let p = *self.plan.lock().unwrap_or_else(|e| e.into_inner());
+        match dest {
+            Dest::Upstream(_) => p.0,
+            Dest::Client(..) => p.1,
+        }
     }
 
     fn track(&self, h: AbortHandle) {
@@ -118,7 +123,7 @@ impl UdpProxy {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let addr = front.local_addr()?;
         let shared = Arc::new(Shared {
-            plan: Mutex::new(plan),
+            plan: Mutex::new((plan, plan)),
             counters: Counters::default(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -134,7 +139,13 @@ impl UdpProxy {
 
     /// Change the impairment (takes effect for the next datagram).
     pub fn set(&self, plan: Impairment) {
-        *self.shared.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
+        self.set_each_way(plan, plan);
+    }
+
+    /// Impair the two directions differently: datagrams toward the relay,
+    /// and datagrams toward the clients.
+    pub fn set_each_way(&self, to_relay: Impairment, to_clients: Impairment) {
+        *self.shared.plan.lock().unwrap_or_else(|e| e.into_inner()) = (to_relay, to_clients);
     }
 
     /// Counters so far.
@@ -217,7 +228,7 @@ async fn back_loop(up: Arc<UdpSocket>, to_client: Dest, shared: Arc<Shared>) {
 async fn impair(shared: &Arc<Shared>, dest: Dest, data: &[u8]) {
     let c = &shared.counters;
     c.received.fetch_add(1, Ordering::Relaxed);
-    let plan = shared.plan();
+    let plan = shared.plan(&dest);
     if plan.passes_through() {
         dest.send(data).await;
         return;

@@ -132,3 +132,48 @@ async fn a_peer_that_falls_silent_is_dropped_at_the_idle_timeout() {
         "a silent peer was still online after the idle timeout"
     );
 }
+
+#[tokio::test]
+async fn a_handshake_that_never_completes_is_dropped_at_the_handshake_timeout() {
+    let relay = TestRelay::start(|c| c.handshake_timeout_secs = 1).await;
+    let id = Identity::generate();
+    relay.register("stuck", &id);
+    // The client's packets reach the relay; none of the relay's come back,
+    // so the handshake can never complete.
+    let proxy = UdpProxy::start(relay.addr, Impairment::none())
+        .await
+        .unwrap();
+    proxy.set_each_way(
+        Impairment::none(),
+        Impairment {
+            loss_pct: 100.0,
+            ..Impairment::none()
+        },
+    );
+    let stats = || {
+        relay
+            .relay()
+            .stats()
+            .handshakes_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = stats();
+    let attempt = tokio::spawn(RawClient::connect_with(
+        proxy.addr(),
+        relay.token.fingerprint,
+        relay.token.secret.key(),
+        id,
+        "stuck",
+    ));
+    assert!(
+        wait_until(|| stats() > before).await,
+        "the relay kept a handshake that never completed"
+    );
+    assert!(relay.relay().stats().refused_count(ErrorCode::AuthTimeout) >= 1);
+    attempt.abort();
+    // The relay serves others meanwhile.
+    let other = Identity::generate();
+    relay.register("other", &other);
+    let c = RawClient::connect(&relay, other, "other").await.unwrap();
+    c.attach("a", false).await;
+}
