@@ -176,9 +176,11 @@ pub async fn refuse_stream(send: &mut quinn::SendStream, code: ErrorCode) {
 /// batch buffer; larger ones go to QUIC as they are, without a copy.
 const COPY_MAX: usize = 4 * 1024;
 
-/// Smallest allocation of the writer's batch buffer. Batches are carved out
-/// of it one after another, so one allocation serves many writes; QUIC
-/// holds each batch until it is acknowledged.
+/// Largest allocation step of the writer's batch buffer. Batches are carved
+/// out of it one after another, so one allocation serves many writes; QUIC
+/// holds each batch until it is acknowledged. Nothing is allocated before
+/// the first write, and the step grows from 1 KiB, so an idle stream costs
+/// little memory.
 const WRITE_BUF: usize = 16 * 1024;
 
 /// Items the writer takes from its queue per write.
@@ -189,13 +191,25 @@ const WRITE_BATCH: usize = 128;
 struct WriteBatch {
     buf: BytesMut,
     chunks: Vec<Bytes>,
+    /// Size of the next allocation (doubling up to `WRITE_BUF`).
+    step: usize,
 }
 
 impl WriteBatch {
     fn new() -> Self {
         Self {
-            buf: BytesMut::with_capacity(WRITE_BUF),
-            chunks: Vec::with_capacity(8),
+            buf: BytesMut::new(),
+            chunks: Vec::new(),
+            step: 1024,
+        }
+    }
+
+    /// Room for `n` more bytes: none allocated while the current buffer
+    /// has room, else one allocation of at least the current step.
+    fn reserve(&mut self, n: usize) {
+        if self.buf.capacity() - self.buf.len() < n {
+            self.buf.reserve(n.max(self.step));
+            self.step = (self.step * 2).min(WRITE_BUF);
         }
     }
 
@@ -229,7 +243,7 @@ pub async fn write_loop(
     cancel: tokio_util::sync::CancellationToken,
     queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let mut batch: Vec<Out> = Vec::with_capacity(WRITE_BATCH);
+    let mut batch: Vec<Out> = Vec::new();
     let mut w = WriteBatch::new();
     loop {
         let n = tokio::select! {
@@ -254,7 +268,7 @@ pub async fn write_loop(
                 o => o.len(),
             })
             .sum();
-        w.buf.reserve(copied.max(1));
+        w.reserve(copied);
         for item in batch.drain(..) {
             match item {
                 Out::Frame(b) => w.bytes(b),
@@ -290,20 +304,24 @@ pub async fn write_loop(
 /// Encodes relay frames one after another into one buffer and hands each
 /// out as its own `Bytes` (one allocation for many small frames instead of
 /// a growing `Vec` per frame). The bytes are those of [`frame`].
+/// Nothing is allocated before the first frame; allocations grow from
+/// 512 bytes to 8 KiB.
 #[derive(Debug, Default)]
 pub struct FrameArena {
     buf: BytesMut,
+    step: usize,
 }
 
 impl FrameArena {
-    /// Smallest allocation.
+    /// Largest allocation.
     const CHUNK: usize = 8 * 1024;
 
     /// Encode `f` as a whole frame.
     pub fn frame(&mut self, f: &RelayToPeer<'_>) -> Bytes {
         use bytes::BufMut;
-        if self.buf.capacity() < 512 {
-            self.buf.reserve(Self::CHUNK);
+        if self.buf.capacity() < 256 {
+            self.step = (self.step * 2).clamp(512, Self::CHUNK);
+            self.buf.reserve(self.step);
         }
         self.buf.put_slice(&[0; codec::FRAME_HEADER_LEN]);
         let encoded =
