@@ -313,6 +313,33 @@ fn route_lookup(c: &mut Criterion) {
             rx.try_recv().expect("drain")
         })
     });
+    // The same work the way the relay does it since issue 4: the envelope
+    // stays a slice of the received frame behind a Deliver head (no frame
+    // encoding, no allocation), queued with try_send under the router lock.
+    let body = bytes::Bytes::from(f.send_frame[codec::FRAME_HEADER_LEN..].to_vec());
+    g.bench_function("relay_per_message_256B_deliver_head", |b| {
+        b.iter(|| {
+            let body = black_box(&body);
+            let envelope = match codec::decode::<PeerToRelay>(body).expect("decode") {
+                PeerToRelay::Send { envelope } => envelope,
+                other => panic!("unexpected {other:?}"),
+            };
+            let env = check_send(envelope, &ctx, &no_sig, SENT_AT_MS + 5).expect("check");
+            let envelope = body.slice_ref(env.bytes);
+            let head =
+                agent_link_relay::router::DeliverHead::new(token, f.key.as_bytes(), envelope.len())
+                    .expect("head");
+            router
+                .with_route(env.body.to.instance, env.body.to.agent, |target| {
+                    target
+                        .tx
+                        .try_send(agent_link_relay::router::Out::Deliver { head, envelope })
+                        .expect("queue")
+                })
+                .expect("route");
+            rx.try_recv().expect("drain")
+        })
+    });
     g.finish();
     drop(queues);
     drop(router);
