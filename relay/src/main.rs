@@ -70,14 +70,23 @@ enum Command {
         #[command(flatten)]
         dir: DirArg,
         /// Instance id (1-64 characters from A-Z a-z 0-9 . _ -)
-        #[arg(long)]
-        instance_id: String,
+        #[arg(long, required_unless_present = "batch")]
+        instance_id: Option<String>,
         /// The instance's public key (64 hex digits, from `agent-link whoami`)
-        #[arg(long)]
-        public_key: String,
+        #[arg(long, required_unless_present = "batch")]
+        public_key: Option<String>,
         /// Human-readable name
         #[arg(long)]
         name: Option<String>,
+        /// Register every `instance_id public_key_hex` line of FILE (`-`:
+        /// stdin) in one registry write: all of them, or none when any line
+        /// is refused
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with_all = ["instance_id", "public_key", "name"]
+        )]
+        batch: Option<PathBuf>,
     },
     /// Revoke an instance; a running relay closes its connections within 2 s.
     Revoke {
@@ -163,10 +172,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Register {
             dir,
+            batch: Some(file),
+            ..
+        } => register_batch(&dir.path(), &file),
+        Command::Register {
+            dir,
             instance_id,
             public_key,
             name,
+            batch: None,
         } => {
+            // clap requires both unless --batch is given.
+            let (Some(instance_id), Some(public_key)) = (instance_id, public_key) else {
+                return Err(Failure(
+                    2,
+                    "--instance-id and --public-key are required".into(),
+                ));
+            };
             let dir = dir.path();
             state::load(&dir)?;
             let key: agent_link_crypto::PublicKey = public_key
@@ -198,6 +220,82 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Instances { dir, json } => instances(&dir.path(), json),
+    }
+}
+
+/// `register --batch FILE`: parse every line first, then apply them all in
+/// one registry update (one lock, one rewrite of `registry.json`). Any bad
+/// line, or any registration the single `register` would refuse, leaves the
+/// registry untouched and names the line.
+fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
+    use std::io::Read;
+    state::load(dir)?;
+    let mut text = String::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text)
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut text))
+    };
+    read.map_err(|e| Failure(2, format!("--batch {}: {e}", file.display())))?;
+    let mut entries: Vec<(usize, String, agent_link_crypto::PublicKey)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [id, key] = fields[..] else {
+            return Err(Failure(
+                2,
+                format!(
+                    "--batch line {n}: expected `instance_id public_key_hex`, found {} fields; nothing registered",
+                    fields.len()
+                ),
+            ));
+        };
+        agent_link_proto::check_id(id)
+            .map_err(|e| Failure(2, format!("--batch line {n}: {e}; nothing registered")))?;
+        let key: agent_link_crypto::PublicKey = key.parse().map_err(|e| {
+            Failure(
+                2,
+                format!("--batch line {n}: public key: {e}; nothing registered"),
+            )
+        })?;
+        entries.push((n, id.to_string(), key));
+    }
+    let res = RegistryStore::new(dir)
+        .update(|r| {
+            let mut added = 0usize;
+            for (n, id, key) in &entries {
+                match r.register(id, key, id) {
+                    Ok(true) => added += 1,
+                    Ok(false) => {}
+                    Err(e) => return Err((*n, e)),
+                }
+            }
+            Ok(added)
+        })
+        .map_err(|e| Failure(1, e.to_string()))?;
+    match res {
+        Ok((added, _)) => {
+            println!(
+                "registered {added} new, {} already registered (same key)",
+                entries.len() - added
+            );
+            Ok(())
+        }
+        Err((n, e)) => {
+            let code = if matches!(e, RegisterError::BadId(_)) {
+                2
+            } else {
+                4
+            };
+            Err(Failure(
+                code,
+                format!("--batch line {n}: {e}; nothing registered"),
+            ))
+        }
     }
 }
 
