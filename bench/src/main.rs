@@ -25,6 +25,7 @@ mod progress;
 mod raw;
 mod relay_proc;
 mod report;
+mod scale;
 mod soak;
 mod svg;
 mod workload;
@@ -76,6 +77,10 @@ enum Cmd {
     /// id (sent, delivered, errored, duplicated, lost); exits 1 on any loss
     /// or duplicate
     Soak(soak::SoakArgs),
+    /// Connect many instances (default 10,000) to one relay, each with a
+    /// receiving agent; report relay memory per idle connection, the connect
+    /// rate, and a ring exchange among all of them
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -147,6 +152,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    if let Some(Cmd::Scale(args)) = cli.cmd {
+        return match rt.block_on(scale::run(args)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     if let Some(Cmd::Soak(args)) = cli.cmd {
         return match rt.block_on(soak::run(args)) {
             Ok(true) => std::process::ExitCode::SUCCESS,

@@ -36,6 +36,18 @@ impl RelayProcess {
     /// join token, as `agent-link init` does), then start serving on
     /// 127.0.0.1:0 and wait for its `listening on` line.
     pub fn start(bin: &Path, dir: &Path, config: &serde_json::Value) -> Result<Self> {
+        Self::start_with(bin, dir, config, |_| Ok(()))
+    }
+
+    /// As [`RelayProcess::start`], calling `before_run` with the initialised
+    /// state directory before the relay starts serving (e.g. to register
+    /// instances offline, so the relay loads them at start).
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        config: &serde_json::Value,
+        before_run: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
         let run = |args: &[&str]| -> Result<String> {
             let out = Command::new(bin)
                 .args(args)
@@ -62,6 +74,7 @@ impl RelayProcess {
             }
         }
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
+        before_run(dir)?;
         let mut child = Command::new(bin)
             .args(["run", "--dir", d])
             .env("RUST_LOG", "info")
@@ -131,11 +144,20 @@ impl ProcWatch {
 
     /// Peak resident set size in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Current resident set size in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.0))
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
+                    .find(|l| l.starts_with(field))
                     .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
             })
             .unwrap_or(0)

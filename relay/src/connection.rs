@@ -96,6 +96,19 @@ pub(crate) async fn handle(
     .await;
 }
 
+/// The next stream limit: double, and go straight to `max` when less than
+/// an eighth of it would be left. quinn only announces a raise (MAX_STREAMS)
+/// that grows the limit by more than an eighth of the new limit, so a last
+/// small step (64 → 68) would never reach the peer.
+fn next_stream_limit(current: usize, max: usize) -> usize {
+    let next = (current * 2).min(max);
+    if max - next <= max / 8 {
+        max
+    } else {
+        next
+    }
+}
+
 fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
     let certs = conn
         .peer_identity()?
@@ -245,6 +258,10 @@ async fn serve(
         agents: AtomicUsize::new(0),
     });
     let mut streams = JoinSet::new();
+    // See `server::initial_streams`: raise the stream limit before the
+    // peer runs into it (it waits one round trip if it does).
+    let max_streams = crate::server::max_streams(cfg) as usize;
+    let mut stream_limit = crate::server::initial_streams(cfg) as usize;
     if let Some((send, mut reader)) = control {
         reader.set_max(shared.config.max_frame());
         reader.set_frame_timeout(shared.config.frame_timeout());
@@ -261,6 +278,11 @@ async fn serve(
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(crate::stream::handle(shared.clone(), ctx.clone(), send, recv));
+                    while streams.try_join_next().is_some() {}
+                    if streams.len() + 2 >= stream_limit && stream_limit < max_streams {
+                        stream_limit = next_stream_limit(stream_limit, max_streams);
+                        conn.set_max_concurrent_bi_streams((stream_limit as u32).into());
+                    }
                 }
                 Err(e) => {
                     info!(%instance, "disconnected: {e}");
@@ -280,4 +302,26 @@ async fn serve(
     streams.abort_all();
     while streams.join_next().await.is_some() {}
     shared.router.remove_connection(&instance, conn_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_stream_limit;
+
+    #[test]
+    fn every_stream_limit_raise_is_large_enough_for_quinn_to_announce() {
+        for max in [5usize, 6, 8, 9, 10, 12, 17, 18, 68, 100, 1028] {
+            let mut limit = crate::server::initial_stream_limit(max as u32) as usize;
+            let mut steps = 0;
+            while limit < max {
+                let next = next_stream_limit(limit, max);
+                assert!(next > limit && next <= max, "{limit} -> {next} (max {max})");
+                // quinn: announced only when the raise exceeds next / 8.
+                assert!(next - limit > next / 8, "{limit} -> {next} (max {max})");
+                limit = next;
+                steps += 1;
+            }
+            assert!(steps <= 8);
+        }
+    }
 }

@@ -103,6 +103,33 @@ pub struct Relay {
     state: RelayState,
 }
 
+/// Streams a connection may have open at once: every agent plus control.
+pub(crate) fn max_streams(cfg: &RelayConfig) -> u32 {
+    cfg.max_agents_per_connection + 4
+}
+
+/// Streams a new connection may open before the relay raises the limit.
+pub(crate) fn initial_streams(cfg: &RelayConfig) -> u32 {
+    initial_stream_limit(max_streams(cfg))
+}
+
+/// 8, or `max` when 8 would leave less than an eighth of it (a raise that
+/// small would never be announced; see `connection::next_stream_limit`).
+pub(crate) fn initial_stream_limit(max: u32) -> u32 {
+    let first = max.min(8);
+    if max - first <= max / 8 {
+        max
+    } else {
+        first
+    }
+}
+
+/// Receive buffer asked for the relay's UDP socket (the kernel caps it at
+/// `net.core.rmem_max`). Thousands of peers handshaking or sending at once
+/// burst into this one socket; with the default (~208 KiB) the kernel drops
+/// datagrams and each drop costs a retransmission timeout.
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
 fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnError> {
     let cfg = &state.config;
     let tls = agent_link_crypto::tls::relay_server_config(&state.tls)
@@ -113,7 +140,11 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     let mut t = quinn::TransportConfig::default();
     // quinn's defaults let one connection pin hundreds of MB; every window
     // comes from the config instead.
-    t.max_concurrent_bidi_streams((cfg.max_agents_per_connection + 4).into());
+    // Streams start at a few and `connection::serve` raises the limit as a
+    // connection uses them, up to `max_streams(cfg)`: quinn keeps an entry
+    // per stream a peer may open, so the full limit up front cost ~5 KiB
+    // per connection that almost no connection uses.
+    t.max_concurrent_bidi_streams(initial_streams(cfg).into());
     t.max_concurrent_uni_streams(0u8.into());
     t.stream_receive_window(cfg.stream_receive_window.into());
     t.receive_window(cfg.receive_window.into());
@@ -151,6 +182,12 @@ impl Relay {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        match quinn::udp::UdpSocketState::new((&socket).into())
+            .and_then(|s| s.set_recv_buffer_size((&socket).into(), UDP_RECV_BUFFER))
+        {
+            Ok(()) => {}
+            Err(e) => warn!("could not enlarge the UDP receive buffer: {e}"),
+        }
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(state.reset_key.clone()));
         let cid_key = state.cid_key;
         endpoint_config.cid_generator(move || {
