@@ -62,7 +62,7 @@ impl FrameReader {
     pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
         Self {
             recv,
-            buf: BytesMut::with_capacity(8 * 1024),
+            buf: BytesMut::new(),
             max,
             frame_timeout: None,
         }
@@ -92,6 +92,21 @@ impl FrameReader {
                 let mut frame = self.buf.split_to(total);
                 let body = frame.split_off(codec::FRAME_HEADER_LEN);
                 return Ok(Some(body.freeze()));
+            }
+            if self.buf.is_empty() {
+                // Nothing buffered: hold no buffer while waiting, so an idle
+                // stream costs no memory here, and take quinn's next chunk
+                // as it comes (one copy into a fresh buffer per read, which
+                // usually holds many frames).
+                self.buf = BytesMut::new();
+                match self.recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => {
+                        self.buf.extend_from_slice(&chunk.bytes);
+                        continue;
+                    }
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(ReadError::Stream(e.into())),
+                }
             }
             // Grow only to what the (already checked) header declares.
             let want = match self.buf.get(..codec::FRAME_HEADER_LEN) {
