@@ -14,11 +14,13 @@
 //! because callers only report them.
 
 pub mod netns;
+pub mod proc_watch;
 pub mod proxy;
 pub mod relay_process;
 pub mod soak;
 
 pub use netns::{LossyNamespace, NetnsError};
+pub use proc_watch::ProcWatch;
 pub use proxy::{Impairment, ProxyStats, UdpProxy};
 pub use relay_process::RelayProcess;
 pub use soak::{FaultPlan, SoakConfig, SoakReport};

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::proc_watch::ProcWatch;
+
 /// How long a starting relay may take to report its address.
 const START_WAIT: Duration = Duration::from_secs(30);
 
@@ -165,36 +167,13 @@ impl RelayProcess {
         self.peak_rss_kib
     }
 
-    /// User + system CPU seconds of the current life.
-    pub fn cpu_seconds(&self) -> f64 {
-        let Some(c) = &self.child else { return 0.0 };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", c.id())) else {
-            return 0.0;
-        };
-        // utime and stime are fields 14 and 15; count after the `(comm)`.
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
-            .sum();
-        ticks / 100.0 // USER_HZ
+    /// CPU and memory readings of the current life (`None` while dead).
+    pub fn watch(&self) -> Option<ProcWatch> {
+        self.child.as_ref().map(|c| ProcWatch(c.id()))
     }
 
     fn observe_rss(&mut self) {
-        let Some(c) = &self.child else { return };
-        let kib = std::fs::read_to_string(format!("/proc/{}/status", c.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0);
+        let kib = self.watch().map_or(0, |w| w.peak_rss_kib());
         self.peak_rss_kib = self.peak_rss_kib.max(kib);
     }
 
