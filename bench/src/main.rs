@@ -165,7 +165,7 @@ fn main() -> std::process::ExitCode {
         return match rt.block_on(soak::run(args)) {
             Ok(true) => std::process::ExitCode::SUCCESS,
             Ok(false) => {
-                eprintln!("soak FAILED: messages lost, duplicated or without an outcome");
+                eprintln!("soak FAILED: messages lost, duplicated, without an outcome, or none got through");
                 std::process::ExitCode::from(1)
             }
             Err(e) => {

@@ -1,7 +1,8 @@
 //! `agent-link-bench soak`: run agents through a real relay for a set time
 //! under faults and reconcile every message id at the end (the engine lives
 //! in `agent-link-faults`, shared with the fault tests). Exits non-zero on
-//! any loss, duplicate, unexpected delivery or send without an outcome.
+//! any loss, duplicate, unexpected delivery or send without an outcome, or
+//! when nothing got through.
 
 use std::path::PathBuf;
 use std::time::Duration;

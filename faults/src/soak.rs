@@ -144,9 +144,11 @@ pub struct SoakReport {
 }
 
 impl SoakReport {
-    /// No loss, no duplicate, nothing unexpected, every send ended, no lie.
+    /// Something got through, and: no loss, no duplicate, nothing
+    /// unexpected, every send ended, no lie.
     pub fn is_clean(&self) -> bool {
-        self.lost == 0
+        self.receipts > 0
+            && self.lost == 0
             && self.duplicated == 0
             && self.unexpected == 0
             && self.unresolved == 0
@@ -216,7 +218,8 @@ impl SoakReport {
             if self.is_clean() {
                 "CLEAN: nothing lost, nothing duplicated".into()
             } else {
-                "FAILED: see lost / duplicated / unexpected / unresolved / refused".into()
+                "FAILED: see receipts / lost / duplicated / unexpected / unresolved / refused"
+                    .into()
             },
         );
         t
