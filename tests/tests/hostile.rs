@@ -60,6 +60,23 @@ async fn wrong_alpn_fails_the_handshake() {
 }
 
 #[tokio::test]
+async fn missing_alpn_fails_the_handshake() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let id = Identity::generate();
+    // Registered, so only the missing ALPN can be the reason.
+    relay.register("no-alpn", &id);
+    let tls_id = TlsIdentity::self_signed(&id, "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    cfg.alpn_protocols = Vec::new();
+    let ep = endpoint_with(cfg);
+    let r = tokio::time::timeout(WAIT, ep.connect(relay.addr, "agent-link-relay").unwrap())
+        .await
+        .expect("refused promptly, not a hang");
+    assert!(r.is_err(), "a connection without ALPN was accepted");
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
 async fn a_relay_with_another_certificate_is_refused_by_the_peer() {
     let (relay, a, b) = relay_and_bystander().await;
     let id = Identity::generate();
