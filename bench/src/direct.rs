@@ -98,13 +98,7 @@ pub async fn run(cfg: &RunCfg) -> Result<Figure> {
         for a in 0..topo.senders.agents {
             let agent = Names::sender_agent(a);
             let k = i * topo.senders.agents + a;
-            let targets: Vec<(String, String)> = topo.targets[k]
-                .iter()
-                .map(|&t| {
-                    let (ri, ra) = topo.receivers.locate(t);
-                    (names.receiver_instance(ri), Names::receiver_agent(ra))
-                })
-                .collect();
+            let targets = topo.target_names(k, &names);
             let pool = raw::sign_pool(&id, &fleet, (&instance, &agent), &targets, cfg.size, slots)?;
             ready.push((RawAgent::open(&conn).await?, pool));
         }

@@ -201,12 +201,10 @@ pub async fn run(cfg: &RunCfg, bin: &Path) -> Result<Figure> {
             let k = i * topo.senders.agents + a;
             let reply_to = subject(&names.sender_instance(i), &Names::sender_agent(a));
             let inbox = client.subscribe(reply_to.clone()).await?;
-            let targets = topo.targets[k]
+            let targets = topo
+                .target_names(k, &names)
                 .iter()
-                .map(|&t| {
-                    let (ri, ra) = topo.receivers.locate(t);
-                    subject(&names.receiver_instance(ri), &Names::receiver_agent(ra))
-                })
+                .map(|(instance, agent)| subject(instance, agent))
                 .collect();
             ready.push((client.clone(), inbox, reply_to, targets));
         }

@@ -81,6 +81,17 @@ impl Topology {
         }
     }
 
+    /// `(instance, agent)` of every receiver sender endpoint `k` sends to.
+    pub fn target_names(&self, k: usize, names: &Names) -> Vec<(String, String)> {
+        self.targets[k]
+            .iter()
+            .map(|&t| {
+                let (ri, ra) = self.receivers.locate(t);
+                (names.receiver_instance(ri), Names::receiver_agent(ra))
+            })
+            .collect()
+    }
+
     /// Label such as `pairs 4×1`.
     pub fn label(&self) -> String {
         let side = match self.workload {
