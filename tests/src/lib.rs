@@ -441,3 +441,21 @@ pub fn write_peer_dir(dir: &Path, instance_id: &str, identity: &Identity, token:
     };
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg).unwrap()).unwrap();
 }
+
+/// An `agent-link` instance `name`, initialised online against `relay` (as
+/// `agent-link init` does) and connected.
+pub async fn peer(relay: &TestRelay, name: &str) -> agent_link::AgentLink {
+    let dir = relay.dir.path().join(name);
+    agent_link::init(&dir, name, &relay.token, None)
+        .await
+        .unwrap();
+    agent_link::AgentLink::connect(&dir).await.unwrap()
+}
+
+/// The next message of `agent`, within [`WAIT`].
+pub async fn recv(agent: &mut agent_link::Agent) -> agent_link::Message {
+    tokio::time::timeout(WAIT, agent.recv())
+        .await
+        .expect("message in time")
+        .expect("agent still attached")
+}

@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_link::AgentLink;
 use agent_link_crypto::tls::{instance_client_config, instance_key_from_cert, TlsIdentity};
 use agent_link_crypto::{CryptoError, Domain, Identity};
 use agent_link_proto::{
@@ -481,22 +480,6 @@ async fn foreign_signatures_and_readdressed_messages_are_refused_by_a_verifying_
         cases.len() as u64
     );
     others_unaffected(&mut net).await;
-}
-
-/// A peer-library instance registered online.
-async fn peer(relay: &TestRelay, name: &str) -> AgentLink {
-    let dir = relay.dir.path().join(name);
-    agent_link::init(&dir, name, &relay.token, None)
-        .await
-        .unwrap();
-    AgentLink::connect(&dir).await.unwrap()
-}
-
-async fn recv(agent: &mut agent_link::Agent) -> agent_link::Message {
-    tokio::time::timeout(WAIT, agent.recv())
-        .await
-        .expect("message in time")
-        .expect("agent still attached")
 }
 
 async fn nothing_for(agent: &mut agent_link::Agent, case: &str) {

@@ -4,24 +4,8 @@
 
 use std::time::Duration;
 
-use agent_link::AgentLink;
 use agent_link_proto::{PeerToRelay, RelayToPeer};
 use agent_link_tests::*;
-
-async fn peer(relay: &TestRelay, name: &str) -> AgentLink {
-    let dir = relay.dir.path().join(name);
-    agent_link::init(&dir, name, &relay.token, None)
-        .await
-        .unwrap();
-    AgentLink::connect(&dir).await.unwrap()
-}
-
-async fn recv(agent: &mut agent_link::Agent) -> agent_link::Message {
-    tokio::time::timeout(WAIT, agent.recv())
-        .await
-        .expect("message in time")
-        .expect("stream open")
-}
 
 #[tokio::test]
 async fn two_instances_exchange_messages_both_ways_with_receipts() {
