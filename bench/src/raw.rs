@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_link_crypto::tls::{instance_client_config, TlsIdentity};
-use agent_link_crypto::{Domain, FleetKey, FleetSecret, Identity};
+use agent_link_crypto::{FleetKey, FleetSecret, Identity};
 use agent_link_proto::{
     codec, Address, EnvelopeBody, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer,
 };
@@ -88,10 +88,11 @@ impl RawConn {
                 b"",
             )
             .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
-        let pk = identity.public_key();
-        let proof = secret.key().tag(
-            Domain::RegisterProof,
-            &[&exporter, pk.as_bytes(), instance_id.as_bytes()],
+        let proof = agent_link_proto::register_proof(
+            &secret.key(),
+            &exporter,
+            &identity.public_key(),
+            instance_id,
         );
         let (mut send, recv) = self.conn.open_bi().await?;
         send.write_all(&codec::frame(&PeerToRelay::Register {

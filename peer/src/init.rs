@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use agent_link_crypto::{Domain, Identity, PublicKey};
+use agent_link_crypto::{Identity, PublicKey};
 use agent_link_proto::{codec, JoinToken, PeerToRelay, RelayToPeer};
 
 use crate::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
@@ -82,12 +82,13 @@ async fn register(
         b"",
     )
     .map_err(|_| LinkError::Other("TLS exporter unavailable".into()))?;
-    let pk = identity.public_key();
     // Bound to this TLS session and this key: a captured proof is useless
     // anywhere else.
-    let proof = join.secret.key().tag(
-        Domain::RegisterProof,
-        &[&exporter, pk.as_bytes(), instance_id.as_bytes()],
+    let proof = agent_link_proto::register_proof(
+        &join.secret.key(),
+        &exporter,
+        &identity.public_key(),
+        instance_id,
     );
     let fut = async {
         let fail = || wire::stream_failure(conn, "registration");

@@ -29,6 +29,7 @@ mod error;
 pub mod frames;
 mod ids;
 mod join;
+mod register;
 mod replay;
 
 pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};
@@ -36,6 +37,7 @@ pub use error::{ErrorCode, ProtoError};
 pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};
 pub use ids::{check_id, MAX_ID_LEN};
 pub use join::JoinToken;
+pub use register::{check_register_proof, register_proof};
 pub use replay::{ReplayVerdict, ReplayWindow};
 
 /// Protocol version carried in every envelope body (and in the ALPN).

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_link_crypto::{Domain, PublicKey};
+use agent_link_crypto::PublicKey;
 use agent_link_proto::{codec, ErrorCode, PeerToRelay, RelayToPeer};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
@@ -194,13 +194,7 @@ pub(crate) async fn register(
     .map_err(|_| ErrorCode::Internal)?;
     // The proof is bound to this TLS session (exporter) and this key, so a
     // captured proof cannot register another key or be replayed elsewhere.
-    shared
-        .fleet
-        .check(
-            Domain::RegisterProof,
-            &[&exporter, key.as_bytes(), instance_id.as_bytes()],
-            proof,
-        )
+    agent_link_proto::check_register_proof(&shared.fleet, &exporter, key, instance_id, proof)
         .map_err(|_| ErrorCode::BadProof)?;
     let store = shared.store.clone();
     let (id, name, k) = (instance_id.to_string(), name.to_string(), *key);

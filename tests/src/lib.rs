@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_link_crypto::tls::{instance_client_config, TlsIdentity};
-use agent_link_crypto::{Domain, FleetKey, FleetSecret, Identity};
+use agent_link_crypto::{FleetKey, FleetSecret, Identity};
 use agent_link_proto::{codec, Address, EnvelopeBody, JoinToken, PeerToRelay, RelayToPeer};
 use agent_link_relay::{Relay, RelayConfig, SpawnOptions};
 
@@ -263,10 +263,11 @@ impl RawClient {
                 b"",
             )
             .unwrap();
-        let pk = self.identity.public_key();
-        let proof = self.fleet.tag(
-            Domain::RegisterProof,
-            &[&exporter, pk.as_bytes(), instance_id.as_bytes()],
+        let proof = agent_link_proto::register_proof(
+            &self.fleet,
+            &exporter,
+            &self.identity.public_key(),
+            instance_id,
         );
         let mut s = self.open().await;
         s.write(&PeerToRelay::Register {
