@@ -183,6 +183,36 @@ fn codec_and_checks(c: &mut Criterion) {
         b.iter(|| verify_batch(black_box(&envs), &f.key))
     });
     g.finish();
+
+    // What a receiving agent pays per signature for the deliveries that
+    // arrived together (`verify_deliveries`: one checked batch), by how
+    // many arrived: the e2e figure depends on it. Distinct messages, so
+    // every signature has its own `R`.
+    let key = agent_link_crypto::CheckedKey::new(&f.key).expect("key");
+    let signed: Vec<(Vec<u8>, agent_link_crypto::Signature)> = (0..64u8)
+        .map(|i| {
+            let body = vec![i; PAYLOAD + 80];
+            let sig = f.identity.sign(Domain::EnvelopeSignature, &body);
+            (body, sig)
+        })
+        .collect();
+    let mut g = c.benchmark_group("receiver_batch");
+    for n in [1usize, 4, 16, 64] {
+        let items: Vec<_> = signed[..n]
+            .iter()
+            .map(|(m, s)| (&key, Domain::EnvelopeSignature, m.as_slice(), s))
+            .collect();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("verify_batch_checked_{n}x336B"), |b| {
+            b.iter(|| agent_link_crypto::verify_batch_checked(black_box(&items)).expect("batch"))
+        });
+    }
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("ed25519_sign_336B", |b| {
+        let body = vec![0x5a; PAYLOAD + 80];
+        b.iter(|| f.identity.sign(Domain::EnvelopeSignature, black_box(&body)))
+    });
+    g.finish();
 }
 
 /// One real loopback QUIC connection: `Router::add_connection` stores a

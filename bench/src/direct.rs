@@ -22,9 +22,17 @@ use crate::workload::{Names, Workload};
 fn server(identity: &Identity) -> Result<(quinn::Endpoint, [u8; 32])> {
     let tls = TlsIdentity::self_signed(identity, RELAY_SERVER_NAME)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(relay_server_config(&tls)?)?;
-    let endpoint = quinn::Endpoint::server(
-        quinn::ServerConfig::with_crypto(Arc::new(quic)),
-        "127.0.0.1:0".parse()?,
+    // Same datagram size as the relay's default and the peers', so the
+    // baseline differs from the relay path only by the hop.
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.mtu_discovery_config(Some(agent_link::mtu_discovery(agent_link::MAX_UDP_PAYLOAD)));
+    server.transport_config(Arc::new(t));
+    let endpoint = quinn::Endpoint::new(
+        agent_link::endpoint_config(),
+        Some(server),
+        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        Arc::new(quinn::TokioRuntime),
     )?;
     Ok((endpoint, tls.fingerprint()))
 }

@@ -46,10 +46,15 @@ pub fn client_endpoint(identity: &Identity, fingerprint: [u8; 32]) -> Result<qui
     let tls = instance_client_config(&tls_id, fingerprint)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    cfg.transport_config(Arc::new(t));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    // The library's own transport and endpoint settings: the ceiling
+    // measures the relay as peers see it.
+    cfg.transport_config(Arc::new(agent_link::client_transport_config()));
+    let mut endpoint = quinn::Endpoint::new(
+        agent_link::endpoint_config(),
+        None,
+        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
 }

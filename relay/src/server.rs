@@ -159,6 +159,12 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     // and fuller packets. Every agent stream's writer hands over whole
     // batches, so no stream waits behind another for more than one write.
     t.send_fairness(false);
+    // Path MTU discovery up to the configured datagram size (see
+    // `RelayConfig::max_udp_payload_size`): connections start at 1200 bytes
+    // and grow only once a probe of the larger size got through.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload_size);
+    t.mtu_discovery_config(Some(mtu));
     server.transport_config(Arc::new(t));
     // quinn sends an unvalidated address at most 3x what it received from it
     // (anti-amplification). The relay sends no Retry packets; the
@@ -189,6 +195,9 @@ impl Relay {
             Err(e) => warn!("could not enlarge the UDP receive buffer: {e}"),
         }
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(state.reset_key.clone()));
+        endpoint_config
+            .max_udp_payload_size(config.max_udp_payload_size)
+            .map_err(|e| SpawnError::Tls(format!("max_udp_payload_size: {e}")))?;
         let cid_key = state.cid_key;
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
