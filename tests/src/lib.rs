@@ -230,6 +230,24 @@ impl RawClient {
         })
     }
 
+    /// A client over a connection the caller made on `endpoint` (to try
+    /// other endpoint or transport settings).
+    pub fn from_parts(
+        endpoint: quinn::Endpoint,
+        conn: quinn::Connection,
+        identity: Identity,
+        instance: &str,
+        fleet: FleetKey,
+    ) -> Self {
+        Self {
+            conn,
+            identity,
+            fleet,
+            instance: instance.to_string(),
+            endpoint,
+        }
+    }
+
     /// Open a stream.
     pub async fn open(&self) -> RawStream {
         let (send, recv) = self.conn.open_bi().await.unwrap();

@@ -1,0 +1,91 @@
+//! Datagram size: the relay and peers let QUIC path MTU discovery grow
+//! packets up to `max_udp_payload_size` (default 8952) where the path
+//! allows, and no further than the relay's setting. On loopback (MTU 64 KiB)
+//! a peer's connection therefore grows past quinn's usual 1452-byte cap;
+//! with the relay configured for 1452 it stays there. Messages flow either
+//! way. (The 1500-byte veth of the packet-loss test in `faults.rs` covers a
+//! path that is smaller than the setting.)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_link_crypto::Identity;
+use agent_link_proto::RelayToPeer;
+use agent_link_tests::*;
+
+/// Connect as `instance` with the peer library's endpoint and transport
+/// settings, and return the connection's path MTU once discovery settled
+/// (or the limit of 5 s passed), after one message went through.
+async fn discovered_mtu(relay: &TestRelay) -> u16 {
+    let (a, b) = (Identity::generate(), Identity::generate());
+    relay.register("inst-a", &a);
+    relay.register("inst-b", &b);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut endpoint = quinn::Endpoint::new(
+        agent_link::endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
+    let mut cfg = client_config(&a, relay.token.fingerprint);
+    cfg.transport_config(Arc::new(agent_link::client_transport_config()));
+    endpoint.set_default_client_config(cfg);
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        endpoint
+            .connect(relay.addr, agent_link_crypto::tls::RELAY_SERVER_NAME)
+            .unwrap(),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    let sender = RawClient::from_parts(
+        endpoint,
+        conn.clone(),
+        a,
+        "inst-a",
+        relay.token.secret.key(),
+    );
+    let receiver = RawClient::connect(relay, b, "inst-b").await.unwrap();
+    let mut tx = sender.attach("tx", false).await;
+    let mut rx = receiver.attach("rx", true).await;
+    let env = sender.envelope(random_id(), "tx", "inst-b/rx", now_ms(), &[7u8; 4000]);
+    tx.send_envelope(&env).await;
+    let f = rx.read().await.expect("delivery");
+    assert!(
+        matches!(f.get(), RelayToPeer::Deliver { .. }),
+        "{:?}",
+        f.get()
+    );
+    // Discovery probes on its own schedule; bounded wait, 100 ms steps.
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut mtu = conn.stats().path.current_mtu;
+    while Instant::now() < until && mtu <= 1452 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mtu = conn.stats().path.current_mtu;
+    }
+    // Let a last probe (if any) settle before reading the final figure.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.stats().path.current_mtu.max(mtu)
+}
+
+#[tokio::test]
+async fn loopback_paths_grow_past_1452_bytes_up_to_the_relay_setting() {
+    init_tracing();
+    let relay = TestRelay::start(|_| {}).await;
+    let mtu = discovered_mtu(&relay).await;
+    assert!(
+        mtu > 1452 && mtu <= agent_link::MAX_UDP_PAYLOAD,
+        "path MTU {mtu}: expected discovery past 1452 up to {}",
+        agent_link::MAX_UDP_PAYLOAD
+    );
+}
+
+#[tokio::test]
+async fn a_relay_configured_for_1452_bytes_keeps_peers_there() {
+    init_tracing();
+    let relay = TestRelay::start(|c| c.max_udp_payload_size = 1452).await;
+    let mtu = discovered_mtu(&relay).await;
+    assert!(mtu <= 1452, "path MTU {mtu} exceeds the relay's 1452");
+}
