@@ -31,7 +31,7 @@ fn server(identity: &Identity) -> Result<(quinn::Endpoint, [u8; 32])> {
     let endpoint = quinn::Endpoint::new(
         agent_link::endpoint_config(),
         Some(server),
-        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        agent_link::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     Ok((endpoint, tls.fingerprint()))

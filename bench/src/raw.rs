@@ -52,7 +52,7 @@ pub fn client_endpoint(identity: &Identity, fingerprint: [u8; 32]) -> Result<qui
     let mut endpoint = quinn::Endpoint::new(
         agent_link::endpoint_config(),
         None,
-        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        agent_link::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     endpoint.set_default_client_config(cfg);

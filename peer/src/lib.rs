@@ -37,4 +37,7 @@ pub use agent_link_proto::{ErrorCode, InstanceStatus, JoinToken};
 pub use error::{exit_code_of, LinkError, SendError};
 pub use init::init;
 pub use link::{Agent, AgentLink, Message, Receipt, StatusReport, OUTBOX_LIMIT};
-pub use wire::{client_transport_config, endpoint_config, mtu_discovery, MAX_UDP_PAYLOAD};
+pub use wire::{
+    client_transport_config, endpoint_config, mtu_discovery, udp_socket, MAX_UDP_PAYLOAD,
+    UDP_RECV_BUFFER,
+};

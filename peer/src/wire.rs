@@ -32,7 +32,7 @@ pub fn endpoint(
         .parse()
         .map_err(|_| LinkError::Other("bind address".into()))?;
     let socket_err = |e: std::io::Error| LinkError::Other(format!("UDP socket: {e}"));
-    let socket = std::net::UdpSocket::bind(bind).map_err(socket_err)?;
+    let socket = udp_socket(bind).map_err(socket_err)?;
     let mut ep = quinn::Endpoint::new(
         endpoint_config(),
         None,
@@ -73,6 +73,26 @@ pub fn mtu_discovery(max: u16) -> quinn::MtuDiscoveryConfig {
     let mut d = quinn::MtuDiscoveryConfig::default();
     d.upper_bound(max);
     d
+}
+
+/// Receive buffer asked for a peer's UDP socket (the kernel caps it at
+/// `net.core.rmem_max`). The relay forwards a burst of large messages in
+/// datagrams much faster than a busy peer process may read them; with the
+/// default (~208 KiB) the kernel drops the overflow, each drop costs a QUIC
+/// retransmission and halves the congestion window: 64 KiB messages moved
+/// at a fraction of what the path carries.
+pub const UDP_RECV_BUFFER: usize = 2 << 20;
+
+/// A UDP socket bound to `addr` with the receive buffer a peer wants (see
+/// [`UDP_RECV_BUFFER`]); a kernel that refuses the size leaves its default.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if let Err(e) = quinn::udp::UdpSocketState::new((&socket).into())
+        .and_then(|s| s.set_recv_buffer_size((&socket).into(), UDP_RECV_BUFFER))
+    {
+        tracing::debug!("could not enlarge the UDP receive buffer: {e}");
+    }
+    Ok(socket)
 }
 
 /// Endpoint settings of a peer: datagrams up to [`MAX_UDP_PAYLOAD`] accepted.

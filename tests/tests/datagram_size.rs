@@ -20,7 +20,7 @@ async fn discovered_mtu(relay: &TestRelay) -> u16 {
     let (a, b) = (Identity::generate(), Identity::generate());
     relay.register("inst-a", &a);
     relay.register("inst-b", &b);
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let socket = agent_link::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut endpoint = quinn::Endpoint::new(
         agent_link::endpoint_config(),
         None,
