@@ -1,5 +1,5 @@
 //! Datagram size: the relay and peers let QUIC path MTU discovery grow
-//! packets up to `max_udp_payload_size` (default 8952) where the path
+//! packets up to `max_udp_payload_size` (default 4096) where the path
 //! allows, and no further than the relay's setting. On loopback (MTU 64 KiB)
 //! a peer's connection therefore grows past quinn's usual 1452-byte cap;
 //! with the relay configured for 1452 it stays there. Messages flow either
