@@ -75,14 +75,18 @@ impl RelayUnderTest {
 
 /// Limits of the bench's own relay: room for the load, not a tuned relay.
 pub fn bench_relay_config(cfg: &RunCfg) -> serde_json::Value {
-    serde_json::json!({
+    let mut c = serde_json::json!({
         "max_message_size": (cfg.size as u64 + 1024).max(1 << 20),
         "agent_queue_len": (cfg.window * 4).max(1024),
         "rate_per_instance": 10_000_000u64,
         "rate_burst": 1_000_000u64,
         "handshakes_per_sec": 100_000u64,
         "max_agents_per_connection": (cfg.topo.senders.agents.max(cfg.topo.receivers.agents) as u64).max(64),
-    })
+    });
+    if let Some(m) = cfg.max_udp_payload {
+        c["max_udp_payload_size"] = m.into();
+    }
+    c
 }
 
 /// Unique ids per run, so runs against a long-lived relay never collide.

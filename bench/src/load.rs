@@ -169,6 +169,8 @@ pub struct RunCfg {
     pub size: usize,
     pub warmup: Duration,
     pub duration: Duration,
+    /// The started relay's `max_udp_payload_size`, when not its default.
+    pub max_udp_payload: Option<u16>,
 }
 
 impl RunCfg {

@@ -118,6 +118,10 @@ pub(crate) struct Args {
     /// The relay binary (default: beside this one, then PATH)
     #[arg(long)]
     relay_bin: Option<PathBuf>,
+    /// The started relay's `max_udp_payload_size` (default: the relay's
+    /// default, 1452); 4096 lets loopback packets carry ~3x the messages
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
     /// Measure a running relay at this address instead of starting one
     /// (needs --join; relay CPU and memory are then not reported)
     #[arg(long, requires = "join")]
@@ -252,6 +256,7 @@ async fn run(args: Args) -> Result<()> {
             size,
             warmup: Duration::from_secs(args.warmup),
             duration: Duration::from_secs(args.duration),
+            max_udp_payload: args.max_udp_payload,
         };
         if matches!(args.mode, Mode::Ceiling | Mode::Both | Mode::All) {
             figures.push(

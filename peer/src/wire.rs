@@ -44,16 +44,17 @@ pub fn endpoint(
     Ok(ep)
 }
 
-/// Largest UDP payload a peer accepts and probes the path for. QUIC starts
-/// every connection at 1200 bytes and path MTU discovery only raises the
-/// size once a probe of it got through, so on an ordinary 1500-byte network
-/// nothing changes; where the path allows more (a jumbo-frame LAN, a relay
-/// on the same host) each packet carries about three times as many small
-/// messages, and per-packet work (encryption, ACKs, system calls) is most
-/// of what moving a small message costs. (quinn's default stops at 1452.)
-/// Measured on loopback, 256-byte messages gain as much at 4096 as at 8952,
-/// while every larger probe and packet buffer costs connect time and idle
-/// memory per connection (README, Performance).
+/// Largest UDP payload a peer accepts and probes the path for; what a
+/// connection actually uses is also capped by the relay's
+/// `max_udp_payload_size` (default 1452, quinn's), so the relay's operator
+/// decides. QUIC starts every connection at 1200 bytes and path MTU
+/// discovery only raises the size once a probe of it got through. Where the
+/// relay allows more and the path carries it (same host, jumbo frames),
+/// each packet holds about three times as many small messages, and
+/// per-packet work (encryption, ACKs, system calls) is most of what moving
+/// a small message costs. On loopback 256-byte messages gained as much at
+/// 4096 as at 8952, while larger probes and packet buffers cost connect
+/// time and idle memory (README, Performance).
 pub const MAX_UDP_PAYLOAD: u16 = 4096;
 
 /// The QUIC transport settings of a peer's connection to the relay (the

@@ -61,13 +61,16 @@ pub struct RelayConfig {
     pub receive_window: u32,
     /// QUIC per-connection send window, bytes.
     pub send_window: u64,
-    /// Largest UDP payload the relay accepts and probes paths for (QUIC
-    /// path MTU discovery's upper bound). Connections start at 1200 bytes
-    /// and grow only as far as the path lets probes through, so a larger
-    /// value costs nothing on 1500-byte networks; where the path allows
-    /// more (jumbo frames, same-host peers) packets carry more messages.
-    /// Default 4096: on loopback small messages gained as much as at 8952,
-    /// with less connect-time probing and idle memory per connection.
+    /// Largest UDP payload the relay accepts and lets QUIC path MTU
+    /// discovery probe for, in both directions of every connection (peers
+    /// take up to 4096, `agent_link::MAX_UDP_PAYLOAD`). The default, 1452,
+    /// is quinn's and fits any 1500-byte path. Where the paths carry more
+    /// (peers on the same host, a jumbo-frame LAN), 4096 puts about three
+    /// times as many small messages in a packet: on loopback the 10-pair
+    /// ceiling went from 186k to 260k msg/s and relay CPU from 5.2 to
+    /// 3.6 µs per message. It costs ~3 KiB more per idle connection, about
+    /// four probes per connection and direction, and it halved the
+    /// 10,000-instance one-in-flight exchange here; hence opt-in.
     pub max_udp_payload_size: u16,
 }
 
@@ -94,7 +97,7 @@ impl Default for RelayConfig {
             stream_receive_window: (1 << 20) + (64 << 10),
             receive_window: 8 << 20,
             send_window: 8 << 20,
-            max_udp_payload_size: 4096,
+            max_udp_payload_size: 1452,
         }
     }
 }

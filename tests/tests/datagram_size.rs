@@ -1,10 +1,8 @@
-//! Datagram size: the relay and peers let QUIC path MTU discovery grow
-//! packets up to `max_udp_payload_size` (default 4096) where the path
-//! allows, and no further than the relay's setting. On loopback (MTU 64 KiB)
-//! a peer's connection therefore grows past quinn's usual 1452-byte cap;
-//! with the relay configured for 1452 it stays there. Messages flow either
-//! way. (The 1500-byte veth of the packet-loss test in `faults.rs` covers a
-//! path that is smaller than the setting.)
+//! Datagram size: QUIC path MTU discovery grows packets no further than the
+//! relay's `max_udp_payload_size` (default 1452, quinn's) and the peers'
+//! `MAX_UDP_PAYLOAD` (4096). With the default a peer's connection stays at
+//! 1452 bytes; with the relay set to 4096 it grows past 1452 on loopback
+//! (MTU 64 KiB). Messages flow either way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,9 +69,9 @@ async fn discovered_mtu(relay: &TestRelay) -> u16 {
 }
 
 #[tokio::test]
-async fn loopback_paths_grow_past_1452_bytes_up_to_the_relay_setting() {
+async fn with_the_relay_set_to_4096_loopback_paths_grow_past_1452_bytes() {
     init_tracing();
-    let relay = TestRelay::start(|_| {}).await;
+    let relay = TestRelay::start(|c| c.max_udp_payload_size = 4096).await;
     let mtu = discovered_mtu(&relay).await;
     assert!(
         mtu > 1452 && mtu <= agent_link::MAX_UDP_PAYLOAD,
@@ -83,9 +81,9 @@ async fn loopback_paths_grow_past_1452_bytes_up_to_the_relay_setting() {
 }
 
 #[tokio::test]
-async fn a_relay_configured_for_1452_bytes_keeps_peers_there() {
+async fn by_default_peers_stay_at_1452_bytes() {
     init_tracing();
-    let relay = TestRelay::start(|c| c.max_udp_payload_size = 1452).await;
+    let relay = TestRelay::start(|_| {}).await;
     let mtu = discovered_mtu(&relay).await;
     assert!(mtu <= 1452, "path MTU {mtu} exceeds the relay's 1452");
 }
