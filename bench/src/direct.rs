@@ -18,18 +18,25 @@ use crate::raw::{self, now_ms, RawAgent};
 use crate::report::{Figure, System};
 use crate::workload::{Names, Workload};
 
+/// The relay's default `max_udp_payload_size` (quinn's discovery bound).
+const RELAY_DEFAULT_UDP_PAYLOAD: u16 = 1452;
+
 /// A receiving instance's server endpoint and its certificate fingerprint.
-fn server(identity: &Identity) -> Result<(quinn::Endpoint, [u8; 32])> {
+/// It takes and probes for datagrams of at most `max_udp` bytes, as the relay
+/// of a run with the same `--max-udp-payload` would.
+fn server(identity: &Identity, max_udp: u16) -> Result<(quinn::Endpoint, [u8; 32])> {
     let tls = TlsIdentity::self_signed(identity, RELAY_SERVER_NAME)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(relay_server_config(&tls)?)?;
-    // Same datagram size as the relay's default and the peers', so the
-    // baseline differs from the relay path only by the hop.
+    // The same datagram size as the relay path of the run, so the baseline
+    // differs from it only by the hop.
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
-    t.mtu_discovery_config(Some(agent_link::mtu_discovery(agent_link::MAX_UDP_PAYLOAD)));
+    t.mtu_discovery_config(Some(agent_link::mtu_discovery(max_udp)));
     server.transport_config(Arc::new(t));
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config.max_udp_payload_size(max_udp)?;
     let endpoint = quinn::Endpoint::new(
-        agent_link::endpoint_config(),
+        endpoint_config,
         Some(server),
         agent_link::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
@@ -86,7 +93,8 @@ pub async fn run(cfg: &RunCfg) -> Result<Figure> {
     let mut servers = Vec::new();
     let mut serving = tokio::task::JoinSet::new();
     for _ in 0..topo.receivers.instances {
-        let (endpoint, fp) = server(&Identity::generate())?;
+        let max_udp = cfg.max_udp_payload.unwrap_or(RELAY_DEFAULT_UDP_PAYLOAD);
+        let (endpoint, fp) = server(&Identity::generate(), max_udp)?;
         servers.push((endpoint.local_addr()?, fp));
         serving.spawn(serve(endpoint));
     }
@@ -131,4 +139,15 @@ pub async fn run(cfg: &RunCfg) -> Result<Figure> {
     }
     serving.abort_all();
     Ok(Figure::new(System::Direct, &cfg.info(), &out, None))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_baseline_assumes_the_relays_default_datagram_size() {
+        assert_eq!(
+            super::RELAY_DEFAULT_UDP_PAYLOAD,
+            agent_link_relay::RelayConfig::default().max_udp_payload_size
+        );
+    }
 }
