@@ -70,13 +70,12 @@ pub fn client_transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Path MTU discovery up to `max` bytes of UDP payload, in steps of at
-/// least 256 bytes (quinn's default of 20 costs about seven probes per
-/// connection and direction instead of four; the last few bytes are not
-/// worth the connect-time traffic when thousands of peers reconnect at once).
+/// Path MTU discovery up to `max` bytes of UDP payload (quinn's other
+/// discovery settings as they are: its binary search in steps of at least
+/// 20 bytes still reaches 1452 from 1200; coarser steps would not).
 pub fn mtu_discovery(max: u16) -> quinn::MtuDiscoveryConfig {
     let mut d = quinn::MtuDiscoveryConfig::default();
-    d.upper_bound(max).minimum_change(256);
+    d.upper_bound(max);
     d
 }
 

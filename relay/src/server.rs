@@ -162,10 +162,8 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     // Path MTU discovery up to the configured datagram size (see
     // `RelayConfig::max_udp_payload_size`): connections start at 1200 bytes
     // and grow only once a probe of the larger size got through.
-    // Steps of at least 256 bytes, as peers do (`agent_link::mtu_discovery`).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(cfg.max_udp_payload_size)
-        .minimum_change(256);
+    mtu.upper_bound(cfg.max_udp_payload_size);
     t.mtu_discovery_config(Some(mtu));
     server.transport_config(Arc::new(t));
     // quinn sends an unvalidated address at most 3x what it received from it

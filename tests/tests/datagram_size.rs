@@ -11,10 +11,10 @@ use agent_link_crypto::Identity;
 use agent_link_proto::RelayToPeer;
 use agent_link_tests::*;
 
-/// Connect as `instance` with the peer library's endpoint and transport
-/// settings, and return the connection's path MTU once discovery settled
-/// (or the limit of 5 s passed), after one message went through.
-async fn discovered_mtu(relay: &TestRelay) -> u16 {
+/// Connect with the peer library's endpoint and transport settings, send
+/// one message through, and return the connection's path MTU once it
+/// exceeds `until_above` (or after 5 s).
+async fn discovered_mtu(relay: &TestRelay, until_above: u16) -> u16 {
     let (a, b) = (Identity::generate(), Identity::generate());
     relay.register("inst-a", &a);
     relay.register("inst-b", &b);
@@ -59,7 +59,7 @@ async fn discovered_mtu(relay: &TestRelay) -> u16 {
     // Discovery probes on its own schedule; bounded wait, 100 ms steps.
     let until = Instant::now() + Duration::from_secs(5);
     let mut mtu = conn.stats().path.current_mtu;
-    while Instant::now() < until && mtu <= 1452 {
+    while Instant::now() < until && mtu <= until_above {
         tokio::time::sleep(Duration::from_millis(100)).await;
         mtu = conn.stats().path.current_mtu;
     }
@@ -72,7 +72,7 @@ async fn discovered_mtu(relay: &TestRelay) -> u16 {
 async fn with_the_relay_set_to_4096_loopback_paths_grow_past_1452_bytes() {
     init_tracing();
     let relay = TestRelay::start(|c| c.max_udp_payload_size = 4096).await;
-    let mtu = discovered_mtu(&relay).await;
+    let mtu = discovered_mtu(&relay, 1452).await;
     assert!(
         mtu > 1452 && mtu <= agent_link::MAX_UDP_PAYLOAD,
         "path MTU {mtu}: expected discovery past 1452 up to {}",
@@ -81,9 +81,14 @@ async fn with_the_relay_set_to_4096_loopback_paths_grow_past_1452_bytes() {
 }
 
 #[tokio::test]
-async fn by_default_peers_stay_at_1452_bytes() {
+async fn by_default_peers_reach_1452_bytes_and_stay_there() {
     init_tracing();
     let relay = TestRelay::start(|_| {}).await;
-    let mtu = discovered_mtu(&relay).await;
-    assert!(mtu <= 1452, "path MTU {mtu} exceeds the relay's 1452");
+    let mtu = discovered_mtu(&relay, 1431).await;
+    // Discovery must still run (QUIC starts at 1200) and stop at the relay's
+    // setting: quinn's search lands within 20 bytes of the bound.
+    assert!(
+        (1432..=1452).contains(&mtu),
+        "path MTU {mtu}: expected discovery up to the relay's 1452"
+    );
 }
