@@ -67,10 +67,11 @@ pub struct RelayConfig {
     /// is quinn's and fits any 1500-byte path. Where the paths carry more
     /// (peers on the same host, a jumbo-frame LAN), 4096 puts about three
     /// times as many small messages in a packet: on loopback the 10-pair
-    /// ceiling went from 186k to 260k msg/s and relay CPU from 5.2 to
-    /// 3.6 µs per message. It costs ~3 KiB more per idle connection, about
-    /// four probes per connection and direction, and it halved the
-    /// 10,000-instance one-in-flight exchange here; hence opt-in.
+    /// ceiling went from 184k to 351k msg/s and relay CPU from 5.35 to
+    /// 2.80 µs per message (README, Performance). It costs ~3 KiB more per
+    /// idle connection and a few probes per connection and direction, and
+    /// it slowed the 10,000-instance one-in-flight exchange here; hence
+    /// opt-in.
     pub max_udp_payload_size: u16,
 }
 
