@@ -1,7 +1,7 @@
 //! Datagram size: QUIC path MTU discovery grows packets no further than the
 //! relay's `max_udp_payload_size` (default 1452, quinn's) and the peers'
-//! `MAX_UDP_PAYLOAD` (4096). With the default a peer's connection stays at
-//! 1452 bytes; with the relay set to 4096 it grows past 1452 on loopback
+//! `MAX_UDP_PAYLOAD` (4096). With the default a peer's connection reaches
+//! 1452 bytes and no more; with the relay set to 4096 it grows past 1452 on loopback
 //! (MTU 64 KiB). Messages flow either way.
 
 use std::sync::Arc;
