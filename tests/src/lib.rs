@@ -216,6 +216,18 @@ impl RawClient {
     ) -> anyhow::Result<Self> {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())?;
         endpoint.set_default_client_config(client_config(&identity, fingerprint));
+        Self::connect_on(endpoint, addr, fleet, identity, instance).await
+    }
+
+    /// Connect to `addr` on `endpoint`, whose default client config the
+    /// caller set (to try other endpoint or transport settings).
+    pub async fn connect_on(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        fleet: FleetKey,
+        identity: Identity,
+        instance: &str,
+    ) -> anyhow::Result<Self> {
         let conn = tokio::time::timeout(
             WAIT,
             endpoint.connect(addr, agent_link_crypto::tls::RELAY_SERVER_NAME)?,
@@ -228,24 +240,6 @@ impl RawClient {
             instance: instance.to_string(),
             endpoint,
         })
-    }
-
-    /// A client over a connection the caller made on `endpoint` (to try
-    /// other endpoint or transport settings).
-    pub fn from_parts(
-        endpoint: quinn::Endpoint,
-        conn: quinn::Connection,
-        identity: Identity,
-        instance: &str,
-        fleet: FleetKey,
-    ) -> Self {
-        Self {
-            conn,
-            identity,
-            fleet,
-            instance: instance.to_string(),
-            endpoint,
-        }
     }
 
     /// Open a stream.

@@ -29,22 +29,10 @@ async fn discovered_mtu(relay: &TestRelay, until_above: u16) -> u16 {
     let mut cfg = client_config(&a, relay.token.fingerprint);
     cfg.transport_config(Arc::new(agent_link::client_transport_config()));
     endpoint.set_default_client_config(cfg);
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        endpoint
-            .connect(relay.addr, agent_link_crypto::tls::RELAY_SERVER_NAME)
-            .unwrap(),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("handshake");
-    let sender = RawClient::from_parts(
-        endpoint,
-        conn.clone(),
-        a,
-        "inst-a",
-        relay.token.secret.key(),
-    );
+    let sender = RawClient::connect_on(endpoint, relay.addr, relay.token.secret.key(), a, "inst-a")
+        .await
+        .expect("handshake");
+    let conn = sender.conn.clone();
     let receiver = RawClient::connect(relay, b, "inst-b").await.unwrap();
     let mut tx = sender.attach("tx", false).await;
     let mut rx = receiver.attach("rx", true).await;
