@@ -260,42 +260,39 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let mut c = RelayConfig {
-            max_message_size: 0,
-            ..RelayConfig::default()
+        let refused_naming = |c: RelayConfig, field: &str| {
+            let err = c.validate("f").unwrap_err().to_string();
+            assert!(err.contains(field), "{err} does not name {field}");
         };
-        assert!(c
-            .validate("f")
-            .unwrap_err()
-            .to_string()
-            .contains("max_message_size"));
-        c = RelayConfig {
-            keep_alive_secs: 40,
-            ..RelayConfig::default()
-        };
-        assert!(c
-            .validate("f")
-            .unwrap_err()
-            .to_string()
-            .contains("keep_alive_secs"));
-        c = RelayConfig {
-            frame_timeout_secs: 0,
-            ..RelayConfig::default()
-        };
-        assert!(c
-            .validate("f")
-            .unwrap_err()
-            .to_string()
-            .contains("frame_timeout_secs"));
-        c = RelayConfig {
-            max_udp_payload_size: 1199,
-            ..RelayConfig::default()
-        };
-        assert!(c
-            .validate("f")
-            .unwrap_err()
-            .to_string()
-            .contains("max_udp_payload_size"));
+        let d = RelayConfig::default;
+        refused_naming(
+            RelayConfig {
+                max_message_size: 0,
+                ..d()
+            },
+            "max_message_size",
+        );
+        refused_naming(
+            RelayConfig {
+                keep_alive_secs: 40,
+                ..d()
+            },
+            "keep_alive_secs",
+        );
+        refused_naming(
+            RelayConfig {
+                frame_timeout_secs: 0,
+                ..d()
+            },
+            "frame_timeout_secs",
+        );
+        refused_naming(
+            RelayConfig {
+                max_udp_payload_size: 1199,
+                ..d()
+            },
+            "max_udp_payload_size",
+        );
         let err = serde_json::from_str::<RelayConfig>(r#"{"lisen": "1.2.3.4:5"}"#).unwrap_err();
         assert!(err.to_string().contains("lisen"));
     }
