@@ -97,6 +97,11 @@ pub enum PeerToRelay<'a> {
         id: [u8; 16],
         code: ErrorCode,
     },
+    /// 6 — agent stream: this agent stops receiving. The relay removes the
+    /// stream's receiving route and answers `Detached` after every delivery
+    /// already queued for it, so the peer can refuse those (`Nack`) instead
+    /// of leaving their senders to time out (PROTOCOL.md §9.6).
+    Detach,
 }
 
 /// Frames the relay sends to a peer.
@@ -130,6 +135,8 @@ pub enum RelayToPeer<'a> {
     /// 6 — any stream: a stream- or connection-level refusal; the relay
     /// closes the stream (or the connection) after it.
     Error { code: ErrorCode },
+    /// 7 — agent stream: answer to `Detach`; no delivery follows it.
+    Detached,
 }
 
 #[cfg(test)]

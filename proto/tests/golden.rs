@@ -104,7 +104,7 @@ fn envelope_vector() {
 
 /// Every vector file this test writes; a stray or missing file fails
 /// `vector_files_are_exactly_these`.
-const VECTORS: [&str; 18] = [
+const VECTORS: [&str; 20] = [
     "envelope",
     "envelope_body",
     "public_key",
@@ -116,6 +116,7 @@ const VECTORS: [&str; 18] = [
     "frame_send",
     "frame_ack",
     "frame_nack",
+    "frame_detach",
     "frame_registered",
     "frame_status",
     "frame_attached",
@@ -123,6 +124,7 @@ const VECTORS: [&str; 18] = [
     "frame_receipt",
     "frame_failed",
     "frame_error",
+    "frame_detached",
 ];
 
 fn protocol_md() -> String {
@@ -265,6 +267,7 @@ fn peer_frames(env: &[u8]) -> Vec<(&'static str, PeerToRelay<'_>)> {
                 code: ErrorCode::KeyChanged,
             },
         ),
+        ("frame_detach", PeerToRelay::Detach),
     ]
 }
 
@@ -320,6 +323,7 @@ fn relay_frames(env: &[u8]) -> Vec<(&'static str, RelayToPeer<'_>)> {
                 code: ErrorCode::NotRegistered,
             },
         ),
+        ("frame_detached", RelayToPeer::Detached),
     ]
 }
 

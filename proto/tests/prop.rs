@@ -275,7 +275,7 @@ fn peer_borrows<'a>(f: &PeerToRelay<'a>) -> Vec<&'a [u8]> {
         PeerToRelay::Register {
             instance_id, name, ..
         } => vec![instance_id.as_bytes(), name.as_bytes()],
-        PeerToRelay::StatusRequest | PeerToRelay::Nack { .. } => vec![],
+        PeerToRelay::StatusRequest | PeerToRelay::Nack { .. } | PeerToRelay::Detach => vec![],
         PeerToRelay::Attach { agent, .. } => vec![agent.as_bytes()],
         PeerToRelay::Send { envelope } => vec![envelope],
         PeerToRelay::Ack { receipt, .. } => {

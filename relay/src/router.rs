@@ -156,6 +156,18 @@ struct Inner {
     streams: HashMap<u64, StreamHandle>,
 }
 
+impl Inner {
+    /// Drop `agent`'s receiving route if the stream `token` still holds it
+    /// (a newer attach may have taken it over).
+    fn remove_receiver(&mut self, token: u64, instance: &str, agent: &str) {
+        if let Some(e) = self.instances.get_mut(instance) {
+            if e.receivers.get(agent).is_some_and(|h| h.token == token) {
+                e.receivers.remove(agent);
+            }
+        }
+    }
+}
+
 /// The routing table.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -222,11 +234,7 @@ impl Router {
         let mut g = self.lock();
         g.streams.remove(&token);
         if let Some((instance, agent)) = receiving {
-            if let Some(e) = g.instances.get_mut(instance) {
-                if e.receivers.get(agent).is_some_and(|h| h.token == token) {
-                    e.receivers.remove(agent);
-                }
-            }
+            g.remove_receiver(token, instance, agent);
         }
     }
 
@@ -236,6 +244,12 @@ impl Router {
     /// one connection: a peer that gave up waiting on an attach and opened
     /// another stream must not be displaced by its own older attach that
     /// the relay happened to process later.
+    /// Stop routing deliveries for `agent` of `instance` to the stream
+    /// `token` (it detached); the stream stays known for its replies.
+    pub fn detach_receiver(&self, token: u64, instance: &str, agent: &str) {
+        self.lock().remove_receiver(token, instance, agent);
+    }
+
     pub fn attach_receiver(
         &self,
         instance: &str,

@@ -155,7 +155,7 @@ async fn agent_stream(
     };
     let writer = write_loop(send, rx, cancel.clone(), queued_bytes);
     tokio::pin!(writer);
-    let reading = read_loop(&shared, &ctx, &agent, token, tx, reader, &cancel);
+    let reading = read_loop(&shared, &ctx, &agent, receive, token, tx, reader, &cancel);
     tokio::select! {
         _ = reading => {
             shared.router.remove_stream(token, receive.then_some((ctx.instance.as_str(), agent.as_str())));
@@ -187,6 +187,7 @@ async fn read_loop(
     shared: &Shared,
     ctx: &ConnCtx,
     agent: &str,
+    receive: bool,
     token: u64,
     tx: mpsc::Sender<Out>,
     mut reader: FrameReader,
@@ -274,6 +275,15 @@ async fn read_loop(
                         arena.frame(&RelayToPeer::Failed { id, code }),
                     )
                     .await;
+                }
+                Ok(PeerToRelay::Detach) => {
+                    // Unroutable first, then `Detached` behind every delivery
+                    // already queued: whatever the peer reads before it, it
+                    // can still refuse by name (PROTOCOL.md §9.6).
+                    if receive {
+                        shared.router.detach_receiver(token, &ctx.instance, agent);
+                    }
+                    replies.push(Out::Frame(arena.frame(&RelayToPeer::Detached)));
                 }
                 Ok(_) | Err(_) => {
                     shared.stats.refused(ErrorCode::Malformed);

@@ -543,3 +543,46 @@ async fn rate_limit_gives_explicit_errors() {
     }
     assert_eq!(limited, 3);
 }
+
+/// `Detach` (PROTOCOL.md §9.6): deliveries queued before it come first and
+/// can still be refused by name; `Detached` follows them; after it the relay
+/// answers senders `TargetOffline` itself, and the stream still works for
+/// its own replies.
+#[tokio::test]
+async fn detach_unroutes_then_answers_detached_after_queued_deliveries() {
+    let relay = TestRelay::start(|_| {}).await;
+    let (a, b) = two_instances(&relay).await;
+    let mut a1 = a.attach("alice", false).await;
+    let mut b1 = b.attach("bob", true).await;
+    let first = random_id();
+    a1.send_envelope(&a.envelope(first, "alice", "inst-b/bob", now_ms(), b"one"))
+        .await;
+    let f = b1.read().await.unwrap();
+    let RelayToPeer::Deliver { reply_token, .. } = f.get() else {
+        panic!("{:?}", f.get())
+    };
+    b1.write(&PeerToRelay::Detach).await;
+    let f = b1.read().await.unwrap();
+    assert_eq!(f.get(), RelayToPeer::Detached);
+    // The delivery read before detaching is refused by name, and the
+    // refusal still reaches its sender through the detached stream.
+    b1.write(&PeerToRelay::Nack {
+        reply_token,
+        id: first,
+        code: ErrorCode::TargetOffline,
+    })
+    .await;
+    expect_failed(&a1.read().await.unwrap(), first, ErrorCode::TargetOffline);
+    // No longer routable: the relay answers for it, nothing reaches bob.
+    let second = random_id();
+    a1.send_envelope(&a.envelope(second, "alice", "inst-b/bob", now_ms(), b"two"))
+        .await;
+    expect_failed(&a1.read().await.unwrap(), second, ErrorCode::TargetOffline);
+    assert!(
+        b1.read_within(Duration::from_millis(300)).await.is_err(),
+        "nothing may follow Detached"
+    );
+    // A send-only stream is answered at once.
+    a1.write(&PeerToRelay::Detach).await;
+    assert_eq!(a1.read().await.unwrap().get(), RelayToPeer::Detached);
+}
