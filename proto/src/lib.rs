@@ -9,6 +9,7 @@
 //! - [`envelope`]: the signed and tagged message, built by senders, checked
 //!   by the relay and by receivers, forwarded as the original bytes.
 //! - [`ErrorCode`]: every refusal, as sent on the wire and mapped to exit codes.
+//! - [`Exit`]: the exit codes of both command-line programs.
 //! - [`ReplayWindow`]: receivers' bounded memory of message ids.
 //! - [`JoinToken`]: the one-line invitation (relay address, certificate
 //!   fingerprint, fleet secret).
@@ -26,6 +27,7 @@
 pub mod codec;
 pub mod envelope;
 mod error;
+mod exit;
 pub mod frames;
 mod ids;
 mod join;
@@ -34,6 +36,7 @@ mod replay;
 
 pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};
 pub use error::{ErrorCode, ProtoError};
+pub use exit::Exit;
 pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};
 pub use ids::{check_id, MAX_ID_LEN};
 pub use join::JoinToken;
