@@ -575,3 +575,243 @@ fn listener_survives_a_relay_restart() {
     assert!(line.contains("after"), "{line}");
     assert!(wait_exit(&mut listen).success());
 }
+
+/// A listener whose stderr is read: returns once it printed its ready line
+/// (`listening as INSTANCE/AGENT`), with its stdout and later stderr lines.
+fn ready_listener(
+    dir: &Path,
+    agent: &str,
+    count: u32,
+) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
+    let mut child = peer_cmd()
+        .args([
+            "listen",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--agent",
+            agent,
+            "--json",
+        ])
+        .args(["--count", &count.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines_of = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let out = lines_of(Box::new(child.stdout.take().unwrap()));
+    let err = lines_of(Box::new(child.stderr.take().unwrap()));
+    let ready = err.recv_timeout(WAIT).expect("listen prints a ready line");
+    assert!(
+        ready.starts_with("listening as ") && ready.ends_with(&format!("/{agent}")),
+        "{ready}"
+    );
+    (child, out, err)
+}
+
+fn spawn_send(dir: &Path, from: &str, to: &str, msg: &str, timeout: u32) -> Child {
+    peer_cmd()
+        .args([
+            "send",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--from",
+            from,
+            "--to",
+            to,
+        ])
+        .args(["--timeout", &timeout.to_string(), "--json", msg])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `listen --count 1` while five sends arrive at once: exactly one sender is
+/// told `delivered`, and it is the message the listener printed; every other
+/// sender learns at once (exit 3, long before its 30 s timeout) that the
+/// target stopped listening. A receipt never speaks for a message the
+/// application did not take.
+#[test]
+fn a_receipt_means_the_listener_took_the_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let token = token.unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    init_peer(&one, "inst-1", &token);
+    init_peer(&two, "inst-2", &token);
+    for round in 0..2 {
+        let (mut listen, lines, _err) = ready_listener(&one, "bob", 1);
+        wait_attached(&relay, "inst-1", "bob");
+        let started = Instant::now();
+        let mut senders: Vec<_> = (0..5)
+            .map(|i| spawn_send(&two, "alice", "inst-1/bob", &format!("r{round} m{i}"), 30))
+            .collect();
+        let outs: Vec<Output> = senders
+            .drain(..)
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let took = started.elapsed();
+        assert!(wait_exit(&mut listen).success(), "--count 1 exits 0");
+        let printed: Vec<String> = lines.iter().collect();
+        assert_eq!(
+            printed.len(),
+            1,
+            "the listener printed one message: {printed:?}"
+        );
+        let shown: serde_json::Value = serde_json::from_str(&printed[0]).unwrap();
+        let mut delivered = Vec::new();
+        for (i, o) in outs.iter().enumerate() {
+            match o.status.code() {
+                Some(0) => {
+                    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                    assert_eq!(r["status"], "delivered");
+                    delivered.push((i, r["id"].clone()));
+                }
+                Some(3) => assert!(
+                    text(&o.stderr).contains("not connected"),
+                    "named cause: {}",
+                    text(&o.stderr)
+                ),
+                other => panic!("sender {i}: exit {other:?}: {}", text(&o.stderr)),
+            }
+        }
+        assert_eq!(delivered.len(), 1, "exactly one receipt: {delivered:?}");
+        let (i, id) = &delivered[0];
+        assert_eq!(
+            shown["message"],
+            format!("r{round} m{i}"),
+            "the one printed"
+        );
+        assert_eq!(&shown["id"], id, "the receipt names the printed message");
+        assert!(
+            took < Duration::from_secs(25),
+            "the others were answered at once, not at their 30 s timeout ({took:?})"
+        );
+    }
+}
+
+/// `--timeout` bounds the connect too: a relay that is not there costs
+/// about that long, not the 10 s connect budget.
+#[test]
+fn send_to_a_relay_that_is_down_honours_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let one = tmp.path().join("one");
+    init_peer(&one, "inst-1", &token.unwrap());
+    relay.stop();
+    let t0 = Instant::now();
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["send", "--dir", one.to_str().unwrap(), "--from", "a"])
+            .args(["--to", "inst-2/b", "--timeout", "1", "m"]);
+        c
+    });
+    let took = t0.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("cannot reach the relay"), "{err}");
+    // 1 s asked; the old fixed budget was 10 s. Slack for a loaded machine.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}
+
+/// The join token holds the fleet secret: it can come from a file or from
+/// standard input, out of `ps` and shell history.
+#[test]
+fn init_reads_the_join_token_from_a_file_or_standard_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", token.unwrap())).unwrap();
+    let one = tmp.path().join("one");
+    let out = run({
+        let mut c = peer_cmd();
+        c.args([
+            "init",
+            "--dir",
+            one.to_str().unwrap(),
+            "--instance-id",
+            "inst-1",
+        ])
+        .args(["--join-file", token_file.to_str().unwrap()]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let two = tmp.path().join("two");
+    let mut child = peer_cmd()
+        .args([
+            "init",
+            "--dir",
+            two.to_str().unwrap(),
+            "--instance-id",
+            "inst-2",
+        ])
+        .args(["--join", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(relay.invite().as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim().len(), 64, "prints the public key");
+    // A missing file: usage error naming the flag, nothing written.
+    let three = tmp.path().join("three");
+    let out = run({
+        let mut c = peer_cmd();
+        c.args([
+            "init",
+            "--dir",
+            three.to_str().unwrap(),
+            "--instance-id",
+            "inst-3",
+        ])
+        .args(["--join-file", "/nonexistent/token"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--join-file"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!three.exists());
+}
+
+/// A listener replaced by a newer one ends with one error line on stderr
+/// (after its ready line), and no log lines unless RUST_LOG asks for them.
+#[test]
+fn a_replaced_listener_says_so_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let one = tmp.path().join("one");
+    init_peer(&one, "inst-1", &token.unwrap());
+    let (mut old, _, old_err) = ready_listener(&one, "bob", 5);
+    wait_attached(&relay, "inst-1", "bob");
+    let (mut new, _, _) = ready_listener(&one, "bob", 5);
+    let status = wait_exit(&mut old);
+    assert!(!status.success());
+    let rest: Vec<String> = old_err.iter().collect();
+    assert_eq!(rest.len(), 1, "one line after the ready line: {rest:?}");
+    assert!(
+        rest[0].starts_with("error: ") && rest[0].contains("attached again elsewhere"),
+        "{rest:?}"
+    );
+    let _ = new.kill();
+    let _ = new.wait();
+}
