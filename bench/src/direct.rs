@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use agent_link_crypto::tls::{relay_server_config, TlsIdentity, RELAY_SERVER_NAME};
 use agent_link_crypto::{FleetSecret, Identity};
 use agent_link_proto::{codec, Address, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer};
+use agent_link_quic::endpoint::{mtu_discovery, udp_socket, UDP_RECV_BUFFER};
 use anyhow::{bail, Result};
 
 use crate::load::{Outcome, RunCfg};
@@ -31,14 +32,14 @@ fn server(identity: &Identity, max_udp: u16) -> Result<(quinn::Endpoint, [u8; 32
     // differs from it only by the hop.
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
-    t.mtu_discovery_config(Some(agent_link::mtu_discovery(max_udp)));
+    t.mtu_discovery_config(Some(mtu_discovery(max_udp)));
     server.transport_config(Arc::new(t));
     let mut endpoint_config = quinn::EndpointConfig::default();
     endpoint_config.max_udp_payload_size(max_udp)?;
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(server),
-        agent_link::udp_socket("127.0.0.1:0".parse()?)?,
+        udp_socket("127.0.0.1:0".parse()?, UDP_RECV_BUFFER)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     Ok((endpoint, tls.fingerprint()))

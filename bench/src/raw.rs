@@ -15,7 +15,12 @@ use agent_link_crypto::{FleetKey, FleetSecret, Identity};
 use agent_link_proto::{
     codec, Address, EnvelopeBody, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer,
 };
+use agent_link_quic::endpoint::{
+    client_transport_config, endpoint_config, udp_socket, UDP_RECV_BUFFER,
+};
+use agent_link_quic::frames::{request, FrameReader};
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 
 use crate::load::{Outcome, Plan, Tracker};
 
@@ -26,18 +31,16 @@ pub struct RawConn {
 }
 
 /// One agent stream on a [`RawConn`] (or, for the direct baseline, a plain
-/// bidirectional stream to a receiver).
+/// bidirectional stream to a receiver). It reads with the frame reader the
+/// relay and the peer use (limit `HARD_MAX_FRAME`, no frame deadline).
 pub struct RawAgent {
     _conn: quinn::Connection,
     pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
-    buf: Vec<u8>,
+    reader: FrameReader,
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    agent_link_proto::clock::unix_ms(std::time::SystemTime::now())
 }
 
 /// QUIC client endpoint presenting `identity`, pinning `fingerprint`.
@@ -48,11 +51,11 @@ pub fn client_endpoint(identity: &Identity, fingerprint: [u8; 32]) -> Result<qui
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     // The library's own transport and endpoint settings: the ceiling
     // measures the relay as peers see it.
-    cfg.transport_config(Arc::new(agent_link::client_transport_config()));
+    cfg.transport_config(Arc::new(client_transport_config()));
     let mut endpoint = quinn::Endpoint::new(
-        agent_link::endpoint_config(),
+        endpoint_config(),
         None,
-        agent_link::udp_socket("127.0.0.1:0".parse()?)?,
+        udp_socket("127.0.0.1:0".parse()?, UDP_RECV_BUFFER)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     endpoint.set_default_client_config(cfg);
@@ -85,37 +88,24 @@ impl RawConn {
         instance_id: &str,
         secret: &FleetSecret,
     ) -> Result<()> {
-        let mut exporter = [0u8; 32];
-        self.conn
-            .export_keying_material(
-                &mut exporter,
-                agent_link_proto::REGISTER_EXPORTER_LABEL,
-                b"",
-            )
-            .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
-        let proof = agent_link_proto::register_proof(
+        let proof = agent_link_quic::exporter::register_proof(
+            &self.conn,
             &secret.key(),
-            &exporter,
             &identity.public_key(),
             instance_id,
-        );
-        let (mut send, recv) = self.conn.open_bi().await?;
-        send.write_all(&codec::frame(&PeerToRelay::Register {
+        )?;
+        let register = PeerToRelay::Register {
             instance_id,
             name: instance_id,
             proof,
-        })?)
-        .await?;
-        let mut control = RawAgent {
-            _conn: self.conn.clone(),
-            send,
-            recv,
-            buf: Vec::new(),
         };
-        let reply = tokio::time::timeout(Duration::from_secs(10), control.next_frame())
-            .await
-            .context("registration timed out")??
-            .context("relay closed the registration stream")?;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            request(&self.conn, &register, codec::HARD_MAX_FRAME),
+        )
+        .await
+        .context("registration timed out")?
+        .context("registration")?;
         match codec::decode::<RelayToPeer>(&reply)? {
             RelayToPeer::Registered { .. } => Ok(()),
             other => bail!("registration of {instance_id} refused: {other:?}"),
@@ -151,51 +141,20 @@ impl RawAgent {
         Self {
             _conn: conn,
             send,
-            recv,
-            buf: Vec::new(),
+            reader: FrameReader::new(recv, codec::HARD_MAX_FRAME),
         }
     }
 
-    /// Read until at least one whole frame is buffered; returns one frame.
-    pub async fn next_frame(&mut self) -> Result<Option<Vec<u8>>> {
-        loop {
-            if let Some((body, used)) = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)? {
-                let b = body.to_vec();
-                self.buf.drain(..used);
-                return Ok(Some(b));
-            }
-            if !self.fill().await? {
-                return Ok(None);
-            }
-        }
-    }
-
-    async fn fill(&mut self) -> Result<bool> {
-        let mut chunk = [0u8; 64 * 1024];
-        match self.recv.read(&mut chunk).await? {
-            None => Ok(false),
-            Some(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(true)
-            }
-        }
+    /// The next frame; `None` at a clean end of the stream.
+    pub async fn next_frame(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.reader.next().await?)
     }
 
     /// Every whole frame buffered now (reading once if none is).
-    pub async fn frames(&mut self, out: &mut Vec<Vec<u8>>) -> Result<bool> {
-        out.clear();
-        loop {
-            while let Some((body, used)) = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)? {
-                out.push(body.to_vec());
-                self.buf.drain(..used);
-            }
-            if !out.is_empty() {
-                return Ok(true);
-            }
-            if !self.fill().await? {
-                return Ok(false);
-            }
-        }
+    /// `Ok(false)` at a clean end of the stream. Cancel-safe (the callers
+    /// `select!` it against a timer).
+    pub async fn frames(&mut self, out: &mut Vec<Bytes>) -> Result<bool> {
+        Ok(self.reader.next_batch(out, usize::MAX).await?)
     }
 }
 

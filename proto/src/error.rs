@@ -166,6 +166,12 @@ pub enum ProtoError {
     /// A check refused the envelope.
     #[error("{0}")]
     Refused(ErrorCode),
+    /// The stream ended in the middle of a frame: `have` bytes of it
+    /// (header included) arrived out of the `need` it takes (just the
+    /// header's 4 when the header itself is cut). The sender stopped or was
+    /// cut off mid-write; the bytes that did arrive are not a frame.
+    #[error("stream ended mid-frame: {have} of {need} bytes arrived (the sender stopped or was cut off mid-write)")]
+    Truncated { have: usize, need: usize },
     /// A join token is malformed.
     #[error("malformed join token: {0}; copy the whole line printed by `agent-link-relay invite`")]
     BadJoinToken(&'static str),

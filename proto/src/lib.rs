@@ -4,6 +4,9 @@
 //!
 //! - [`codec`]: the frame layout (4-byte big-endian length, then a bincode
 //!   body) and the only bincode configuration in the project.
+//! - [`deframe`]: the [`Deframer`](deframe::Deframer), bytes in and whole
+//!   frames out, for every reader of a stream (no I/O, no clock).
+//! - [`clock`]: the one conversion of a clock reading to wire milliseconds.
 //! - [`frames`]: [`PeerToRelay`] and [`RelayToPeer`], split by direction so a
 //!   decoder cannot accept a frame the other side should never send.
 //! - [`envelope`]: the signed and tagged message, built by senders, checked
@@ -24,7 +27,9 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod clock;
 pub mod codec;
+pub mod deframe;
 pub mod envelope;
 mod error;
 mod exit;

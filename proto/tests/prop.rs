@@ -631,3 +631,148 @@ fn base64_url_decode(s: &str) -> Vec<u8> {
         .decode(s)
         .unwrap()
 }
+
+// ------------------------------------------------------------------ deframer
+
+/// What a stream of `bytes` holds, read with `codec::split_frame` in one go:
+/// its whole frames, then how it ends (`Ok` at a frame boundary, the
+/// header's error, or `Truncated`).
+fn frames_in(bytes: &[u8], max: usize) -> (Vec<Vec<u8>>, Result<(), ProtoError>) {
+    let mut frames = Vec::new();
+    let mut rest = bytes;
+    loop {
+        match codec::split_frame(rest, max) {
+            Err(e) => return (frames, Err(e)),
+            Ok(Some((body, used))) => {
+                frames.push(body.to_vec());
+                rest = &rest[used..];
+            }
+            Ok(None) if rest.is_empty() => return (frames, Ok(())),
+            Ok(None) => {
+                let need = match rest.first_chunk::<4>() {
+                    Some(h) => 4 + u32::from_be_bytes(*h) as usize,
+                    None => 4,
+                };
+                let have = rest.len();
+                return (frames, Err(ProtoError::Truncated { have, need }));
+            }
+        }
+    }
+}
+
+/// Feed `bytes` to a deframer cut at `cuts` (pushed as chunks or copied, as
+/// `by_push` says), taking frames out after each piece the way a reader
+/// does; reading at most `wanted()` while mid-frame is checked to keep the
+/// buffer within the frame. Returns the frames and how the stream ended.
+fn deframed(
+    bytes: &[u8],
+    max: usize,
+    cuts: &[usize],
+    by_push: &[bool],
+) -> (Vec<Vec<u8>>, Result<(), ProtoError>) {
+    let mut d = agent_link_proto::deframe::Deframer::new(max);
+    let mut frames = Vec::new();
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+    points.push(bytes.len());
+    points.sort_unstable();
+    let mut at = 0;
+    for (i, &end) in points.iter().enumerate() {
+        let piece = &bytes[at..end];
+        at = end;
+        if by_push.get(i).copied().unwrap_or(false) {
+            d.push(bytes::Bytes::copy_from_slice(piece));
+        } else {
+            d.extend(piece);
+        }
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => frames.push(f.to_vec()),
+                Ok(None) => break,
+                Err(e) => {
+                    assert!(d.is_mid_frame(), "an error leaves its header buffered");
+                    assert_eq!(d.finish(), Err(e.clone()), "finish repeats it");
+                    return (frames, Err(e));
+                }
+            }
+        }
+        assert_eq!(d.is_mid_frame(), d.buffered() > 0);
+        assert!(
+            d.wanted() > 0 || d.buffered() == 0,
+            "incomplete means wanted"
+        );
+    }
+    (frames, d.finish())
+}
+
+fn stream_of(bodies: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in bodies {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Any split of a valid stream into chunks yields the same frames, and it
+    /// ends cleanly.
+    #[test]
+    fn deframer_any_split_same_frames(
+        bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..12),
+        cuts in proptest::collection::vec(any::<usize>(), 0..20),
+        by_push in proptest::collection::vec(any::<bool>(), 0..21),
+    ) {
+        let bytes = stream_of(&bodies);
+        let (frames, end) = deframed(&bytes, 300, &cuts, &by_push);
+        prop_assert_eq!(&frames, &bodies);
+        prop_assert_eq!(end, Ok(()));
+    }
+
+    /// A valid stream cut anywhere but at a frame boundary is reported as
+    /// truncated, with the frames before the cut intact.
+    #[test]
+    fn deframer_truncation_is_always_reported(
+        bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 1..8),
+        cut in any::<usize>(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        by_push in proptest::collection::vec(any::<bool>(), 0..11),
+    ) {
+        let bytes = stream_of(&bodies);
+        let cut = cut % bytes.len();
+        let (want_frames, want_end) = frames_in(&bytes[..cut], 300);
+        let (frames, end) = deframed(&bytes[..cut], 300, &cuts, &by_push);
+        prop_assert_eq!(&frames, &want_frames);
+        prop_assert_eq!(&frames[..], &bodies[..frames.len()]);
+        let mut boundary = 0;
+        let mut at_boundary = cut == 0;
+        for b in &bodies {
+            boundary += 4 + b.len();
+            at_boundary |= boundary == cut;
+        }
+        if at_boundary {
+            prop_assert_eq!(end, Ok(()));
+        } else {
+            prop_assert!(matches!(end, Err(ProtoError::Truncated { .. })), "{:?}", end);
+            prop_assert_eq!(end, want_end);
+        }
+    }
+
+    /// Arbitrary bytes (any headers, limits from tiny to huge) at any split
+    /// give what one pass over the whole input gives: no panic, no frame lost
+    /// or invented, the same error or the same truncation.
+    #[test]
+    fn deframer_arbitrary_bytes_match_one_pass(
+        bytes in prop_oneof![
+            bytes(600),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..6)
+                .prop_map(|b| stream_of(&b)),
+        ],
+        max in prop_oneof![Just(0usize), 0usize..64, Just(usize::MAX)],
+        cuts in proptest::collection::vec(any::<usize>(), 0..20),
+        by_push in proptest::collection::vec(any::<bool>(), 0..21),
+    ) {
+        prop_assert_eq!(deframed(&bytes, max, &cuts, &by_push), frames_in(&bytes, max));
+    }
+}

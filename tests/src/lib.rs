@@ -10,11 +10,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use agent_link_crypto::tls::{instance_client_config, TlsIdentity};
 use agent_link_crypto::{FleetKey, FleetSecret, Identity};
 use agent_link_proto::{codec, Address, EnvelopeBody, JoinToken, PeerToRelay, RelayToPeer};
+use agent_link_quic::frames::{FrameReader, ReadError};
 use agent_link_relay::{Relay, RelayConfig, SpawnOptions};
 
 /// Upper bound on any single wait in a test.
@@ -31,12 +32,9 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    agent_link_proto::clock::unix_ms(SystemTime::now())
 }
 
 /// An in-process relay in its own temporary state directory.
@@ -163,11 +161,12 @@ pub struct RawClient {
     pub endpoint: quinn::Endpoint,
 }
 
-/// One bidirectional stream of a [`RawClient`].
+/// One bidirectional stream of a [`RawClient`]. It reads with the frame
+/// reader the relay and the peer use ([`FrameReader`], limit
+/// `HARD_MAX_FRAME`, no frame deadline: each read has its own timeout).
 pub struct RawStream {
     pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
-    buf: Vec<u8>,
+    reader: FrameReader,
 }
 
 /// A decoded relay frame, owned (so it outlives the read buffer).
@@ -247,8 +246,7 @@ impl RawClient {
         let (send, recv) = self.conn.open_bi().await.unwrap();
         RawStream {
             send,
-            recv,
-            buf: Vec::new(),
+            reader: FrameReader::new(recv, codec::HARD_MAX_FRAME),
         }
     }
 
@@ -267,20 +265,13 @@ impl RawClient {
 
     /// Register online with the fleet secret, as `agent-link init` does.
     pub async fn register(&self, instance_id: &str) -> OwnedFrame {
-        let mut exporter = [0u8; 32];
-        self.conn
-            .export_keying_material(
-                &mut exporter,
-                agent_link_proto::REGISTER_EXPORTER_LABEL,
-                b"",
-            )
-            .unwrap();
-        let proof = agent_link_proto::register_proof(
+        let proof = agent_link_quic::exporter::register_proof(
+            &self.conn,
             &self.fleet,
-            &exporter,
             &self.identity.public_key(),
             instance_id,
-        );
+        )
+        .unwrap();
         let mut s = self.open().await;
         s.write(&PeerToRelay::Register {
             instance_id,
@@ -338,26 +329,17 @@ impl RawStream {
     }
 
     /// The next frame within `limit`: `Err(())` on timeout, `Ok(None)` at the
-    /// end of the stream.
+    /// end of the stream or when the stream or connection failed. A frame
+    /// header over `HARD_MAX_FRAME` or a stream that ends mid-frame panics:
+    /// the relay never sends either, so a test must not read past it. (The
+    /// reader is cancel-safe: a timeout loses no bytes.)
     pub async fn read_within(&mut self, limit: Duration) -> Result<Option<OwnedFrame>, ()> {
-        tokio::time::timeout(limit, async {
-            loop {
-                if let Some((body, used)) =
-                    codec::split_frame(&self.buf, codec::HARD_MAX_FRAME).unwrap()
-                {
-                    let f = OwnedFrame(body.to_vec());
-                    self.buf.drain(..used);
-                    return Some(f);
-                }
-                let mut chunk = vec![0u8; 64 * 1024];
-                match self.recv.read(&mut chunk).await {
-                    Ok(None) | Err(_) => return None,
-                    Ok(Some(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .map_err(|_| ())
+        match tokio::time::timeout(limit, self.reader.next()).await {
+            Err(_) => Err(()),
+            Ok(Ok(f)) => Ok(f.map(|body| OwnedFrame(body.to_vec()))),
+            Ok(Err(ReadError::Stream(_))) => Ok(None),
+            Ok(Err(e)) => panic!("the relay sent a malformed stream: {e}"),
+        }
     }
 }
 

@@ -9,25 +9,28 @@ use std::time::{Duration, Instant};
 
 use agent_link_crypto::Identity;
 use agent_link_proto::RelayToPeer;
+use agent_link_quic::endpoint::{
+    client_transport_config, endpoint_config, udp_socket, MAX_UDP_PAYLOAD, UDP_RECV_BUFFER,
+};
 use agent_link_tests::*;
 
-/// Connect with the peer library's endpoint and transport settings, send
-/// one message through, and return the connection's path MTU once it
-/// exceeds `until_above` (or after 5 s).
+/// Connect with the peers' endpoint and transport settings
+/// (`agent_link_quic::endpoint`), send one message through, and return the
+/// connection's path MTU once it exceeds `until_above` (or after 5 s).
 async fn discovered_mtu(relay: &TestRelay, until_above: u16) -> u16 {
     let (a, b) = (Identity::generate(), Identity::generate());
     relay.register("inst-a", &a);
     relay.register("inst-b", &b);
-    let socket = agent_link::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = udp_socket("127.0.0.1:0".parse().unwrap(), UDP_RECV_BUFFER).unwrap();
     let mut endpoint = quinn::Endpoint::new(
-        agent_link::endpoint_config(),
+        endpoint_config(),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
     )
     .unwrap();
     let mut cfg = client_config(&a, relay.token.fingerprint);
-    cfg.transport_config(Arc::new(agent_link::client_transport_config()));
+    cfg.transport_config(Arc::new(client_transport_config()));
     endpoint.set_default_client_config(cfg);
     let sender = RawClient::connect_on(endpoint, relay.addr, relay.token.secret.key(), a, "inst-a")
         .await
@@ -62,9 +65,9 @@ async fn with_the_relay_set_to_4096_loopback_paths_grow_past_1452_bytes() {
     let relay = TestRelay::start(|c| c.max_udp_payload_size = 4096).await;
     let mtu = discovered_mtu(&relay, 1452).await;
     assert!(
-        mtu > 1452 && mtu <= agent_link::MAX_UDP_PAYLOAD,
+        mtu > 1452 && mtu <= MAX_UDP_PAYLOAD,
         "path MTU {mtu}: expected discovery past 1452 up to {}",
-        agent_link::MAX_UDP_PAYLOAD
+        MAX_UDP_PAYLOAD
     );
 }
 
