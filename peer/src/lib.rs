@@ -50,11 +50,3 @@ pub use error::{CloseReason, LinkError, Phase, SendError};
 pub use init::init;
 pub use link::{AgentLink, AgentLinkBuilder, StatusReport};
 pub use message::{Message, MessageId, Receipt};
-
-// Transitional: the bench and the e2e tests use the peer's QUIC settings;
-// they move to the shared frame-and-endpoint crate.
-#[doc(hidden)]
-pub use transport::{
-    client_transport_config, endpoint_config, mtu_discovery, udp_socket, MAX_UDP_PAYLOAD,
-    UDP_RECV_BUFFER,
-};

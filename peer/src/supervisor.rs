@@ -81,7 +81,7 @@ pub(crate) async fn supervise(
                 return;
             }
         };
-        match transport::connection_error(&reason) {
+        match agent_link_quic::endpoint::connection_error(&reason) {
             Some(code @ (ErrorCode::Revoked | ErrorCode::NotRegistered)) => {
                 info!("relay refused this instance: {code}");
                 state.send_replace(ConnState::Failed(code));

@@ -17,7 +17,7 @@ use crate::core::{AgentCore, Now, Sealed, SessionEnd};
 use crate::error::{CloseReason, LinkError, SendError};
 use crate::message::{Message, MessageId};
 use crate::supervisor::ConnState;
-use crate::transport::FrameReader;
+use agent_link_quic::frames::FrameReader;
 
 /// How long the driver waits for the relay's answer to an attach on a live
 /// connection before it tries a new stream.
@@ -146,7 +146,9 @@ impl AgentTask {
             return SessionEnd::Lost;
         }
         out.clear();
-        let mut reader = FrameReader::new(recv);
+        // The relay's frames are at most a delivery of the largest message it
+        // takes; the hard limit bounds what we buffer before `Attached` says.
+        let mut reader = FrameReader::new(recv, agent_link_proto::codec::HARD_MAX_FRAME);
         // Wait for the answer as long as the connection lives (bounded by
         // ATTACH_ANSWER_LIMIT). Giving up sooner and attaching again on a
         // new stream of the same connection races with this attach: a busy
@@ -194,7 +196,7 @@ impl AgentTask {
                         self.core.taken(now, id);
                     }
                 }
-                r = reader.next_batch(&mut frames) => {
+                r = reader.next_batch(&mut frames, BATCH) => {
                     match r {
                         Ok(true) => {}
                         Ok(false) => return SessionEnd::Lost,
@@ -252,7 +254,7 @@ impl AgentTask {
                 if !wait || self.core.is_detached() {
                     return;
                 }
-                match reader.next_batch(&mut frames).await {
+                match reader.next_batch(&mut frames, BATCH).await {
                     Ok(true) => {
                         // Detaching: every delivery is refused by the core,
                         // none is handed over.
@@ -268,7 +270,7 @@ impl AgentTask {
         .await;
         let _ = send.finish();
         let _ = tokio::time::timeout(DETACH_WAIT, async {
-            while let Ok(true) = reader.next_batch(&mut frames).await {}
+            while let Ok(true) = reader.next_batch(&mut frames, BATCH).await {}
         })
         .await;
         SessionEnd::Stop
