@@ -269,6 +269,10 @@ impl AgentLink {
 
     /// The connection, or why there is none.
     fn connection(&self) -> Result<quinn::Connection, LinkError> {
+        // Closed here, even before the supervisor has published it.
+        if self.state.shutdown.is_cancelled() {
+            return Err(LinkError::Closed(CloseReason::LinkClosed));
+        }
         match &*self.state.conn.borrow() {
             ConnState::Up(c) => Ok(c.clone()),
             ConnState::Failed(code) => Err(LinkError::Refused(*code)),

@@ -184,3 +184,38 @@ async fn status_reports_online_peers() {
     let dbg = format!("{st:?}");
     assert!(dbg.contains("inst-one") && dbg.contains("bob"), "{dbg}");
 }
+
+/// `AgentLink::close` on any clone closes the link for every clone and
+/// agent; dropping clones does not, and an agent keeps its link up by itself.
+#[tokio::test]
+async fn close_on_any_clone_closes_the_link_and_dropping_clones_does_not() {
+    use agent_link::{CloseReason, LinkError, SendError};
+    let relay = TestRelay::start(|_| {}).await;
+    let one = peer(&relay, "inst-one").await;
+    let two = peer(&relay, "inst-two").await;
+    let mut bob = two.attach("bob").await.unwrap();
+
+    // Dropping a clone leaves the link up.
+    drop(one.clone());
+    one.status().await.expect("still connected");
+
+    // An agent alone keeps it up: every AgentLink handle gone, it still sends.
+    let alice = one.attach_sender("alice").await.unwrap();
+    let spare = one.clone();
+    drop(one);
+    let (r, m) = exchange(&alice, "inst-two/bob", "still here", &mut bob).await;
+    assert_eq!(m.id, r.id);
+
+    // close on one clone closes it for all of them.
+    let other = spare.clone();
+    spare.close().await;
+    assert!(
+        matches!(
+            other.status().await,
+            Err(LinkError::Closed(CloseReason::LinkClosed))
+        ),
+        "the other clone sees the link closed"
+    );
+    let r = alice.send("inst-two/bob", "after close").await;
+    assert!(matches!(r, Err(SendError::Closed(_))), "{r:?}");
+}
