@@ -356,9 +356,8 @@ fn route_lookup(c: &mut Criterion) {
             };
             let env = check_send(envelope, &ctx, &no_sig, SENT_AT_MS + 5).expect("check");
             let envelope = body.slice_ref(env.bytes);
-            let head =
-                agent_link_relay::router::DeliverHead::new(token, f.key.as_bytes(), envelope.len())
-                    .expect("head");
+            let head = agent_link_proto::DeliverHead::new(token, f.key.as_bytes(), envelope.len())
+                .expect("head");
             router
                 .with_route(env.body.to.instance, env.body.to.agent, |target| {
                     target

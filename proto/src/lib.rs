@@ -8,6 +8,8 @@
 //!   decoder cannot accept a frame the other side should never send.
 //! - [`envelope`]: the signed and tagged message, built by senders, checked
 //!   by the relay and by receivers, forwarded as the original bytes.
+//! - [`DeliverHead`]: a `Deliver` frame's head, so the relay forwards an
+//!   envelope's original bytes behind it without copying them.
 //! - [`ErrorCode`]: every refusal, as sent on the wire and mapped to exit codes.
 //! - [`ReplayWindow`]: receivers' bounded memory of message ids.
 //! - [`JoinToken`]: the one-line invitation (relay address, certificate
@@ -24,6 +26,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod codec;
+mod deliver;
 pub mod envelope;
 mod error;
 pub mod frames;
@@ -32,6 +35,7 @@ mod join;
 mod register;
 mod replay;
 
+pub use deliver::DeliverHead;
 pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};
 pub use error::{ErrorCode, ProtoError};
 pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};

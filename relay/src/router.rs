@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use agent_link_proto::DeliverHead;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -47,69 +48,6 @@ impl Out {
     /// Whether this item writes nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Longest `Deliver` head: frame length (4), variant index (1), reply token
-/// (varint, at most 9), sender key (32), envelope length (varint, at most 9).
-const DELIVER_HEAD_MAX: usize = 4 + 1 + 9 + 32 + 9;
-
-/// Everything of a `Deliver` frame (PROTOCOL.md §4) that comes before the
-/// envelope's bytes: the frame length, the variant index, `reply_token`,
-/// `sender_key` and the envelope's length prefix. Head followed by the
-/// envelope is byte for byte what `codec::frame(&RelayToPeer::Deliver{..})`
-/// makes (tested against the golden vector), without copying the envelope
-/// or allocating.
-#[derive(Clone, Copy)]
-pub struct DeliverHead {
-    bytes: [u8; DELIVER_HEAD_MAX],
-    len: u8,
-}
-
-impl std::fmt::Debug for DeliverHead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeliverHead({})", hex::encode(self.as_bytes()))
-    }
-}
-
-/// `RelayToPeer::Deliver`'s variant index.
-const DELIVER_VARIANT: u32 = 3;
-
-impl DeliverHead {
-    /// The head of a `Deliver` frame carrying an envelope of `envelope_len`
-    /// bytes; `None` if the frame would exceed the hard frame limit.
-    pub fn new(reply_token: u64, sender_key: &[u8; 32], envelope_len: usize) -> Option<Self> {
-        let mut bytes = [0u8; DELIVER_HEAD_MAX];
-        let hdr = agent_link_proto::codec::FRAME_HEADER_LEN;
-        // The project's one bincode configuration, field by field as the
-        // derived encoder writes them: variant index (varint u32), the
-        // fields in order, and for `envelope: &[u8]` its length (varint u64)
-        // whose bytes the writer appends.
-        let n = bincode::encode_into_slice(
-            (
-                DELIVER_VARIANT,
-                reply_token,
-                sender_key,
-                envelope_len as u64,
-            ),
-            &mut bytes[hdr..],
-            agent_link_proto::codec::CONFIG,
-        )
-        .ok()?;
-        let body = n.checked_add(envelope_len)?;
-        if body > agent_link_proto::codec::HARD_MAX_FRAME {
-            return None;
-        }
-        bytes[..hdr].copy_from_slice(&u32::try_from(body).ok()?.to_be_bytes());
-        Some(Self {
-            bytes,
-            len: (hdr + n) as u8,
-        })
-    }
-
-    /// The encoded head.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
     }
 }
 
@@ -345,48 +283,6 @@ mod tests {
             },
             rx,
         )
-    }
-
-    #[test]
-    fn deliver_head_then_envelope_is_the_encoded_frame() {
-        use agent_link_proto::{codec, RelayToPeer};
-        let key = [6u8; 32];
-        for token in [
-            0u64,
-            1,
-            250,
-            251,
-            300,
-            0xffff,
-            0x1_0000,
-            u32::MAX as u64,
-            u64::MAX,
-        ] {
-            for len in [0usize, 1, 250, 251, 400, 0xffff, 0x1_0000, 70_000] {
-                let envelope = vec![0x5a; len];
-                let head = DeliverHead::new(token, &key, len).unwrap();
-                let mut ours = head.as_bytes().to_vec();
-                ours.extend_from_slice(&envelope);
-                let theirs = codec::frame(&RelayToPeer::Deliver {
-                    reply_token: token,
-                    sender_key: key,
-                    envelope: &envelope,
-                })
-                .unwrap();
-                assert_eq!(ours, theirs, "token {token} len {len}");
-            }
-        }
-        assert!(DeliverHead::new(1, &key, codec::HARD_MAX_FRAME).is_none());
-    }
-
-    #[test]
-    fn deliver_head_matches_the_golden_vector() {
-        let text = include_str!("../../tests/vectors/frame_deliver.hex");
-        let golden = hex::decode(text.split_whitespace().collect::<String>()).unwrap();
-        // 000000d3 03 fb2c01 06×32 ae 4d01… : the envelope is the last 0xae bytes.
-        let envelope = &golden[golden.len() - 0xae..];
-        let head = DeliverHead::new(300, &[6; 32], envelope.len()).unwrap();
-        assert_eq!(head.as_bytes(), &golden[..golden.len() - envelope.len()]);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agent_link_proto::{codec, ErrorCode, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer};
+use agent_link_proto::{
+    codec, DeliverHead, ErrorCode, OpenedEnvelope, PeerToRelay, Receipt, RelayToPeer,
+};
 use bytes::Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +22,7 @@ use tracing::{debug, debug_span, Instrument};
 use crate::checks::{check_send, SenderContext};
 use crate::connection::ConnCtx;
 use crate::framed::{error_frame, frame, refuse_stream, write_loop, FrameArena, FrameReader};
-use crate::router::{AttachOutcome, DeliverHead, Out, StreamHandle};
+use crate::router::{AttachOutcome, Out, StreamHandle};
 use crate::server::Shared;
 
 /// Frames taken from a stream's buffer per pass (and per signature batch).
