@@ -998,9 +998,9 @@ async fn trailing_bytes_after_a_valid_body_are_malformed_and_never_delivered() {
 #[tokio::test]
 async fn unknown_enum_tags_are_malformed_on_every_stream() {
     let mut net = net(|_| {}).await;
-    // PeerToRelay has 6 variants (0..=5).
+    // PeerToRelay has 7 variants (0..=6, Detach the last).
     for (case, body) in [
-        ("variant 6", vec![6u8]),
+        ("variant 7", vec![7u8]),
         ("variant 250", vec![250]),
         ("variant 256 (varint)", vec![0xfb, 0x00, 0x01]),
         (
@@ -1053,8 +1053,8 @@ async fn unknown_enum_tags_are_malformed_on_every_stream() {
     .await;
     refused_before_registration(
         &net.relay,
-        "variant 6",
-        &raw_frame(&[6]),
+        "variant 7",
+        &raw_frame(&[7]),
         false,
         ErrorCode::Malformed,
     )
