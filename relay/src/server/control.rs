@@ -3,17 +3,18 @@
 
 use std::sync::Arc;
 
-use agent_link_proto::{codec, ErrorCode, InstanceStatus, PeerToRelay, RelayToPeer};
+use agent_link_proto::{codec, ErrorCode, InstanceStatus, RelayToPeer};
 use bytes::Bytes;
 
-use crate::connection::ConnCtx;
-use crate::framed::{frame, refuse_stream, FrameReader};
-use crate::server::Shared;
+use super::hub::{ConnInfo, Hub};
+use super::writer::{frame, refuse_stream};
+use crate::core::admission::{self, ControlRequest};
+use crate::framed::FrameReader;
 
 /// Serve a control stream; `first` is a frame already read from it.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    ctx: Arc<ConnCtx>,
+pub(crate) async fn serve_control(
+    hub: Arc<Hub>,
+    info: Arc<ConnInfo>,
     mut send: quinn::SendStream,
     mut reader: FrameReader,
     mut first: Option<Bytes>,
@@ -29,36 +30,21 @@ pub(crate) async fn run(
                 }
                 Err(e) => {
                     if let Some(code) = e.code() {
-                        shared.stats.refused(code);
+                        hub.refused(code);
                         refuse_stream(&mut send, code).await;
                     }
                     return;
                 }
             },
         };
-        let reply = match codec::decode::<PeerToRelay>(&body) {
-            Ok(PeerToRelay::StatusRequest) => status(&shared, &ctx),
-            Ok(PeerToRelay::Register {
-                instance_id,
-                name,
-                proof,
-            }) => {
-                if instance_id != ctx.instance {
-                    Err(ErrorCode::InstanceIdTaken)
-                } else {
-                    crate::connection::register(
-                        &shared,
-                        &ctx.conn,
-                        &ctx.key,
-                        instance_id,
-                        name,
-                        &proof,
-                    )
+        let reply = match admission::control_request(&body, &info.instance) {
+            Ok(ControlRequest::Status) => status(&hub, &info),
+            Ok(ControlRequest::Register(reg)) => {
+                super::connection::register(&hub, &info.conn, &info.key, &reg)
                     .await
                     .map(|id| frame(&RelayToPeer::Registered { instance_id: &id }))
-                }
             }
-            _ => Err(ErrorCode::Malformed),
+            Err(code) => Err(code),
         };
         match reply {
             Ok(bytes) => {
@@ -67,7 +53,7 @@ pub(crate) async fn run(
                 }
             }
             Err(code) => {
-                shared.stats.refused(code);
+                hub.refused(code);
                 refuse_stream(&mut send, code).await;
                 return;
             }
@@ -75,9 +61,9 @@ pub(crate) async fn run(
     }
 }
 
-fn status(shared: &Shared, ctx: &ConnCtx) -> Result<Bytes, ErrorCode> {
-    let online = shared.router.snapshot();
-    let reg = shared.registry();
+fn status(hub: &Hub, info: &ConnInfo) -> Result<Bytes, ErrorCode> {
+    let online = hub.router().snapshot();
+    let reg = hub.registry().read();
     let mut instances = Vec::new();
     let mut you = None;
     for rec in reg.records().iter().filter(|r| !r.revoked) {
@@ -91,11 +77,16 @@ fn status(shared: &Shared, ctx: &ConnCtx) -> Result<Bytes, ErrorCode> {
             online: online.contains_key(&rec.instance_id),
             agents: online.get(&rec.instance_id).cloned().unwrap_or_default(),
         };
-        if rec.instance_id == ctx.instance {
+        if rec.instance_id == info.instance {
             you = Some(st.clone());
         }
         instances.push(st);
     }
     let you = you.ok_or(ErrorCode::NotRegistered)?;
-    Ok(frame(&RelayToPeer::Status { you, instances }))
+    // The one frame whose size grows with the registry: past the hard frame
+    // limit (some 100,000 instances) it cannot be sent, and the peer hears
+    // why instead of an empty frame.
+    codec::frame(&RelayToPeer::Status { you, instances })
+        .map(Bytes::from)
+        .map_err(|_| ErrorCode::Internal)
 }
