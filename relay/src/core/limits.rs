@@ -3,7 +3,7 @@
 //! entry per stream a peer may open, so the full limit up front would cost
 //! about 5 KiB per connection that almost no connection uses.
 
-use crate::RelayConfig;
+use crate::config::RelayConfig;
 
 /// Streams a connection may have open at once: every agent plus control.
 pub fn max_streams(cfg: &RelayConfig) -> u32 {

@@ -14,7 +14,7 @@ use tracing::{debug, info, info_span, Instrument};
 
 use super::hub::{ConnInfo, Hub};
 use super::writer::{frame, refuse_stream};
-use crate::core::admission::{self, Admission, Registration, PRE_AUTH_MAX_FRAME};
+use crate::core::admission::{self, Admission, PRE_AUTH_MAX_FRAME};
 use crate::core::limits;
 use crate::framed::FrameReader;
 
@@ -121,7 +121,7 @@ async fn registration_only(
     };
     let outcome = match &body {
         Ok(Some(b)) => match admission::registration(b) {
-            Ok(reg) => register(hub, conn, key, &reg).await,
+            Ok(reg) => super::control::register(hub, conn, key, &reg).await,
             Err(code) => Err(code),
         },
         Ok(None) => Err(ErrorCode::NotRegistered),
@@ -141,35 +141,6 @@ async fn registration_only(
             None
         }
     }
-}
-
-/// Check a registration (id, proof) and record it durably (PROTOCOL.md
-/// §9.2); the instance id on success.
-pub(crate) async fn register(
-    hub: &Hub,
-    conn: &quinn::Connection,
-    key: &PublicKey,
-    reg: &Registration<'_>,
-) -> Result<String, ErrorCode> {
-    let mut exporter = [0u8; 32];
-    let exported = conn
-        .export_keying_material(
-            &mut exporter,
-            agent_link_proto::REGISTER_EXPORTER_LABEL,
-            b"",
-        )
-        .ok()
-        .map(|()| exporter);
-    admission::check_registration(reg, key, hub.fleet(), exported)?;
-    let new = hub
-        .registry()
-        .register_online(key, reg.instance_id, reg.name)
-        .await?;
-    if new {
-        hub.stats().registrations.fetch_add(1, Relaxed);
-        info!(instance = %reg.instance_id, "registered");
-    }
-    Ok(reg.instance_id.to_string())
 }
 
 /// Serve a connection of a registered `instance`: its control stream from

@@ -1,14 +1,18 @@
 //! Control streams: status requests and (idempotent) registration from an
-//! already registered connection.
+//! already registered connection; and [`register`], which an unknown key's
+//! registration-only stream (`connection`) uses too.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use agent_link_crypto::PublicKey;
 use agent_link_proto::{codec, ErrorCode, InstanceStatus, RelayToPeer};
 use bytes::Bytes;
+use tracing::info;
 
 use super::hub::{ConnInfo, Hub};
 use super::writer::{frame, refuse_stream};
-use crate::core::admission::{self, ControlRequest};
+use crate::core::admission::{self, ControlRequest, Registration};
 use crate::framed::FrameReader;
 
 /// Serve a control stream; `first` is a frame already read from it.
@@ -39,11 +43,9 @@ pub(crate) async fn serve_control(
         };
         let reply = match admission::control_request(&body, &info.instance) {
             Ok(ControlRequest::Status) => status(&hub, &info),
-            Ok(ControlRequest::Register(reg)) => {
-                super::connection::register(&hub, &info.conn, &info.key, &reg)
-                    .await
-                    .map(|id| frame(&RelayToPeer::Registered { instance_id: &id }))
-            }
+            Ok(ControlRequest::Register(reg)) => register(&hub, &info.conn, &info.key, &reg)
+                .await
+                .map(|id| frame(&RelayToPeer::Registered { instance_id: &id })),
             Err(code) => Err(code),
         };
         match reply {
@@ -89,4 +91,33 @@ fn status(hub: &Hub, info: &ConnInfo) -> Result<Bytes, ErrorCode> {
     codec::frame(&RelayToPeer::Status { you, instances })
         .map(Bytes::from)
         .map_err(|_| ErrorCode::Internal)
+}
+
+/// Check a registration (id, proof) and record it durably (PROTOCOL.md
+/// §9.2); the instance id on success.
+pub(crate) async fn register(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    key: &PublicKey,
+    reg: &Registration<'_>,
+) -> Result<String, ErrorCode> {
+    let mut exporter = [0u8; 32];
+    let exported = conn
+        .export_keying_material(
+            &mut exporter,
+            agent_link_proto::REGISTER_EXPORTER_LABEL,
+            b"",
+        )
+        .ok()
+        .map(|()| exporter);
+    admission::check_registration(reg, key, hub.fleet(), exported)?;
+    let new = hub
+        .registry()
+        .register_online(key, reg.instance_id, reg.name)
+        .await?;
+    if new {
+        hub.stats().registrations.fetch_add(1, Relaxed);
+        info!(instance = %reg.instance_id, "registered");
+    }
+    Ok(reg.instance_id.to_string())
 }
