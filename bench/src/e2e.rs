@@ -45,7 +45,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let mut handlers = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for k in 0..pairs {
-        let sender = links[2 * k].sender("tx").await?;
+        let sender = links[2 * k].attach_sender("tx").await?;
         let receiver = links[2 * k + 1].attach("rx").await?;
         handlers.push(receiver.on_message(|_m| {}));
         let sender = Arc::new(sender);

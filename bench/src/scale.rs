@@ -540,7 +540,17 @@ async fn exchange(
     let mut senders = Vec::with_capacity(live.len());
     for (i, c) in live {
         let mut agents = c.agents.into_iter();
-        senders.push(agents.next());
+        // The first agent sends (from its own task) and receives (in a
+        // handler): a receipt comes only once the receiver has taken the
+        // message, so receiving must not wait behind sending.
+        senders.push(agents.next().map(|a| {
+            let tx = a.sender();
+            let received = received.clone();
+            handlers.push(a.on_message(move |_| {
+                received.fetch_add(1, Relaxed);
+            }));
+            tx
+        }));
         for a in agents {
             let received = received.clone();
             handlers.push(a.on_message(move |_| {
@@ -565,9 +575,8 @@ async fn exchange(
     let mut jobs = tokio::task::JoinSet::new();
     let mut active = 0usize;
     for (k, sender) in senders.into_iter().enumerate() {
-        let Some(mut sender) = sender else { continue };
+        let Some(sender) = sender else { continue };
         active += 1;
-        let received = received.clone();
         let next = links[(k + 1) % m].0;
         let (payload, hist, in_window, total, errors) = (
             payload.clone(),
@@ -613,17 +622,6 @@ async fn exchange(
                             .or_default() += 1;
                     }
                 }
-                // Take what arrived meanwhile (tokio's timeout polls the
-                // inner future before its deadline).
-                while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, sender.recv()).await {
-                    received.fetch_add(1, Relaxed);
-                }
-            }
-            // The predecessor's last messages, until it has stopped too.
-            while let Ok(Some(_)) =
-                tokio::time::timeout(Duration::from_millis(500), sender.recv()).await
-            {
-                received.fetch_add(1, Relaxed);
             }
             // One shared histogram, merged once per sender (a histogram per
             // sender would cost more memory than the links themselves).
@@ -638,6 +636,8 @@ async fn exchange(
     let elapsed = start.elapsed().as_secs_f64();
     let relay_cpu = watch.cpu_seconds() - r0;
     let bench_cpu = me.cpu_seconds() - b0;
+    // The last messages' handlers, before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let udp_rcvbuf_drops = udp_rcvbuf_errors().saturating_sub(drops0);
     // Let the last deliveries reach their handlers.
     tokio::time::sleep(Duration::from_millis(300)).await;

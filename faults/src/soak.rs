@@ -238,8 +238,8 @@ fn classify(e: &SendError) -> (String, bool) {
         SendError::Refused(code) => (format!("refused {code:?}"), true),
         SendError::Timeout => ("timeout".into(), false),
         SendError::TooLarge { .. } => ("too large".into(), true),
-        SendError::BadAddress(_) => ("bad address".into(), true),
-        SendError::OutboxFull(_) => ("outbox full".into(), true),
+        SendError::BadAddress { .. } => ("bad address".into(), true),
+        SendError::OutboxFull { .. } => ("outbox full".into(), true),
         // The link went away with the message possibly on the wire.
         SendError::Closed(_) => ("closed".into(), false),
         _ => ("other".into(), false),
@@ -327,7 +327,7 @@ pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
     for k in 0..cfg.pairs {
-        senders.push(Arc::new(links[2 * k].sender("tx").await?));
+        senders.push(Arc::new(links[2 * k].attach_sender("tx").await?));
         let mut rx = links[2 * k + 1].attach("rx").await?;
         let ledger = ledger.clone();
         let expect_from = format!("soak-s{k}/tx");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::LinkError;
+use crate::error::LinkError;
 
 /// File names inside the peer directory.
 pub const CONFIG_FILE: &str = "agent-link-config.json";
@@ -49,36 +49,43 @@ impl PeerConfig {
     /// Read and validate `DIR/agent-link-config.json`.
     pub fn load(dir: &Path) -> Result<Self, LinkError> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            LinkError::Config(if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "{} not found: is {} an agent-link directory? Run `agent-link init --dir {}` first",
-                    path.display(),
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let reason = format!(
+                    "not found: is {} an agent-link directory? Run `agent-link init --dir {}` first",
                     dir.display(),
                     dir.display()
-                )
-            } else {
-                format!("{}: {e}", path.display())
-            })
-        })?;
+                );
+                return Err(LinkError::config(path, None, reason));
+            }
+            Err(e) => return Err(LinkError::config(path, None, e.to_string())),
+        };
         let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| LinkError::Config(format!("{}: {e}", path.display())))?;
+            .map_err(|e| LinkError::config(path.clone(), None, e.to_string()))?;
         cfg.validate()
-            .map_err(|e| LinkError::Config(format!("{}: {e}", path.display())))?;
+            .map_err(|(field, reason)| LinkError::config(path, Some(field), reason))?;
         Ok(cfg)
     }
 
-    /// Check every field; the error names it.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Check every field; the error names it (and says what is wrong).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if !self.relay_url.contains(':') || self.relay_url.len() > 255 {
-            return Err("field `relay_url` must be HOST:PORT".into());
+            return Err(("relay_url", "field `relay_url` must be HOST:PORT".into()));
         }
-        self.fingerprint()
-            .map_err(|_| "field `relay_fingerprint` must be 64 hex digits".to_string())?;
+        if self.fingerprint().is_err() {
+            return Err((
+                "relay_fingerprint",
+                "field `relay_fingerprint` must be 64 hex digits".into(),
+            ));
+        }
         agent_link_proto::check_id(&self.instance_id)
-            .map_err(|e| format!("field `instance_id`: {e}"))?;
+            .map_err(|e| ("instance_id", format!("field `instance_id`: {e}")))?;
         if !(1..=3600).contains(&self.send_timeout_secs) {
-            return Err("field `send_timeout_secs` must be between 1 and 3600".into());
+            return Err((
+                "send_timeout_secs",
+                "field `send_timeout_secs` must be between 1 and 3600".into(),
+            ));
         }
         Ok(())
     }
@@ -149,7 +156,9 @@ mod tests {
                 "send_timeout_secs",
             ),
         ] {
-            assert!(cfg.validate().unwrap_err().contains(field));
+            let (named, reason) = cfg.validate().unwrap_err();
+            assert_eq!(named, field);
+            assert!(reason.contains(field));
         }
         assert_eq!(good().fingerprint().unwrap(), [0xab; 32]);
     }

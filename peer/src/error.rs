@@ -1,18 +1,35 @@
-//! Errors of the peer library, each mapped once to the CLI's exit codes
-//! (DESIGN.md): 1 other · 2 bad usage or input · 3 target offline or unknown ·
-//! 4 refused · 5 timed out.
+//! Errors of the peer library, as data a caller can match. The CLI maps each
+//! once to its exit code ([`agent_link_proto::Exit`], DESIGN.md).
 
-use agent_link_proto::ErrorCode;
+use std::path::PathBuf;
 
-/// Exit code for a wire error code.
-pub fn exit_code_of(code: ErrorCode) -> u8 {
-    use ErrorCode::*;
-    match code {
-        TargetOffline | UnknownTarget | TargetRevoked => 3,
-        NotRegistered | Revoked | InstanceIdTaken | BadProof | BadTag | BadSignature
-        | SenderMismatch | KeyChanged => 4,
-        TooLarge | BadAddress => 2,
-        _ => 1,
+use agent_link_proto::{ErrorCode, Exit};
+
+/// Why a link or an agent is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// [`crate::AgentLink::close`] was called, or the link was dropped.
+    LinkClosed,
+    /// This agent was closed (or its handle dropped) while the call waited.
+    AgentClosed,
+    /// The relay ended this agent for good with this code (`Replaced`,
+    /// `Revoked`, `NotRegistered`, …).
+    Stopped(ErrorCode),
+    /// The connection to the relay was lost and `auto_reconnect` is off.
+    ConnectionLost,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LinkClosed => f.write_str("the link was closed"),
+            Self::AgentClosed => f.write_str("the agent was closed"),
+            Self::Stopped(code) => write!(f, "the relay stopped this agent: {}", code.describe()),
+            Self::ConnectionLost => {
+                f.write_str("the connection to the relay was lost (auto_reconnect is off)")
+            }
+        }
     }
 }
 
@@ -21,7 +38,7 @@ pub fn exit_code_of(code: ErrorCode) -> u8 {
 #[non_exhaustive]
 pub enum SendError {
     /// The relay or the receiver refused the message, with the cause.
-    #[error("{0}")]
+    #[error("{}", .0.describe())]
     Refused(ErrorCode),
     /// No outcome before the deadline (the message may or may not have been
     /// delivered).
@@ -29,27 +46,63 @@ pub enum SendError {
     Timeout,
     /// The payload is over the relay's limit.
     #[error("message of {len} bytes exceeds the relay's limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// Payload bytes.
+        len: usize,
+        /// The relay's `max_message_size`.
+        max: usize,
+    },
     /// The target is not `instance/agent`.
-    #[error("{0}")]
-    BadAddress(String),
+    #[error("{to:?} is not an address of the form INSTANCE/AGENT")]
+    BadAddress {
+        /// The target as given.
+        to: String,
+    },
     /// Too many messages are waiting for an outcome.
-    #[error("outbox full ({0} messages waiting); slow down or wait for receipts")]
-    OutboxFull(usize),
-    /// The link was closed (or this agent was replaced by a newer attach).
-    #[error("link closed: {0}")]
-    Closed(String),
+    #[error("outbox full ({waiting} messages waiting); slow down or wait for receipts")]
+    OutboxFull {
+        /// Messages waiting.
+        waiting: usize,
+    },
+    /// The agent or link closed before an outcome.
+    #[error("{0}")]
+    Closed(CloseReason),
 }
 
 impl SendError {
     /// The CLI exit code for this outcome.
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit(&self) -> Exit {
         match self {
-            Self::Refused(c) => exit_code_of(*c),
-            Self::Timeout => 5,
-            Self::TooLarge { .. } | Self::BadAddress(_) => 2,
-            Self::OutboxFull(_) | Self::Closed(_) => 1,
+            Self::Refused(c) => Exit::from(*c),
+            Self::Timeout => Exit::Timeout,
+            Self::TooLarge { .. } | Self::BadAddress { .. } => Exit::Usage,
+            Self::OutboxFull { .. } | Self::Closed(_) => Exit::Other,
         }
+    }
+}
+
+/// What a link was doing when it ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Connecting to the relay.
+    Connect,
+    /// Attaching an agent.
+    Attach,
+    /// Asking the relay for its status.
+    Status,
+    /// Registering a new instance.
+    Register,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connecting to the relay",
+            Self::Attach => "attaching the agent",
+            Self::Status => "the status request",
+            Self::Register => "registration",
+        })
     }
 }
 
@@ -57,47 +110,78 @@ impl SendError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    /// Configuration or key files are missing or invalid (the message names
-    /// the file and field).
-    #[error("{0}")]
-    Config(String),
+    /// The peer directory's config is missing or invalid.
+    #[error("{}: {reason}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The offending field, when one is to blame.
+        field: Option<&'static str>,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A key or secret file is missing, unreadable, too open, or invalid;
+    /// or the TLS identity could not be built from it.
+    #[error(transparent)]
+    Key(#[from] agent_link_crypto::CryptoError),
     /// The relay could not be reached.
     #[error(
         "cannot reach the relay at {addr}: {reason}; is `agent-link-relay run` running there?"
     )]
-    Unreachable { addr: String, reason: String },
+    Unreachable {
+        /// The relay address.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
     /// The relay refused us.
-    #[error("{0}")]
+    #[error("{}", .0.describe())]
     Refused(ErrorCode),
     /// No answer in time.
     #[error("timed out: {0}")]
-    Timeout(String),
+    Timeout(Phase),
     /// Bad input (ids, join token).
+    #[error("{what}: {reason}")]
+    BadInput {
+        /// Which input.
+        what: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The link or the agent is closed.
     #[error("{0}")]
-    BadInput(String),
-    /// The link is closed.
-    #[error("link closed")]
-    Closed,
-    /// Anything else (I/O, TLS).
-    #[error("{0}")]
-    Other(String),
+    Closed(CloseReason),
+    /// The relay answered with something the protocol does not allow here
+    /// (peer and relay versions may differ).
+    #[error("unexpected answer from the relay to {0}")]
+    Protocol(Phase),
+    /// Local I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 impl LinkError {
     /// The CLI exit code.
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit(&self) -> Exit {
         match self {
-            Self::Config(_) | Self::BadInput(_) => 2,
-            Self::Refused(c) => exit_code_of(*c),
-            Self::Timeout(_) => 5,
-            _ => 1,
+            Self::Config { .. } | Self::Key(_) | Self::BadInput { .. } => Exit::Usage,
+            Self::Refused(c) => Exit::from(*c),
+            Self::Timeout(_) => Exit::Timeout,
+            _ => Exit::Other,
         }
     }
-}
 
-impl From<agent_link_crypto::CryptoError> for LinkError {
-    fn from(e: agent_link_crypto::CryptoError) -> Self {
-        Self::Config(e.to_string())
+    pub(crate) fn config(path: PathBuf, field: Option<&'static str>, reason: String) -> Self {
+        Self::Config {
+            path,
+            field,
+            reason,
+        }
     }
 }
 
@@ -107,20 +191,30 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_contract() {
-        assert_eq!(SendError::Refused(ErrorCode::TargetOffline).exit_code(), 3);
-        assert_eq!(SendError::Refused(ErrorCode::UnknownTarget).exit_code(), 3);
-        assert_eq!(SendError::Refused(ErrorCode::Revoked).exit_code(), 4);
-        assert_eq!(SendError::Refused(ErrorCode::BadSignature).exit_code(), 4);
-        assert_eq!(SendError::Refused(ErrorCode::Busy).exit_code(), 1);
-        assert_eq!(SendError::Timeout.exit_code(), 5);
-        assert_eq!(SendError::TooLarge { len: 2, max: 1 }.exit_code(), 2);
         assert_eq!(
-            LinkError::Refused(ErrorCode::InstanceIdTaken).exit_code(),
-            4
+            SendError::Refused(ErrorCode::TargetOffline).exit(),
+            Exit::Offline
         );
-        assert_eq!(LinkError::BadInput("x".into()).exit_code(), 2);
-        for c in ErrorCode::ALL {
-            assert!((1..=4).contains(&exit_code_of(c)));
-        }
+        assert_eq!(
+            SendError::Refused(ErrorCode::UnknownTarget).exit(),
+            Exit::Offline
+        );
+        assert_eq!(SendError::Refused(ErrorCode::Revoked).exit(), Exit::Refused);
+        assert_eq!(SendError::Refused(ErrorCode::Busy).exit(), Exit::Other);
+        assert_eq!(SendError::Timeout.exit(), Exit::Timeout);
+        assert_eq!(SendError::TooLarge { len: 2, max: 1 }.exit(), Exit::Usage);
+        assert_eq!(
+            LinkError::Refused(ErrorCode::InstanceIdTaken).exit(),
+            Exit::Refused
+        );
+        assert_eq!(
+            LinkError::BadInput {
+                what: "--join",
+                reason: "x".into()
+            }
+            .exit(),
+            Exit::Usage
+        );
+        assert_eq!(LinkError::Timeout(Phase::Connect).exit(), Exit::Timeout);
     }
 }

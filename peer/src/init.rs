@@ -7,11 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use agent_link_crypto::{Identity, PublicKey};
-use agent_link_proto::{codec, JoinToken, PeerToRelay, RelayToPeer};
+use agent_link_proto::{JoinToken, PeerToRelay, RelayToPeer};
 
 use crate::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
-use crate::wire::{self, FrameReader};
-use crate::LinkError;
+use crate::error::{LinkError, Phase};
+use crate::transport::{self, CONNECT_TIMEOUT};
+
+/// How long registration may take once connected.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Initialise `dir` as instance `instance_id` of the fleet in `join`.
 /// Returns the new public key.
@@ -21,18 +24,23 @@ pub async fn init(
     join: &JoinToken,
     name: Option<&str>,
 ) -> Result<PublicKey, LinkError> {
-    agent_link_proto::check_id(instance_id)
-        .map_err(|e| LinkError::BadInput(format!("--instance-id: {e}")))?;
+    agent_link_proto::check_id(instance_id).map_err(|e| LinkError::BadInput {
+        what: "--instance-id",
+        reason: e.to_string(),
+    })?;
     if dir.join(CONFIG_FILE).exists() || dir.join(KEY_FILE).exists() {
-        return Err(LinkError::BadInput(format!(
-            "{} is already initialised; refusing to overwrite its key",
-            dir.display()
-        )));
+        return Err(LinkError::BadInput {
+            what: "--dir",
+            reason: format!(
+                "{} is already initialised; refusing to overwrite its key",
+                dir.display()
+            ),
+        });
     }
     let identity = Identity::generate();
-    let addr = wire::resolve(&join.addr).await?;
-    let endpoint = wire::endpoint(&identity, join.fingerprint, addr.is_ipv6())?;
-    let conn = wire::connect(&endpoint, addr, &join.addr).await?;
+    let addr = transport::resolve(&join.addr).await?;
+    let endpoint = transport::endpoint(&identity, join.fingerprint, addr.is_ipv6())?;
+    let conn = transport::connect(&endpoint, addr, &join.addr, CONNECT_TIMEOUT).await?;
     let result = register(
         &conn,
         &identity,
@@ -42,7 +50,9 @@ pub async fn init(
     )
     .await;
     conn.close(0u32.into(), b"registered");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    // Registration is durable once answered; only the close is left to go
+    // out, and the relay times a silent connection out anyway.
+    let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
     result?;
 
     {
@@ -51,7 +61,10 @@ pub async fn init(
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| LinkError::Config(format!("{}: {e}", dir.display())))?;
+            .map_err(|source| LinkError::Io {
+                what: "creating the peer directory",
+                source,
+            })?;
     }
     identity.write_new(&dir.join(KEY_FILE))?;
     join.secret.write_new(&dir.join(SECRET_FILE))?;
@@ -63,7 +76,7 @@ pub async fn init(
         auto_reconnect: true,
         send_timeout_secs: 30,
     };
-    let json = serde_json::to_vec_pretty(&config).map_err(|e| LinkError::Other(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&config).expect("a PeerConfig always serialises");
     agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;
     Ok(identity.public_key())
 }
@@ -81,7 +94,7 @@ async fn register(
         agent_link_proto::REGISTER_EXPORTER_LABEL,
         b"",
     )
-    .map_err(|_| LinkError::Other("TLS exporter unavailable".into()))?;
+    .expect("TLS 1.3 always has an exporter for 32 bytes");
     // Bound to this TLS session and this key: a captured proof is useless
     // anywhere else.
     let proof = agent_link_proto::register_proof(
@@ -90,31 +103,20 @@ async fn register(
         &identity.public_key(),
         instance_id,
     );
-    let fut = async {
-        let fail = || wire::stream_failure(conn, "registration");
-        let (mut send, recv) = conn.open_bi().await.map_err(|_| fail())?;
-        send.write_all(&wire::frame(&PeerToRelay::Register {
+    transport::request(
+        conn,
+        &join.addr,
+        &PeerToRelay::Register {
             instance_id,
             name,
             proof,
-        }))
-        .await
-        .map_err(|_| fail())?;
-        let mut reader = FrameReader::new(recv);
-        let body = reader.next().await.map_err(|_| fail())?;
-        let _ = send.finish();
-        match body {
-            Some(b) => match codec::decode::<RelayToPeer>(&b)
-                .map_err(|e| LinkError::Other(format!("undecodable registration reply: {e}")))?
-            {
-                RelayToPeer::Registered { .. } => Ok(()),
-                RelayToPeer::Error { code } => Err(LinkError::Refused(code)),
-                _ => Err(LinkError::Other("unexpected reply to registration".into())),
-            },
-            None => Err(fail()),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .map_err(|_| LinkError::Timeout("registration".into()))?
+        },
+        Phase::Register,
+        REGISTER_TIMEOUT,
+        |f| match f {
+            RelayToPeer::Registered { .. } => Some(Ok(())),
+            _ => None,
+        },
+    )
+    .await
 }

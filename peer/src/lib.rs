@@ -1,43 +1,60 @@
 //! The agent-link peer library: connect an instance to a relay, attach
 //! agents, send messages that come back with a delivery receipt or an error
-//! that names the cause, and receive messages that were verified end to end
-//! (fleet HMAC, strict Ed25519 under the sender's pinned key, timestamp,
-//! replay window).
+//! that names the cause, and receive messages verified end to end (fleet
+//! HMAC, strict Ed25519 under the sender's pinned key, timestamp, replay
+//! window).
+//!
+//! The entry point is [`AgentLink`]: connect with a peer directory made by
+//! `agent-link init`, attach an [`Agent`], then [`Agent::send`] and
+//! [`Agent::recv`]. A [`Receipt`] means the receiving agent's application
+//! took the message; anything else is a [`SendError`] that says why.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use agent_link::AgentLink;
-//! let link = AgentLink::connect("/path/to/peer-dir").await?;   // AgentLink(config_path=...)
+//! let link = AgentLink::connect("/path/to/peer-dir").await?;
 //! let mut me = link.attach("healthguard").await?;
-//! let receipt = me.send("instance-002/xiaobaozi", "hi").await?; // link.send(...)
-//! println!("delivered at {}", receipt.delivered_at_ms);
-//! while let Some(msg) = me.recv().await {                       // @link.on_message
+//! let receipt = me.send("instance-002/xiaobaozi", "hi").await?;
+//! println!("delivered {} to {} at {}", receipt.id, receipt.to, receipt.delivered_at_ms);
+//! while let Some(msg) = me.recv().await {
 //!     println!("{}: {}", msg.from, String::from_utf8_lossy(&msg.payload));
 //! }
+//! me.close().await;
+//! link.close().await;
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`config`] (the peer directory), `link` (connection supervisor
-//! and agent tasks), `receive` (the receiver's checks), `pins` (trust on
-//! first use of other instances' keys), `outbox` (messages waiting for an
-//! outcome), `wire` (QUIC and frame I/O), `init`
-//! (online registration), `error` (errors and exit codes).
+//! Inside: `link` (the handle), `agent` (an agent's handle; seals each
+//! message once), `task` (an agent's driver), `supervisor` (connects and
+//! reconnects), `core` (the sans-IO state machine of an agent: outbox,
+//! receiver checks, backoff), `transport` (QUIC set-up and frame I/O),
+//! `config`, `pins` (trust on first use), `init` (online registration).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(missing_docs, unreachable_pub)]
 
+mod agent;
 pub mod config;
+mod core;
 mod error;
 mod init;
 mod link;
-mod outbox;
+mod message;
 mod pins;
-mod receive;
-mod wire;
+mod supervisor;
+mod task;
+mod transport;
 
-pub use agent_link_proto::{ErrorCode, InstanceStatus, JoinToken};
-pub use error::{exit_code_of, LinkError, SendError};
+pub use agent::{Agent, AgentSender};
+pub use agent_link_proto::{ErrorCode, Exit, InstanceStatus, JoinToken};
+pub use error::{CloseReason, LinkError, Phase, SendError};
 pub use init::init;
-pub use link::{Agent, AgentLink, Message, Receipt, StatusReport, OUTBOX_LIMIT};
-pub use wire::{
+pub use link::{AgentLink, AgentLinkBuilder, StatusReport};
+pub use message::{Message, MessageId, Receipt};
+
+// Transitional: the bench and the e2e tests use the peer's QUIC settings;
+// they move to the shared frame-and-endpoint crate.
+#[doc(hidden)]
+pub use transport::{
     client_transport_config, endpoint_config, mtu_discovery, udp_socket, MAX_UDP_PAYLOAD,
     UDP_RECV_BUFFER,
 };

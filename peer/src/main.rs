@@ -7,14 +7,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agent_link::{AgentLink, JoinToken, LinkError, SendError};
+use agent_link::{AgentLink, Exit, JoinToken, LinkError, SendError};
 use clap::{Parser, Subcommand};
+
+const EXIT_CODES: &str = "Exit codes: 0 success · 1 other failure · 2 bad usage or input · \
+3 target offline or unknown · 4 refused (not registered, revoked, id taken, bad signature or tag) · \
+5 timed out (outcome unknown). Errors are one line on stderr; set RUST_LOG=info (or debug) for logs.";
 
 #[derive(Parser)]
 #[command(
     name = "agent-link",
     version,
-    about = "Send and receive agent messages through an agent-link relay"
+    about = "Send and receive agent messages through an agent-link relay",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +42,7 @@ impl DirArg {
 }
 
 #[derive(Subcommand)]
+#[command(after_help = EXIT_CODES)]
 enum Command {
     /// Make this instance's key (0600), register it with the relay, write the config; print the public key.
     Init {
@@ -45,9 +51,19 @@ enum Command {
         /// Instance id (1-64 characters from A-Z a-z 0-9 . _ -)
         #[arg(long)]
         instance_id: String,
-        /// Join token from `agent-link-relay invite`
-        #[arg(long, value_name = "TOKEN")]
-        join: String,
+        /// Join token from `agent-link-relay invite`, or `-` to read it from
+        /// standard input (it holds the fleet secret: prefer `-` or
+        /// --join-file, which keep it out of `ps` and shell history)
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            required_unless_present = "join_file",
+            conflicts_with = "join_file"
+        )]
+        join: Option<String>,
+        /// Read the join token from FILE
+        #[arg(long, value_name = "FILE")]
+        join_file: Option<PathBuf>,
         /// Human-readable name
         #[arg(long)]
         name: Option<String>,
@@ -70,7 +86,7 @@ enum Command {
         /// Target, INSTANCE/AGENT
         #[arg(long, value_name = "INSTANCE/AGENT")]
         to: String,
-        /// Seconds to wait for the receipt (default: the config's send_timeout_secs)
+        /// Seconds to wait in all, connecting included (default: the config's send_timeout_secs)
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
         /// JSON output
@@ -80,6 +96,7 @@ enum Command {
         message: Option<String>,
     },
     /// Print each message for AGENT as it arrives; keeps going across relay restarts.
+    /// Prints one line `listening as INSTANCE/AGENT` on stderr once attached.
     Listen {
         #[command(flatten)]
         dir: DirArg,
@@ -103,38 +120,75 @@ enum Command {
     },
 }
 
-struct Failure(u8, String);
+struct Failure(Exit, String);
 
 impl From<LinkError> for Failure {
     fn from(e: LinkError) -> Self {
-        Failure(e.exit_code(), e.to_string())
+        Failure(e.exit(), e.to_string())
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
+    // Logs only when asked for: otherwise stderr carries exactly one line,
+    // the error, for scripts and agents to read.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .init();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(Exit::Other.code());
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Nothing is left to wait for: every command has printed its answer and
+    // closed its link; do not wait for background tasks.
+    rt.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("error: {}", msg.replace('\n', " "));
-            ExitCode::from(code)
+            ExitCode::from(code.code())
         }
     }
+}
+
+/// The join token from `--join TOKEN`, `--join -` (standard input) or
+/// `--join-file FILE`.
+fn read_join(join: Option<String>, file: Option<PathBuf>) -> Result<JoinToken, Failure> {
+    let usage = |m: String| Failure(Exit::Usage, m);
+    let (flag, text) = match (join.as_deref(), file) {
+        (_, Some(path)) => {
+            let flag = format!("--join-file {}", path.display());
+            let text = std::fs::read_to_string(&path).map_err(|e| usage(format!("{flag}: {e}")))?;
+            (flag, text)
+        }
+        (Some("-"), None) => {
+            let mut t = String::new();
+            std::io::stdin()
+                .read_to_string(&mut t)
+                .map_err(|e| usage(format!("--join -: reading standard input: {e}")))?;
+            ("--join -".to_string(), t)
+        }
+        (Some(t), None) => ("--join".to_string(), t.to_string()),
+        (None, None) => {
+            return Err(usage(
+                "--join TOKEN, --join - or --join-file FILE is required".into(),
+            ))
+        }
+    };
+    // The error names the flag, never the token (it holds the fleet secret).
+    JoinToken::parse(text.trim()).map_err(|e| usage(format!("{flag}: {e}")))
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -143,14 +197,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             dir,
             instance_id,
             join,
+            join_file,
             name,
         } => {
-            let token = JoinToken::parse(&join).map_err(|e| Failure(2, format!("--join: {e}")))?;
+            let token = read_join(join, join_file)?;
             let key = agent_link::init(&dir.path(), &instance_id, &token, name.as_deref())
                 .await
                 .map_err(|e| match e {
                     LinkError::Refused(agent_link::ErrorCode::InstanceIdTaken) => Failure(
-                        4,
+                        Exit::Refused,
                         format!("instance id {instance_id:?} is already registered to another key; choose another --instance-id"),
                     ),
                     other => other.into(),
@@ -162,7 +217,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let dir = dir.path();
             let cfg = agent_link::config::PeerConfig::load(&dir)?;
             let id = agent_link_crypto::Identity::read(&dir.join(agent_link::config::KEY_FILE))
-                .map_err(|e| Failure(2, e.to_string()))?;
+                .map_err(|e| Failure(Exit::Usage, e.to_string()))?;
             if json {
                 println!(
                     "{}",
@@ -181,49 +236,56 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
             message,
         } => {
-            agent_link_proto::Address::parse(&to).map_err(|e| Failure(2, format!("--to: {e}")))?;
-            agent_link_proto::check_id(&from).map_err(|e| Failure(2, format!("--from: {e}")))?;
+            agent_link_proto::Address::parse(&to)
+                .map_err(|e| Failure(Exit::Usage, format!("--to: {e}")))?;
+            agent_link_proto::check_id(&from)
+                .map_err(|e| Failure(Exit::Usage, format!("--from: {e}")))?;
             let payload = match message {
                 Some(m) => m.into_bytes(),
                 None => {
                     let mut buf = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut buf)
-                        .map_err(|e| Failure(1, format!("reading standard input: {e}")))?;
+                    std::io::stdin().read_to_end(&mut buf).map_err(|e| {
+                        Failure(Exit::Other, format!("reading standard input: {e}"))
+                    })?;
                     buf
                 }
             };
-            let link = AgentLink::connect(dir.path()).await?;
-            let agent = link.sender(&from).await?;
-            let result = match timeout {
-                Some(s) => {
-                    agent
-                        .send_with_timeout(&to, payload, Duration::from_secs(s.max(1)))
-                        .await
-                }
-                None => agent.send(&to, payload).await,
+            let dir = dir.path();
+            // --timeout bounds the whole call: connecting, attaching, sending.
+            let deadline = match timeout {
+                Some(s) => Duration::from_secs(s.max(1)),
+                None => Duration::from_secs(
+                    agent_link::config::PeerConfig::load(&dir)?.send_timeout_secs,
+                ),
             };
-            agent.close().await;
-            link.close().await;
-            match result {
+            let start = tokio::time::Instant::now();
+            let link = AgentLink::builder(&dir)
+                .connect_timeout(deadline)
+                .setup_timeout(deadline)
+                .connect()
+                .await?;
+            let agent = link.attach_sender(&from).await?;
+            let left = deadline.saturating_sub(start.elapsed());
+            let result = agent.send_with_timeout(&to, payload, left).await;
+            // The answer first, then the goodbye (which does not wait out
+            // QUIC's drain).
+            let printed = match &result {
                 Ok(r) => {
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({"status": "delivered", "id": hex::encode(r.id), "to": r.from, "delivered_at": r.delivered_at_ms})
+                            serde_json::json!({"status": "delivered", "id": r.id.to_string(), "to": r.to, "delivered_at": r.delivered_at_ms})
                         );
                     } else {
-                        println!(
-                            "delivered {} to {} at {}",
-                            hex::encode(r.id),
-                            r.from,
-                            r.delivered_at_ms
-                        );
+                        println!("delivered {} to {} at {}", r.id, r.to, r.delivered_at_ms);
                     }
                     Ok(())
                 }
-                Err(e) => Err(Failure(e.exit_code(), send_error_line(&e, &to))),
-            }
+                Err(e) => Err(Failure(e.exit(), send_error_line(e, &to))),
+            };
+            agent.close().await;
+            link.close().await;
+            printed
         }
         Command::Listen {
             dir,
@@ -234,13 +296,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status { dir, json } => {
             let dir = dir.path();
             let relay = agent_link::config::PeerConfig::load(&dir)?.relay_url;
-            let report = async {
-                let link = AgentLink::connect(&dir).await?;
-                let st = link.status().await;
-                link.close().await;
-                st
-            }
-            .await;
+            let (link, report) = match AgentLink::connect(&dir).await {
+                Ok(link) => {
+                    let st = link.status().await;
+                    (Some(link), st)
+                }
+                Err(e) => (None, Err(e)),
+            };
             let st = match report {
                 Ok(st) => st,
                 Err(e) => {
@@ -251,6 +313,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         );
                     } else {
                         println!("relay      {relay} (not connected)");
+                    }
+                    if let Some(link) = link {
+                        link.close().await;
                     }
                     return Err(e.into());
                 }
@@ -285,6 +350,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         join_or_dash(&i.agents)
                     );
                 }
+            }
+            if let Some(link) = link {
+                link.close().await;
             }
             Ok(())
         }
@@ -321,6 +389,8 @@ fn with_target(text: &str, to: &str) -> String {
 async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Result<(), Failure> {
     let link = AgentLink::connect(&dir).await?;
     let mut me = link.attach(agent).await?;
+    // Scripts wait for this line before they send.
+    eprintln!("listening as {}", me.address());
     let mut seen = 0u64;
     let stdout = std::io::stdout();
     let stop = shutdown_signal();
@@ -336,11 +406,11 @@ async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Re
         let Some(m) = m else {
             return Err(match me.stop_reason() {
                 Some(code) => Failure(
-                    agent_link::exit_code_of(code),
+                    Exit::from(code),
                     format!("agent {agent} stopped receiving: {code}"),
                 ),
                 None => Failure(
-                    1,
+                    Exit::Other,
                     format!("agent {agent} stopped receiving: the link closed"),
                 ),
             });
@@ -349,7 +419,7 @@ async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Re
         let mut out = stdout.lock();
         let line = if json {
             let mut v = serde_json::json!({
-                "id": hex::encode(m.id), "from": m.from, "to": m.to, "sent_at": m.sent_at_ms,
+                "id": m.id.to_string(), "from": m.from, "to": m.to, "sent_at": m.sent_at_ms,
             });
             match std::str::from_utf8(&m.payload) {
                 Ok(s) => v["message"] = s.into(),

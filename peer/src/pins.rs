@@ -11,7 +11,7 @@ use agent_link_crypto::PublicKey;
 
 /// Outcome of presenting a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinCheck {
+pub(crate) enum PinCheck {
     /// Matches the pinned key.
     Known,
     /// First sighting: now pinned.
@@ -22,7 +22,7 @@ pub enum PinCheck {
 
 /// The pin store.
 #[derive(Debug)]
-pub struct Pins {
+pub(crate) struct Pins {
     path: Option<PathBuf>,
     keys: BTreeMap<String, String>,
 }
@@ -30,7 +30,7 @@ pub struct Pins {
 impl Pins {
     /// Load from `path` (missing file = no pins). A corrupt file is an error:
     /// silently dropping pins would defeat them.
-    pub fn load(path: PathBuf) -> Result<Self, String> {
+    pub(crate) fn load(path: PathBuf) -> Result<Self, String> {
         let keys = match std::fs::read_to_string(&path) {
             Ok(t) => serde_json::from_str(&t).map_err(|e| format!("{}: {e}", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -44,7 +44,7 @@ impl Pins {
 
     /// An in-memory store (tests).
     #[cfg(test)]
-    pub fn in_memory() -> Self {
+    pub(crate) fn in_memory() -> Self {
         Self {
             path: None,
             keys: BTreeMap::new(),
@@ -52,12 +52,12 @@ impl Pins {
     }
 
     /// Where the pins live (for messages telling people how to re-pin).
-    pub fn path(&self) -> Option<&std::path::Path> {
+    pub(crate) fn path(&self) -> Option<&std::path::Path> {
         self.path.as_deref()
     }
 
     /// Check `key` for `instance`, pinning it on first sight.
-    pub fn check(&mut self, instance: &str, key: &PublicKey) -> PinCheck {
+    pub(crate) fn check(&mut self, instance: &str, key: &PublicKey) -> PinCheck {
         let text = key.to_string();
         match self.keys.get(instance) {
             Some(k) if *k == text => PinCheck::Known,

@@ -105,7 +105,7 @@ async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
     let one = f.peer("inst-one").await;
     let two = f.peer("inst-two").await;
     let mut bob = one.attach("bob").await.unwrap();
-    let alice = two.sender("alice").await.unwrap();
+    let alice = two.attach_sender("alice").await.unwrap();
 
     f.stop().await;
     let send = tokio::spawn(async move {
@@ -122,13 +122,14 @@ async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
     );
     f.restart().await;
 
+    // The receipt comes once bob's application has taken the message.
+    let m = recv(&mut bob).await;
     let (_alice, r) = tokio::time::timeout(WAIT + Duration::from_secs(2), send)
         .await
         .unwrap()
         .unwrap();
     let receipt = r.expect("delivered after the relay came back");
-    assert_eq!(receipt.from, "inst-one/bob");
-    let m = recv(&mut bob).await;
+    assert_eq!(receipt.to, "inst-one/bob");
     assert_eq!(m.id, receipt.id);
     assert_eq!(&m.payload[..], b"while down");
     // Delivered once: nothing else arrives.
@@ -144,14 +145,14 @@ async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
 async fn a_deadline_that_passes_while_the_relay_is_down_is_a_timeout() {
     let mut f = Fixture::start().await;
     let two = f.peer("inst-two").await;
-    let alice = two.sender("alice").await.unwrap();
+    let alice = two.attach_sender("alice").await.unwrap();
     f.stop().await;
     let t0 = std::time::Instant::now();
     let r = alice
         .send_with_timeout("inst-one/bob", "x", Duration::from_millis(700))
         .await;
     assert!(matches!(r, Err(SendError::Timeout)), "{r:?}");
-    assert_eq!(r.unwrap_err().exit_code(), 5);
+    assert_eq!(r.unwrap_err().exit().code(), 5);
     assert!(t0.elapsed() < Duration::from_secs(3));
 }
 
@@ -172,15 +173,19 @@ async fn the_newest_receiving_attach_wins_and_a_sender_displaces_nobody() {
     assert_eq!(old.stop_reason(), Some(ErrorCode::Replaced));
 
     // A send-only attach of the same agent leaves `new` receiving.
-    let also_bob = one.sender("bob").await.unwrap();
-    let alice = two.sender("alice").await.unwrap();
-    alice.send("inst-one/bob", "hello").await.unwrap();
-    assert_eq!(&recv(&mut new).await.payload[..], b"hello");
+    let also_bob = one.attach_sender("bob").await.unwrap();
+    let alice = two.attach_sender("alice").await.unwrap();
+    let (r, m) = tokio::join!(alice.send("inst-one/bob", "hello"), recv(&mut new));
+    r.unwrap();
+    assert_eq!(&m.payload[..], b"hello");
     // And the send-only bob can send.
     let mut alice_rx = two.attach("alice").await.unwrap();
-    let r = also_bob.send("inst-two/alice", "hi back").await.unwrap();
-    assert_eq!(r.from, "inst-two/alice");
-    assert_eq!(recv(&mut alice_rx).await.from, "inst-one/bob");
+    let (r, m) = tokio::join!(
+        also_bob.send("inst-two/alice", "hi back"),
+        recv(&mut alice_rx)
+    );
+    assert_eq!(r.unwrap().to, "inst-two/alice");
+    assert_eq!(m.from, "inst-one/bob");
     assert_eq!(new.stop_reason(), None);
 }
 
@@ -189,14 +194,14 @@ async fn offline_target_fails_at_once_outside_the_reconnect_grace() {
     let f = Fixture::start().await;
     let two = f.peer("inst-two").await;
     let _one = f.peer("inst-one").await;
-    let alice = two.sender("alice").await.unwrap();
+    let alice = two.attach_sender("alice").await.unwrap();
     let t0 = std::time::Instant::now();
     let r = alice.send("inst-one/nobody", "x").await;
     assert!(
         matches!(r, Err(SendError::Refused(ErrorCode::TargetOffline))),
         "{r:?}"
     );
-    assert_eq!(r.unwrap_err().exit_code(), 3);
+    assert_eq!(r.unwrap_err().exit().code(), 3);
     assert!(t0.elapsed() < Duration::from_secs(2));
     let st = two.status().await.unwrap();
     assert!(st.instances.iter().any(|i| i.instance_id == "inst-one"));

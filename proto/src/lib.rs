@@ -11,6 +11,7 @@
 //! - [`DeliverHead`]: a `Deliver` frame's head, so the relay forwards an
 //!   envelope's original bytes behind it without copying them.
 //! - [`ErrorCode`]: every refusal, as sent on the wire and mapped to exit codes.
+//! - [`Exit`]: the exit codes of both command-line programs.
 //! - [`ReplayWindow`]: receivers' bounded memory of message ids.
 //! - [`JoinToken`]: the one-line invitation (relay address, certificate
 //!   fingerprint, fleet secret).
@@ -29,6 +30,7 @@ pub mod codec;
 mod deliver;
 pub mod envelope;
 mod error;
+mod exit;
 pub mod frames;
 mod ids;
 mod join;
@@ -38,6 +40,7 @@ mod replay;
 pub use deliver::DeliverHead;
 pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};
 pub use error::{ErrorCode, ProtoError};
+pub use exit::Exit;
 pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};
 pub use ids::{check_id, MAX_ID_LEN};
 pub use join::JoinToken;

@@ -472,3 +472,16 @@ pub async fn recv(agent: &mut agent_link::Agent) -> agent_link::Message {
         .expect("message in time")
         .expect("agent still attached")
 }
+
+/// `sender` sends `payload` to `to` while `receiver`'s application takes the
+/// next message: the receipt only comes back once it has been taken. Both
+/// within [`WAIT`].
+pub async fn exchange(
+    sender: &agent_link::Agent,
+    to: &str,
+    payload: impl Into<bytes::Bytes>,
+    receiver: &mut agent_link::Agent,
+) -> (agent_link::Receipt, agent_link::Message) {
+    let (r, m) = tokio::join!(sender.send_with_timeout(to, payload, WAIT), recv(receiver));
+    (r.expect("delivered"), m)
+}

@@ -193,7 +193,7 @@ async fn peer_key_and_secret_files_readable_by_others_are_refused_naming_the_pat
             msg.contains(&path.display().to_string()) && msg.contains("chmod 600"),
             "{file} {mode:o}: {msg}"
         );
-        assert_eq!(e.exit_code(), 2, "{file} {mode:o}");
+        assert_eq!(e.exit().code(), 2, "{file} {mode:o}");
         // Refused, not "fixed" behind the user's back.
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -313,7 +313,7 @@ async fn missing_or_malformed_peer_files_are_refused_naming_the_path() {
             msg.contains(&path.display().to_string()) && msg.contains(hint),
             "{case}: {msg}"
         );
-        assert_eq!(e.exit_code(), 2, "{case}: {msg}");
+        assert_eq!(e.exit().code(), 2, "{case}: {msg}");
         assert_eq!(msg.lines().count(), 1, "{case}: one line: {msg}");
     }
 }

@@ -148,17 +148,16 @@ async fn a_thousand_instances_reconnect_at_once_after_a_relay_restart() {
 
     // Messages flow after the storm, both ways across the fleet.
     for (from, to) in [(0usize, N - 1), (N - 1, 0), (N / 2, 1)] {
-        let (_, sender) = peers[from].as_ref().unwrap();
         let to_addr = format!("storm-{to:04}/a");
-        let r = sender
-            .send_with_timeout(&to_addr, &b"after the storm"[..], WAIT)
-            .await;
+        let [s, r] = peers.get_disjoint_mut([from, to]).unwrap();
+        let (sender, receiver) = (&s.as_ref().unwrap().1, &mut r.as_mut().unwrap().1);
+        // The receipt comes once the receiver's application has taken it.
+        let (r, m) = tokio::join!(
+            sender.send_with_timeout(&to_addr, &b"after the storm"[..], WAIT),
+            tokio::time::timeout(WAIT, receiver.recv())
+        );
         assert!(r.is_ok(), "{from} -> {to}: {r:?}");
-        let (_, receiver) = peers[to].as_mut().unwrap();
-        let m = tokio::time::timeout(WAIT, receiver.recv())
-            .await
-            .expect("delivery")
-            .expect("agent running");
+        let m = m.expect("delivery").expect("agent running");
         assert_eq!(&m.payload[..], b"after the storm");
     }
     // Close everyone at once (each close waits for its goodbye, bounded).
@@ -192,7 +191,7 @@ async fn a_connection_flood_does_not_stop_a_connected_client() {
     write_peer_dir(&base.path().join("bob"), "bob", &ib, &relay.token);
     let alice = AgentLink::connect(base.path().join("alice")).await.unwrap();
     let bob = AgentLink::connect(base.path().join("bob")).await.unwrap();
-    let tx = alice.sender("tx").await.unwrap();
+    let tx = alice.attach_sender("tx").await.unwrap();
     let mut rx = bob.attach("rx").await.unwrap();
 
     // The flood: strangers (unregistered keys) opening connection after
@@ -245,16 +244,16 @@ async fn a_connection_flood_does_not_stop_a_connected_client() {
     let mut got = HashSet::new();
     for i in 0..MESSAGES {
         let payload = format!("during the flood {i}");
-        let r = tx
-            .send_with_timeout(
+        let (r, m) = tokio::join!(
+            tx.send_with_timeout(
                 "bob/rx",
                 payload.clone().into_bytes(),
                 Duration::from_secs(30),
-            )
-            .await;
+            ),
+            tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        );
         assert!(r.is_ok(), "message {i} during the flood: {r:?}");
-        let m = tokio::time::timeout(WAIT, rx.recv())
-            .await
+        let m = m
             .expect("delivery during the flood")
             .expect("agent running");
         assert!(got.insert(m.payload.clone()), "delivered twice: {m:?}");
@@ -286,8 +285,12 @@ async fn a_connection_flood_does_not_stop_a_connected_client() {
         ok,
         "strangers not closed with AuthTimeout"
     );
-    let r = tx.send_with_timeout("bob/rx", &b"after"[..], WAIT).await;
+    let (r, m) = tokio::join!(
+        tx.send_with_timeout("bob/rx", &b"after"[..], WAIT),
+        tokio::time::timeout(WAIT, rx.recv())
+    );
     assert!(r.is_ok(), "after the flood: {r:?}");
+    assert!(matches!(m, Ok(Some(_))));
     alice.close().await;
     bob.close().await;
 }

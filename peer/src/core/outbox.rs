@@ -17,10 +17,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agent_link_proto::{ErrorCode, MessageId};
+use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::{Receipt, SendError};
+use crate::error::SendError;
+use crate::message::Receipt;
 
 /// How long after a re-attach `TargetOffline` is treated as "not back yet":
 /// longer than the longest reconnect backoff (5 s plus 50 % jitter).
@@ -34,7 +36,7 @@ pub(crate) type Reply = oneshot::Sender<Result<Receipt, SendError>>;
 struct Entry {
     seq: u64,
     to: String,
-    frame: Vec<u8>,
+    frame: Bytes,
     deadline: Instant,
     retry_at: Option<Instant>,
     reply: Reply,
@@ -81,12 +83,14 @@ impl Outbox {
         &mut self,
         id: MessageId,
         to: String,
-        frame: Vec<u8>,
+        frame: Bytes,
         deadline: Instant,
         reply: Reply,
     ) -> bool {
         if self.is_full() {
-            let _ = reply.send(Err(SendError::OutboxFull(self.entries.len())));
+            let _ = reply.send(Err(SendError::OutboxFull {
+                waiting: self.entries.len(),
+            }));
             return false;
         }
         self.seq += 1;
@@ -107,15 +111,15 @@ impl Outbox {
     /// A receipt arrived. It resolves the message only when it comes from
     /// the agent the message was sent to; returns whether it did.
     pub(crate) fn receipt(&mut self, receipt: Receipt) -> bool {
-        match self.entries.get(&receipt.id) {
-            Some(e) if e.to == receipt.from => {}
+        match self.entries.get(&receipt.id.0) {
+            Some(e) if e.to == receipt.to => {}
             Some(_) => {
                 tracing::warn!("receipt from an agent the message was not sent to; ignored");
                 return false;
             }
             None => return false,
         }
-        match self.entries.remove(&receipt.id) {
+        match self.entries.remove(&receipt.id.0) {
             Some(e) => {
                 let _ = e.reply.send(Ok(receipt));
                 true
@@ -171,7 +175,7 @@ impl Outbox {
 
     /// Append the frames of messages whose retry is due to `out`, oldest
     /// first; returns how many.
-    pub(crate) fn take_due(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
+    pub(crate) fn take_due(&mut self, now: Instant, out: &mut Vec<Bytes>) -> usize {
         let mut due: Vec<&mut Entry> = self
             .entries
             .values_mut()
@@ -180,19 +184,19 @@ impl Outbox {
         due.sort_by_key(|e| e.seq);
         for e in &mut due {
             e.retry_at = None;
-            out.extend_from_slice(&e.frame);
+            out.push(e.frame.clone());
         }
         due.len()
     }
 
     /// Append every waiting message's frame to `out`, oldest first, byte for
     /// byte as first sent (after a re-attach).
-    pub(crate) fn resend_all(&mut self, out: &mut Vec<u8>) -> usize {
+    pub(crate) fn resend_all(&mut self, out: &mut Vec<Bytes>) -> usize {
         let mut all: Vec<&mut Entry> = self.entries.values_mut().collect();
         all.sort_by_key(|e| e.seq);
         for e in &mut all {
             e.retry_at = None;
-            out.extend_from_slice(&e.frame);
+            out.push(e.frame.clone());
         }
         all.len()
     }
@@ -213,14 +217,20 @@ mod tests {
 
     fn add(ob: &mut Outbox, id: u8, deadline: Instant) -> (bool, Rx) {
         let (tx, rx) = oneshot::channel();
-        let ok = ob.insert([id; 16], "i/a".into(), vec![id; 3], deadline, tx);
+        let ok = ob.insert(
+            [id; 16],
+            "i/a".into(),
+            Bytes::from(vec![id; 3]),
+            deadline,
+            tx,
+        );
         (ok, rx)
     }
 
     fn receipt(id: u8, from: &str) -> Receipt {
         Receipt {
-            id: [id; 16],
-            from: from.into(),
+            id: crate::message::MessageId([id; 16]),
+            to: from.into(),
             delivered_at_ms: 7,
         }
     }
@@ -234,7 +244,10 @@ mod tests {
         assert!(add(&mut ob, 2, later).0);
         let (ok, mut rx) = add(&mut ob, 3, later);
         assert!(!ok);
-        assert!(matches!(rx.try_recv(), Ok(Err(SendError::OutboxFull(2)))));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(SendError::OutboxFull { waiting: 2 }))
+        ));
         assert_eq!(ob.len(), 2);
         // A receipt frees a place.
         assert!(ob.receipt(receipt(1, "i/a")));
@@ -275,7 +288,7 @@ mod tests {
             ob.failed(&[2; 16], ErrorCode::UnknownTarget, now, None),
             FailOutcome::Unknown
         );
-        ob.fail_all(|| SendError::Closed("test".into()));
+        ob.fail_all(|| SendError::Closed(crate::error::CloseReason::LinkClosed));
         assert!(matches!(c.try_recv(), Ok(Err(SendError::Closed(_)))));
         assert_eq!(ob.len(), 0);
     }
@@ -304,7 +317,7 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(ob.take_due(now, &mut out), 0);
         assert_eq!(ob.take_due(now + RETRY_DELAY, &mut out), 1);
-        assert_eq!(out, vec![1; 3]);
+        assert_eq!(out.concat(), vec![1; 3]);
         assert_eq!(ob.take_due(now + RETRY_DELAY * 2, &mut out), 0, "once");
         // Other refusals are final even inside the grace.
         let (_, mut c) = add(&mut ob, 3, now + Duration::from_secs(30));
@@ -351,6 +364,6 @@ mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(ob.resend_all(&mut out), 3);
-        assert_eq!(out, [vec![5; 3], vec![1; 3], vec![9; 3]].concat());
+        assert_eq!(out.concat(), [vec![5; 3], vec![1; 3], vec![9; 3]].concat());
     }
 }

@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use agent_link_crypto::tls::{instance_client_config, TlsIdentity, RELAY_SERVER_NAME};
 use agent_link_crypto::Identity;
-use agent_link_proto::{codec, ErrorCode, PeerToRelay};
+use agent_link_proto::{codec, ErrorCode, PeerToRelay, RelayToPeer};
 use bytes::{Bytes, BytesMut};
 
-use crate::LinkError;
+use crate::error::{CloseReason, LinkError, Phase};
 
-/// How long one connection attempt may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take (at most; less when the
+/// caller's deadline is nearer).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client endpoint presenting `identity` and pinning the relay's
 /// certificate `fingerprint`.
-pub fn endpoint(
+pub(crate) fn endpoint(
     identity: &Identity,
     fingerprint: [u8; 32],
     v6: bool,
@@ -25,13 +26,18 @@ pub fn endpoint(
     let tls_id = TlsIdentity::self_signed(identity, "agent-link-instance")?;
     let tls = instance_client_config(&tls_id, fingerprint)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| LinkError::Other(format!("QUIC TLS config: {e}")))?;
+        .expect("our TLS config is TLS 1.3 with an initial suite QUIC accepts");
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(client_transport_config()));
-    let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .map_err(|_| LinkError::Other("bind address".into()))?;
-    let socket_err = |e: std::io::Error| LinkError::Other(format!("UDP socket: {e}"));
+    let bind: SocketAddr = if v6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket_err = |source| LinkError::Io {
+        what: "opening a UDP socket",
+        source,
+    };
     let socket = udp_socket(bind).map_err(socket_err)?;
     let mut ep = quinn::Endpoint::new(
         endpoint_config(),
@@ -108,7 +114,7 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 }
 
 /// Resolve `host:port`.
-pub async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
     tokio::net::lookup_host(addr)
         .await
         .map_err(|e| LinkError::Unreachable {
@@ -122,11 +128,12 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
         })
 }
 
-/// One connection attempt, bounded by [`CONNECT_TIMEOUT`].
-pub async fn connect(
+/// One connection attempt, bounded by `limit`.
+pub(crate) async fn connect(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     label: &str,
+    limit: Duration,
 ) -> Result<quinn::Connection, LinkError> {
     let unreachable = |reason: String| LinkError::Unreachable {
         addr: label.to_string(),
@@ -135,17 +142,20 @@ pub async fn connect(
     let connecting = ep
         .connect(addr, RELAY_SERVER_NAME)
         .map_err(|e| unreachable(e.to_string()))?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    match tokio::time::timeout(limit, connecting).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => {
             Err(connection_error(&e).map_or_else(|| unreachable(e.to_string()), LinkError::Refused))
         }
-        Err(_) => Err(unreachable("no answer (timed out)".into())),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {:.1} s",
+            limit.as_secs_f64()
+        ))),
     }
 }
 
 /// The relay's reason when it closed the connection deliberately.
-pub fn connection_error(e: &quinn::ConnectionError) -> Option<ErrorCode> {
+pub(crate) fn connection_error(e: &quinn::ConnectionError) -> Option<ErrorCode> {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => u32::try_from(u64::from(c.error_code))
             .ok()
@@ -155,25 +165,73 @@ pub fn connection_error(e: &quinn::ConnectionError) -> Option<ErrorCode> {
 }
 
 /// The error for a stream operation that failed: the relay's reason when it
-/// closed the connection deliberately (e.g. `Revoked`), else `what` failed.
-pub fn stream_failure(conn: &quinn::Connection, what: &str) -> LinkError {
+/// closed the connection deliberately (e.g. `Revoked`), else that the
+/// connection went away during `during`.
+pub(crate) fn stream_failure(conn: &quinn::Connection, label: &str, during: Phase) -> LinkError {
     match conn.close_reason().as_ref().and_then(connection_error) {
         Some(code) => LinkError::Refused(code),
-        None if conn.close_reason().is_some() => LinkError::Closed,
-        None => LinkError::Other(format!("{what} failed")),
+        None if conn.close_reason().is_some() => LinkError::Closed(CloseReason::ConnectionLost),
+        None => LinkError::Unreachable {
+            addr: label.to_string(),
+            reason: format!("the stream broke during {during}"),
+        },
     }
+}
+
+/// One request and its one reply on a fresh stream (status, registration),
+/// bounded by `limit`.
+pub(crate) async fn request<T>(
+    conn: &quinn::Connection,
+    label: &str,
+    req: &PeerToRelay<'_>,
+    during: Phase,
+    limit: Duration,
+    answer: impl FnOnce(RelayToPeer<'_>) -> Option<Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    let fut = async {
+        let fail = || stream_failure(conn, label, during);
+        let (mut send, recv) = conn.open_bi().await.map_err(|_| fail())?;
+        send.write_all(&crate::core::encode(req))
+            .await
+            .map_err(|_| fail())?;
+        let mut reader = FrameReader::new(recv);
+        let body = reader.next().await.map_err(|_| fail())?.ok_or_else(fail)?;
+        let _ = send.finish();
+        let frame = codec::decode::<RelayToPeer>(&body).map_err(|_| LinkError::Protocol(during))?;
+        match frame {
+            RelayToPeer::Error { code } => Err(LinkError::Refused(code)),
+            other => answer(other).unwrap_or(Err(LinkError::Protocol(during))),
+        }
+    };
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| LinkError::Timeout(during))?
+}
+
+/// Why reading frames from the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The stream ended inside a frame: what was read of it is not a frame.
+    #[error("the stream ended inside a frame")]
+    Truncated,
+    /// A frame header the protocol does not allow (over the size limit).
+    #[error("bad frame: {0}")]
+    Frame(#[from] agent_link_proto::ProtoError),
+    /// The stream failed.
+    #[error("stream: {0}")]
+    Stream(#[from] std::io::Error),
 }
 
 /// Buffered frame reader.
 #[derive(Debug)]
-pub struct FrameReader {
+pub(crate) struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
 }
 
 impl FrameReader {
     /// Wrap a receive stream.
-    pub fn new(recv: quinn::RecvStream) -> Self {
+    pub(crate) fn new(recv: quinn::RecvStream) -> Self {
         Self {
             recv,
             buf: BytesMut::with_capacity(16 * 1024),
@@ -182,7 +240,7 @@ impl FrameReader {
 
     /// Every whole frame buffered (reading once if none is). `Ok(false)` at
     /// the end of the stream.
-    pub async fn next_batch(&mut self, out: &mut Vec<Bytes>) -> Result<bool, LinkError> {
+    pub(crate) async fn next_batch(&mut self, out: &mut Vec<Bytes>) -> Result<bool, ReadError> {
         out.clear();
         match self.next().await? {
             Some(f) => out.push(f),
@@ -194,34 +252,30 @@ impl FrameReader {
         Ok(true)
     }
 
-    /// The next frame; `Ok(None)` at the end of the stream.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, LinkError> {
+    /// The next frame; `Ok(None)` when the stream ended cleanly at a frame
+    /// boundary, [`ReadError::Truncated`] when it ended inside one (the same
+    /// rule as the relay's reader).
+    pub(crate) async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
             if let Some(f) = self.split_one()? {
                 return Ok(Some(f));
             }
             self.buf.reserve(16 * 1024);
             match tokio::io::AsyncReadExt::read_buf(&mut self.recv, &mut self.buf).await {
-                Ok(0) => return Ok(None),
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(ReadError::Truncated),
                 Ok(_) => {}
-                Err(e) => return Err(LinkError::Other(format!("stream: {e}"))),
+                Err(e) => return Err(ReadError::Stream(e)),
             }
         }
     }
 
     /// One whole frame's body off the front of the buffer, if there is one.
-    fn split_one(&mut self) -> Result<Option<Bytes>, LinkError> {
-        let total = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)
-            .map_err(|e| LinkError::Other(format!("relay sent a bad frame: {e}")))?
-            .map(|(_, total)| total);
+    fn split_one(&mut self) -> Result<Option<Bytes>, ReadError> {
+        let total = codec::split_frame(&self.buf, codec::HARD_MAX_FRAME)?.map(|(_, total)| total);
         Ok(total.map(|total| {
             let mut f = self.buf.split_to(total);
             f.split_off(codec::FRAME_HEADER_LEN).freeze()
         }))
     }
-}
-
-/// Encode a frame we send.
-pub fn frame(f: &PeerToRelay<'_>) -> Vec<u8> {
-    codec::frame(f).unwrap_or_default()
 }

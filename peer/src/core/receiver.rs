@@ -1,8 +1,10 @@
-//! What a receiving agent does with a delivered envelope (PROTOCOL.md §9):
+//! What a receiving agent does with a delivered envelope (PROTOCOL.md §9.5):
 //! pure checks, no I/O. Order: decode, recipient, fleet tag, pinned sender
-//! key, strict Ed25519, timestamp window, replay window.
+//! key, strict Ed25519, timestamp window, replay window. [`Receiver`] holds
+//! what the checks need across deliveries.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use agent_link_crypto::{CheckedKey, FleetKey, PublicKey};
 use agent_link_proto::{
@@ -10,14 +12,14 @@ use agent_link_proto::{
 };
 use bytes::Bytes;
 
+use crate::message::{Message, MessageId as Id};
 use crate::pins::{PinCheck, Pins};
-use crate::Message;
 
 /// Sender keys decoded and checked once, reused for every message under
 /// them (decoding a key costs about a fifth of a strict verification).
 /// Only valid keys are kept; bounded.
 #[derive(Debug, Default)]
-pub struct KeyCache {
+pub(crate) struct KeyCache {
     keys: HashMap<[u8; 32], CheckedKey>,
 }
 
@@ -25,7 +27,10 @@ impl KeyCache {
     const MAX: usize = 1024;
 
     /// The checked key for these bytes, or why they are not a usable key.
-    pub fn get(&mut self, bytes: [u8; 32]) -> Result<CheckedKey, agent_link_crypto::CryptoError> {
+    pub(crate) fn get(
+        &mut self,
+        bytes: [u8; 32],
+    ) -> Result<CheckedKey, agent_link_crypto::CryptoError> {
         if let Some(k) = self.keys.get(&bytes) {
             return Ok(*k);
         }
@@ -38,9 +43,98 @@ impl KeyCache {
     }
 }
 
+/// Ids remembered per sender for de-duplication (see `ReplayWindow`).
+pub(crate) const REPLAY_CAP: usize = 200_000;
+
+/// A receiving agent's memory across deliveries: who it is, the fleet key,
+/// the pinned keys of other instances (shared by the agents of one link),
+/// the replay window and decoded sender keys.
+#[derive(Debug)]
+pub(crate) struct Receiver {
+    instance: String,
+    agent: String,
+    fleet: FleetKey,
+    pins: Arc<Mutex<Pins>>,
+    replay: ReplayWindow,
+    keys: KeyCache,
+    window_ms: u64,
+}
+
+impl Receiver {
+    pub(crate) fn new(
+        instance: &str,
+        agent: &str,
+        fleet: FleetKey,
+        pins: Arc<Mutex<Pins>>,
+    ) -> Self {
+        Self {
+            instance: instance.to_string(),
+            agent: agent.to_string(),
+            fleet,
+            pins,
+            // Until the relay says otherwise (its `Attached` frame).
+            replay: ReplayWindow::new(DEFAULT_WINDOW_MS, REPLAY_CAP),
+            keys: KeyCache::default(),
+            window_ms: DEFAULT_WINDOW_MS,
+        }
+    }
+
+    /// The relay's timestamp window (from `Attached`). The replay window is
+    /// made once, at the first attach, so ids seen before a re-attach are
+    /// still recognised after it.
+    pub(crate) fn set_window(&mut self, window_ms: u64, first: bool) {
+        self.window_ms = window_ms;
+        if first {
+            self.replay = ReplayWindow::new(window_ms, REPLAY_CAP);
+        }
+    }
+
+    /// Check one delivery (`signed`: whether a batch already verified it).
+    pub(crate) fn check(
+        &mut self,
+        sender_key: [u8; 32],
+        envelope: &Bytes,
+        now_ms: u64,
+        signed: Signed,
+    ) -> Verdict {
+        let me = Address {
+            instance: &self.instance,
+            agent: &self.agent,
+        };
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        check_delivery_with(
+            &me,
+            sender_key,
+            envelope,
+            &self.fleet,
+            &mut pins,
+            &mut self.replay,
+            &mut self.keys,
+            self.window_ms,
+            now_ms,
+            signed,
+        )
+    }
+
+    /// The application took `msg` at `now_ms`: a duplicate of it is from
+    /// now on answered with that time.
+    pub(crate) fn taken(&mut self, msg_from: &str, id: Id, sent_at_ms: u64, now_ms: u64) {
+        let sender = msg_from.split_once('/').map_or(msg_from, |(i, _)| i);
+        self.replay.record(sender, id.0, sent_at_ms, now_ms);
+    }
+
+    /// Signatures of several deliveries in one batch (see [`verify_deliveries`]).
+    pub(crate) fn verify_batch(&mut self, items: &[Delivered<'_>]) -> Vec<Signed> {
+        verify_deliveries(items, &mut self.keys)
+    }
+}
+
+/// The timestamp window assumed before the relay has said (PROTOCOL.md §7).
+const DEFAULT_WINDOW_MS: u64 = 60_000;
+
 /// The decision for one delivery.
 #[derive(Debug)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// New: hand to the application, then acknowledge with `delivered_at_ms`.
     Deliver(Message),
     /// Already delivered: acknowledge again with the first receipt's time.
@@ -52,7 +146,7 @@ pub enum Verdict {
 /// Check one delivered envelope for the agent at `me`.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
-pub fn check_delivery(
+pub(crate) fn check_delivery(
     me: &Address<'_>,
     sender_key: [u8; 32],
     envelope: &Bytes,
@@ -78,7 +172,7 @@ pub fn check_delivery(
 
 /// Whether a delivery's signature was already verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signed {
+pub(crate) enum Signed {
     /// Not yet: verify it strictly here.
     Unchecked,
     /// Verified in a batch that passed as a whole over exactly these
@@ -88,7 +182,7 @@ pub enum Signed {
 
 /// A `Deliver` frame's signature inputs, for [`verify_deliveries`].
 #[derive(Debug)]
-pub struct Delivered<'a> {
+pub(crate) struct Delivered<'a> {
     /// `Deliver.sender_key`.
     pub sender_key: [u8; 32],
     /// `Deliver.envelope`.
@@ -105,7 +199,7 @@ pub struct Delivered<'a> {
 /// Deliveries that do not decode or carry an unusable key are left out of
 /// the batch (and `Unchecked`): their own checks refuse them. Fewer than two
 /// candidates: no batch.
-pub fn verify_deliveries(items: &[Delivered<'_>], cache: &mut KeyCache) -> Vec<Signed> {
+pub(crate) fn verify_deliveries(items: &[Delivered<'_>], cache: &mut KeyCache) -> Vec<Signed> {
     use agent_link_crypto::{Domain, Signature};
     let mut out = vec![Signed::Unchecked; items.len()];
     let mut keys = Vec::with_capacity(items.len());
@@ -141,7 +235,7 @@ pub fn verify_deliveries(items: &[Delivered<'_>], cache: &mut KeyCache) -> Vec<S
 /// [`check_delivery`], with the signature step skipped when `signed` says a
 /// batch over these bytes and this key already passed.
 #[allow(clippy::too_many_arguments)]
-pub fn check_delivery_with(
+pub(crate) fn check_delivery_with(
     me: &Address<'_>,
     sender_key: [u8; 32],
     envelope: &Bytes,
@@ -200,7 +294,7 @@ pub fn check_delivery_with(
             replay.record(env.body.from.instance, id, env.body.sent_at_ms, now_ms);
             let payload = envelope.slice_ref(env.body.payload);
             Verdict::Deliver(Message {
-                id,
+                id: Id(id),
                 from: env.body.from.to_string(),
                 to: env.body.to.to_string(),
                 sent_at_ms: env.body.sent_at_ms,

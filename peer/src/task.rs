@@ -1,0 +1,276 @@
+//! The driver of one agent: a task that owns the agent's stream and its
+//! [`AgentCore`], feeds the core what happens (the relay's frames, the
+//! application's sends and takes, the connection coming and going, time) and
+//! writes the frames the core queues. No decision is made here.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use agent_link_proto::ErrorCode;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::core::{AgentCore, Now, Sealed, SessionEnd};
+use crate::error::{CloseReason, LinkError, SendError};
+use crate::message::{Message, MessageId};
+use crate::supervisor::ConnState;
+use crate::transport::FrameReader;
+
+/// How long the driver waits for the relay's answer to an attach on a live
+/// connection before it tries a new stream.
+const ATTACH_ANSWER_LIMIT: Duration = Duration::from_secs(120);
+/// How long a stopping agent waits for `Detached`, then for the relay to
+/// end its side (PROTOCOL.md §9.6).
+const DETACH_WAIT: Duration = Duration::from_secs(2);
+/// Deadlines and retries are checked this often while messages wait (and
+/// not at all while none do, so an idle agent costs no wake-ups).
+const TICK: Duration = Duration::from_millis(100);
+/// Sends and frames taken per pass.
+const BATCH: usize = 64;
+
+pub(crate) fn now() -> Now {
+    Now {
+        at: Instant::now(),
+        unix_ms: crate::link::unix_ms(),
+    }
+}
+
+/// The driver's end of the channels to its [`crate::Agent`].
+pub(crate) struct AgentTask {
+    pub(crate) core: AgentCore,
+    pub(crate) agent: String,
+    pub(crate) conn: watch::Receiver<ConnState>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) sends: mpsc::Receiver<Sealed>,
+    pub(crate) taken: mpsc::UnboundedReceiver<MessageId>,
+    pub(crate) inbox: Option<mpsc::Sender<Message>>,
+    pub(crate) ready: Option<oneshot::Sender<Result<(), LinkError>>>,
+    pub(crate) stop: Arc<OnceLock<ErrorCode>>,
+    /// Cancelled when the agent's handle is closed or dropped.
+    pub(crate) closed: CancellationToken,
+    /// Keeps the link (its supervisor) alive while this agent lives.
+    pub(crate) _link: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl AgentTask {
+    pub(crate) async fn run(mut self) {
+        let mut conn_rx = self.conn.clone();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let state = conn_rx.borrow_and_update().clone();
+            let conn = match state {
+                // The handle is gone; nothing is owed on a stream that no
+                // longer exists, and attaching again would only displace a
+                // newer attach of this agent.
+                ConnState::Up(_) if self.closed.is_cancelled() => return self.end(),
+                ConnState::Up(c) => c,
+                ConnState::Failed(code) => return self.stop_for_good(Some(code)),
+                ConnState::Closed(reason) => return self.close_all(reason),
+                ConnState::Connecting => {
+                    // Disconnected: keep taking sends into the outbox and
+                    // expiring deadlines until the connection is back.
+                    tokio::select! {
+                        r = conn_rx.changed() => if r.is_err() {
+                            return self.close_all(CloseReason::LinkClosed);
+                        },
+                        s = self.sends.recv() => match s {
+                            Some(s) => self.core.send(s),
+                            None => return self.end(),
+                        },
+                        Some(id) = self.taken.recv() => self.core.taken(now(), id),
+                        _ = tick.tick(), if self.core.waiting() > 0 => self.core.poll(now()),
+                        _ = self.closed.cancelled() => return self.end(),
+                    }
+                    continue;
+                }
+            };
+            let end = self.session(&conn, &mut tick).await;
+            self.core.lost();
+            match end {
+                SessionEnd::Stop => return self.end(),
+                SessionEnd::Fatal(code) => return self.stop_for_good(Some(code)),
+                SessionEnd::Lost => {
+                    // Wait for the supervisor to notice, or retry the stream
+                    // shortly if the connection itself is fine.
+                    tokio::select! {
+                        _ = conn_rx.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The handle is gone (or the link closed): nothing waits any more.
+    fn end(&mut self) {
+        self.core
+            .fail_all(SendError::Closed(CloseReason::AgentClosed));
+    }
+
+    fn close_all(&mut self, reason: CloseReason) {
+        self.core.fail_all(SendError::Closed(reason));
+        if let Some(r) = self.ready.take() {
+            let _ = r.send(Err(LinkError::Closed(reason)));
+        }
+    }
+
+    /// End every waiting send and a pending `attach` with the cause.
+    fn stop_for_good(&mut self, code: Option<ErrorCode>) {
+        let Some(code) = code else {
+            return self.close_all(CloseReason::LinkClosed);
+        };
+        info!(agent = %self.agent, "agent stopped: {code}");
+        let _ = self.stop.set(code);
+        self.core.fail_all(SendError::Refused(code));
+        if let Some(r) = self.ready.take() {
+            let _ = r.send(Err(LinkError::Refused(code)));
+        }
+    }
+
+    async fn session(
+        &mut self,
+        conn: &quinn::Connection,
+        tick: &mut tokio::time::Interval,
+    ) -> SessionEnd {
+        let Ok((mut send, recv)) = conn.open_bi().await else {
+            return SessionEnd::Lost;
+        };
+        let mut out: Vec<Bytes> = Vec::new();
+        self.core.start_attach();
+        self.core.take_out(&mut out);
+        if send.write_all_chunks(&mut out).await.is_err() {
+            return SessionEnd::Lost;
+        }
+        out.clear();
+        let mut reader = FrameReader::new(recv);
+        // Wait for the answer as long as the connection lives (bounded by
+        // ATTACH_ANSWER_LIMIT). Giving up sooner and attaching again on a
+        // new stream of the same connection races with this attach: a busy
+        // relay may process the two in either order, and the older one
+        // would then replace the newer, ending this agent with `Replaced`.
+        let first = tokio::select! {
+            r = tokio::time::timeout(ATTACH_ANSWER_LIMIT, reader.next()) => match r {
+                Ok(Ok(Some(b))) => b,
+                _ => return SessionEnd::Lost,
+            },
+            _ = conn.closed() => return SessionEnd::Lost,
+        };
+        if let Err(end) = self.core.on_attach_answer(now(), &first) {
+            return end;
+        }
+        if let Some(r) = self.ready.take() {
+            let _ = r.send(Ok(()));
+        }
+        let mut sends = Vec::with_capacity(BATCH);
+        let mut frames = Vec::with_capacity(BATCH);
+        let mut deliver = Vec::new();
+        loop {
+            self.core.take_out(&mut out);
+            if !out.is_empty() {
+                if send.write_all_chunks(&mut out).await.is_err() {
+                    return SessionEnd::Lost;
+                }
+                out.clear();
+            }
+            // Fair order: the application's sends, its takes, the relay's
+            // frames and time all get their turn.
+            tokio::select! {
+                n = self.sends.recv_many(&mut sends, BATCH) => {
+                    if n == 0 {
+                        return self.detach(&mut send, &mut reader).await;
+                    }
+                    for s in sends.drain(..) {
+                        self.core.send(s);
+                    }
+                }
+                Some(id) = self.taken.recv() => {
+                    let now = now();
+                    self.core.taken(now, id);
+                    while let Ok(id) = self.taken.try_recv() {
+                        self.core.taken(now, id);
+                    }
+                }
+                r = reader.next_batch(&mut frames) => {
+                    match r {
+                        Ok(true) => {}
+                        Ok(false) => return SessionEnd::Lost,
+                        Err(e) => {
+                            debug!(agent = %self.agent, "stream from the relay: {e}");
+                            return SessionEnd::Lost;
+                        }
+                    }
+                    let end = self.core.on_frames(now(), &frames, &mut deliver);
+                    for m in deliver.drain(..) {
+                        // Backpressure: wait while the application is behind.
+                        let gone = match &self.inbox {
+                            Some(inbox) => inbox.send(m).await.is_err(),
+                            None => true,
+                        };
+                        if gone {
+                            return self.detach(&mut send, &mut reader).await;
+                        }
+                    }
+                    if let Some(end) = end {
+                        return end;
+                    }
+                }
+                _ = tick.tick(), if self.core.waiting() > 0 => self.core.poll(now()),
+                _ = self.closed.cancelled() => return self.detach(&mut send, &mut reader).await,
+                _ = self.shutdown.cancelled() => return SessionEnd::Stop,
+            }
+        }
+    }
+
+    /// The application stopped: take its last takes, refuse what it never
+    /// took, detach (PROTOCOL.md §9.6), end our side, and wait until the
+    /// relay has read it all (it ends its side then), so that closing the
+    /// connection right after loses nothing.
+    async fn detach(
+        &mut self,
+        send: &mut quinn::SendStream,
+        reader: &mut FrameReader,
+    ) -> SessionEnd {
+        let now = now();
+        while let Ok(id) = self.taken.try_recv() {
+            self.core.taken(now, id);
+        }
+        let wait = self.core.detach();
+        let mut out = Vec::new();
+        let mut frames = Vec::new();
+        let mut deliver = Vec::new();
+        let _ = tokio::time::timeout(DETACH_WAIT, async {
+            loop {
+                self.core.take_out(&mut out);
+                if send.write_all_chunks(&mut out).await.is_err() {
+                    return;
+                }
+                out.clear();
+                if !wait || self.core.is_detached() {
+                    return;
+                }
+                match reader.next_batch(&mut frames).await {
+                    Ok(true) => {
+                        // Detaching: every delivery is refused by the core,
+                        // none is handed over.
+                        let _ = self
+                            .core
+                            .on_frames(crate::task::now(), &frames, &mut deliver);
+                        deliver.clear();
+                    }
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(DETACH_WAIT, async {
+            while let Ok(true) = reader.next_batch(&mut frames).await {}
+        })
+        .await;
+        SessionEnd::Stop
+    }
+}
