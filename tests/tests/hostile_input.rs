@@ -1054,8 +1054,8 @@ async fn unknown_enum_tags_are_malformed_on_every_stream() {
     .await;
     refused_before_registration(
         &net.relay,
-        "variant 6",
-        &raw_frame(&[6]),
+        "variant 7",
+        &raw_frame(&[7]),
         false,
         ErrorCode::Malformed,
     )
