@@ -20,5 +20,9 @@ fn readme_library_block_is_the_quickstart_example() {
         .nth(1)
         .and_then(|b| b.split("\n```").next())
         .expect("a rust code block");
-    assert_eq!(block, body.join("\n"), "README block != examples/quickstart.rs");
+    assert_eq!(
+        block,
+        body.join("\n"),
+        "README block != examples/quickstart.rs"
+    );
 }
