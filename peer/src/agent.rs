@@ -86,6 +86,9 @@ impl std::fmt::Debug for Agent {
 /// deadline itself).
 const SAFETY_NET: Duration = Duration::from_secs(1);
 
+/// Messages an `on_message` task takes from the queue at once.
+const HANDLER_BATCH: usize = 64;
+
 /// How long [`Agent::close`] waits for the relay to confirm the detach and
 /// read everything this agent still owed.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -282,11 +285,21 @@ impl Agent {
         mut handler: F,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(HANDLER_BATCH);
+            let mut ids = Vec::with_capacity(HANDLER_BATCH);
             while let Some(inbox) = self.inbox.as_mut() {
-                let Some(m) = inbox.recv().await else { break };
-                let id = m.id;
-                handler(m);
-                self.took(id);
+                // Every message already waiting, then their receipts together
+                // (one wake-up of the driver and one write for all of them).
+                if inbox.recv_many(&mut batch, HANDLER_BATCH).await == 0 {
+                    break;
+                }
+                for m in batch.drain(..) {
+                    ids.push(m.id);
+                    handler(m);
+                }
+                for id in ids.drain(..) {
+                    self.took(id);
+                }
             }
         })
     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use agent_link_proto::ErrorCode;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,33 @@ const DETACH_WAIT: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(100);
 /// Sends and frames taken per pass.
 const BATCH: usize = 64;
+
+/// Frames up to this size are copied into one buffer before a write; larger
+/// ones go to QUIC as they are (no copy).
+const COPY_MAX: usize = 4096;
+
+/// Merge runs of small frames into single chunks: QUIC's per-chunk cost is
+/// paid once per write instead of once per receipt or message.
+fn coalesce(out: &mut Vec<Bytes>, buf: &mut BytesMut) {
+    if out.len() < 2 {
+        return;
+    }
+    let mut merged = Vec::with_capacity(out.len());
+    for f in out.drain(..) {
+        if f.len() > COPY_MAX {
+            if !buf.is_empty() {
+                merged.push(buf.split().freeze());
+            }
+            merged.push(f);
+        } else {
+            buf.extend_from_slice(&f);
+        }
+    }
+    if !buf.is_empty() {
+        merged.push(buf.split().freeze());
+    }
+    *out = merged;
+}
 
 pub(crate) fn now() -> Now {
     Now {
@@ -169,10 +196,12 @@ impl AgentTask {
         }
         let mut sends = Vec::with_capacity(BATCH);
         let mut frames = Vec::with_capacity(BATCH);
+        let mut joined = BytesMut::new();
         let mut deliver = Vec::new();
         loop {
             self.core.take_out(&mut out);
             if !out.is_empty() {
+                coalesce(&mut out, &mut joined);
                 if send.write_all_chunks(&mut out).await.is_err() {
                     return SessionEnd::Lost;
                 }
@@ -274,5 +303,27 @@ impl AgentTask {
         })
         .await;
         SessionEnd::Stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_frames_are_merged_in_order_and_large_ones_kept() {
+        let big = Bytes::from(vec![9u8; COPY_MAX + 1]);
+        let mut out = vec![
+            Bytes::from_static(b"ab"),
+            Bytes::from_static(b"c"),
+            big.clone(),
+            Bytes::from_static(b"d"),
+        ];
+        let mut buf = BytesMut::new();
+        coalesce(&mut out, &mut buf);
+        assert_eq!(out.len(), 3);
+        assert_eq!(&out[0][..], b"abc");
+        assert_eq!(out[1], big);
+        assert_eq!(&out[2][..], b"d");
     }
 }

@@ -88,7 +88,10 @@ enum Phase {
 struct Pending {
     from: String,
     sent_at_ms: u64,
-    tokens: Vec<u64>,
+    token: u64,
+    /// Tokens of retries that came before the take (rare: no allocation
+    /// for the usual single copy).
+    more: Vec<u64>,
 }
 
 /// One agent's protocol state machine.
@@ -335,7 +338,8 @@ impl AgentCore {
                     Pending {
                         from: m.from.clone(),
                         sent_at_ms: m.sent_at_ms,
-                        tokens: vec![reply_token],
+                        token: reply_token,
+                        more: Vec::new(),
                     },
                 );
                 deliver.push(m);
@@ -346,7 +350,7 @@ impl AgentCore {
             } => match self.pending.get_mut(&id) {
                 // Its first copy is still waiting for the application: this
                 // one is answered when that one is taken, not before.
-                Some(p) => p.tokens.push(reply_token),
+                Some(p) => p.more.push(reply_token),
                 None => self.ack(reply_token, id, delivered_at_ms),
             },
             Verdict::Refuse { id, code } => {
@@ -363,7 +367,7 @@ impl AgentCore {
             return;
         };
         self.receiver.taken(&p.from, id, p.sent_at_ms, now.unix_ms);
-        for token in p.tokens {
+        for token in std::iter::once(p.token).chain(p.more) {
             self.ack(token, id.0, now.unix_ms);
         }
     }
@@ -381,7 +385,7 @@ impl AgentCore {
     /// whether to wait for `Detached`.
     pub(crate) fn detach(&mut self) -> bool {
         for (id, p) in std::mem::take(&mut self.pending) {
-            for token in p.tokens {
+            for token in std::iter::once(p.token).chain(p.more) {
                 self.nack(token, id, ErrorCode::TargetOffline);
             }
         }
