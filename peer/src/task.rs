@@ -289,7 +289,7 @@ impl AgentTask {
                         // none is handed over.
                         let _ = self
                             .core
-                            .on_frames(crate::task::now(), &frames, &mut deliver);
+                            .on_frames(now(), &frames, &mut deliver);
                         deliver.clear();
                     }
                     _ => return,
