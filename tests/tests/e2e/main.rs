@@ -4,6 +4,7 @@
 //! | module | subject |
 //! |---|---|
 //! | `peer` | the peer library: messages both ways with receipts, explicit errors, signatures, replays, reconnection, status, close |
+//! | `peer_faults` | the peer's delivery rules while the relay is down or an attach is replaced |
 //! | `relay_protocol` | the relay frame by frame through raw clients: routing, receipts, every refusal code, registration, revocation |
 //! | `limits` | connection limits, idle and handshake timeouts |
 //! | `stream_limit` | the QUIC stream limit growing to every allowed agent |
@@ -13,6 +14,7 @@
 mod datagram_size;
 mod limits;
 mod peer;
+mod peer_faults;
 mod relay_protocol;
 mod storm;
 mod stream_limit;
