@@ -20,7 +20,7 @@ use agent_link_crypto::{Domain, FleetKey, FleetSecret, Identity, PublicKey};
 use agent_link_proto::{
     codec, Address, EnvelopeBody, OpenedEnvelope, PeerToRelay, RelayToPeer, VERSION,
 };
-use agent_link_relay::checks::{check_send, verify_batch, CheckPolicy, SenderContext};
+use agent_link_relay::core::checks::{check_send, verify_batch, CheckPolicy, SenderContext};
 use agent_link_relay::router::{Router, StreamHandle};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -338,7 +338,7 @@ fn route_lookup(c: &mut Criterion) {
             );
             target
                 .tx
-                .try_send(agent_link_relay::router::Out::Frame(deliver))
+                .try_send(agent_link_relay::Outbound::Frame(deliver))
                 .expect("queue");
             rx.try_recv().expect("drain")
         })
@@ -356,14 +356,13 @@ fn route_lookup(c: &mut Criterion) {
             };
             let env = check_send(envelope, &ctx, &no_sig, SENT_AT_MS + 5).expect("check");
             let envelope = body.slice_ref(env.bytes);
-            let head =
-                agent_link_relay::router::DeliverHead::new(token, f.key.as_bytes(), envelope.len())
-                    .expect("head");
+            let head = agent_link_proto::DeliverHead::new(token, f.key.as_bytes(), envelope.len())
+                .expect("head");
             router
                 .with_route(env.body.to.instance, env.body.to.agent, |target| {
                     target
                         .tx
-                        .try_send(agent_link_relay::router::Out::Deliver { head, envelope })
+                        .try_send(agent_link_relay::Outbound::Deliver { head, envelope })
                         .expect("queue")
                 })
                 .expect("route");

@@ -4,7 +4,7 @@
 #![no_main]
 use agent_link_crypto::{FleetSecret, Identity};
 use agent_link_proto::OpenedEnvelope;
-use agent_link_relay::checks::{check_send, CheckPolicy, SenderContext};
+use agent_link_relay::core::checks::{check_send, CheckPolicy, SenderContext};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -322,11 +322,12 @@ impl AgentLink {
             _ => None,
         };
         if let Some(c) = conn {
+            let sent = c.stats().udp_tx.datagrams;
             c.close(0u32.into(), b"bye");
-            // quinn's driver sends the CONNECTION_CLOSE on its next turn;
-            // its counter says when it has.
+            // quinn's driver sends the CONNECTION_CLOSE on its next turn:
+            // once closed, the only datagram a connection sends is that one.
             let flushed = async {
-                while c.stats().frame_tx.connection_close == 0 {
+                while c.stats().udp_tx.datagrams == sent {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             };

@@ -11,6 +11,8 @@
 //!   decoder cannot accept a frame the other side should never send.
 //! - [`envelope`]: the signed and tagged message, built by senders, checked
 //!   by the relay and by receivers, forwarded as the original bytes.
+//! - [`DeliverHead`]: a `Deliver` frame's head, so the relay forwards an
+//!   envelope's original bytes behind it without copying them.
 //! - [`ErrorCode`]: every refusal, as sent on the wire and mapped to exit codes.
 //! - [`Exit`]: the exit codes of both command-line programs.
 //! - [`ReplayWindow`]: receivers' bounded memory of message ids.
@@ -30,6 +32,7 @@
 pub mod clock;
 pub mod codec;
 pub mod deframe;
+mod deliver;
 pub mod envelope;
 mod error;
 mod exit;
@@ -39,6 +42,7 @@ mod join;
 mod register;
 mod replay;
 
+pub use deliver::DeliverHead;
 pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};
 pub use error::{ErrorCode, ProtoError};
 pub use exit::Exit;

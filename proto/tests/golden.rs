@@ -349,3 +349,15 @@ fn frame_vectors() {
         assert_eq!(codec::decode::<RelayToPeer>(body).unwrap(), f, "{name}");
     }
 }
+
+#[test]
+fn deliver_head_matches_the_golden_vector() {
+    // frame_deliver is a Deliver head (token 300, key 06×32) and then the
+    // envelope vector's bytes.
+    let golden = read("frame_deliver");
+    let envelope = envelope();
+    let (head_bytes, rest) = golden.split_at(golden.len() - envelope.len());
+    assert_eq!(rest, &envelope[..]);
+    let head = agent_link_proto::DeliverHead::new(300, &[6; 32], envelope.len()).unwrap();
+    assert_eq!(head.as_bytes(), head_bytes);
+}

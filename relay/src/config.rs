@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// Default listen address: port 8765, as in the tool agent-link replaces.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
 
 /// Relay configuration. Unknown fields are refused (a typo must not silently
 /// fall back to a default).
@@ -110,25 +110,35 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// Why (missing, no permission).
         #[source]
         source: std::io::Error,
     },
     /// The JSON is malformed or has an unknown field.
     #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
     /// A field is out of range.
     #[error("{path}: field `{field}` {problem}")]
     Invalid {
+        /// The file.
         path: String,
+        /// The field, as spelled in the file.
         field: &'static str,
+        /// What is wrong with its value, and the range allowed.
         problem: String,
     },
 }
 
 /// Bytes a frame may carry beyond the payload (ids, addresses, tag,
 /// signature, framing); generous, so valid messages at the size limit fit.
-pub const FRAME_OVERHEAD: u32 = 1024;
+pub(crate) const FRAME_OVERHEAD: u32 = 1024;
 
 impl RelayConfig {
     /// Largest frame body accepted on a stream.

@@ -310,7 +310,7 @@ fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
     let reg = RegistryStore::new(dir)
         .load()
         .map_err(|e| Failure(1, e.to_string()))?;
-    let online = agent_link_relay::admin::query_online(dir);
+    let online = agent_link_relay::query_online(dir);
     let relay_running = online.is_some();
     let online = online.unwrap_or_default();
     let rows: Vec<serde_json::Value> = reg

@@ -4,122 +4,28 @@
 //! `.await` (every method is synchronous and short). Routing decisions are
 //! plain lookups: `(instance, agent)` to the receiving stream's queue, and a
 //! reply token to the stream that sent a message (for its receipt).
+//!
+//! The table is generic over the item `M` a stream's writer queue carries,
+//! so it knows nothing of wire encoding or of the writer: the relay routes
+//! `server::writer::Outbound` (re-exported as [`crate::Outbound`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::rate::TokenBucket;
-
-/// An item for a stream's writer task.
-#[derive(Debug)]
-pub enum Out {
-    /// A whole frame to write.
-    Frame(Bytes),
-    /// A `Deliver` frame as its encoded head and the envelope's original
-    /// bytes (a slice of the sender's receive buffer: never re-encoded, not
-    /// copied on the read side). Counted against the stream's byte budget
-    /// until it is written.
-    Deliver {
-        /// Frame header and every field before the envelope's bytes.
-        head: DeliverHead,
-        /// The envelope, exactly as received.
-        envelope: Bytes,
-    },
-    /// Write this last frame, then finish the stream.
-    Close(Bytes),
-}
-
-impl Out {
-    /// Bytes this item puts on the stream.
-    pub fn len(&self) -> usize {
-        match self {
-            Out::Frame(b) | Out::Close(b) => b.len(),
-            Out::Deliver { head, envelope } => head.as_bytes().len() + envelope.len(),
-        }
-    }
-
-    /// Whether this item writes nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Longest `Deliver` head: frame length (4), variant index (1), reply token
-/// (varint, at most 9), sender key (32), envelope length (varint, at most 9).
-const DELIVER_HEAD_MAX: usize = 4 + 1 + 9 + 32 + 9;
-
-/// Everything of a `Deliver` frame (PROTOCOL.md §4) that comes before the
-/// envelope's bytes: the frame length, the variant index, `reply_token`,
-/// `sender_key` and the envelope's length prefix. Head followed by the
-/// envelope is byte for byte what `codec::frame(&RelayToPeer::Deliver{..})`
-/// makes (tested against the golden vector), without copying the envelope
-/// or allocating.
-#[derive(Clone, Copy)]
-pub struct DeliverHead {
-    bytes: [u8; DELIVER_HEAD_MAX],
-    len: u8,
-}
-
-impl std::fmt::Debug for DeliverHead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeliverHead({})", hex::encode(self.as_bytes()))
-    }
-}
-
-/// `RelayToPeer::Deliver`'s variant index.
-const DELIVER_VARIANT: u32 = 3;
-
-impl DeliverHead {
-    /// The head of a `Deliver` frame carrying an envelope of `envelope_len`
-    /// bytes; `None` if the frame would exceed the hard frame limit.
-    pub fn new(reply_token: u64, sender_key: &[u8; 32], envelope_len: usize) -> Option<Self> {
-        let mut bytes = [0u8; DELIVER_HEAD_MAX];
-        let hdr = agent_link_proto::codec::FRAME_HEADER_LEN;
-        // The project's one bincode configuration, field by field as the
-        // derived encoder writes them: variant index (varint u32), the
-        // fields in order, and for `envelope: &[u8]` its length (varint u64)
-        // whose bytes the writer appends.
-        let n = bincode::encode_into_slice(
-            (
-                DELIVER_VARIANT,
-                reply_token,
-                sender_key,
-                envelope_len as u64,
-            ),
-            &mut bytes[hdr..],
-            agent_link_proto::codec::CONFIG,
-        )
-        .ok()?;
-        let body = n.checked_add(envelope_len)?;
-        if body > agent_link_proto::codec::HARD_MAX_FRAME {
-            return None;
-        }
-        bytes[..hdr].copy_from_slice(&u32::try_from(body).ok()?.to_be_bytes());
-        Some(Self {
-            bytes,
-            len: (hdr + n) as u8,
-        })
-    }
-
-    /// The encoded head.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
-    }
-}
+use crate::core::rate::TokenBucket;
 
 /// What [`Router::attach_receiver`] did.
 #[derive(Debug)]
-pub enum AttachOutcome {
+pub enum AttachOutcome<M> {
     /// Now the receiving stream; nobody was before.
     Attached,
     /// Now the receiving stream; this one was, and must be told.
-    Replaced(StreamHandle),
+    Replaced(StreamHandle<M>),
     /// Not attached: a newer stream of the same connection holds the agent.
     Stale,
     /// Not attached: the instance has no connection.
@@ -127,13 +33,13 @@ pub enum AttachOutcome {
 }
 
 /// The sending side of one agent stream.
-#[derive(Debug, Clone)]
-pub struct StreamHandle {
+#[derive(Debug)]
+pub struct StreamHandle<M> {
     /// Relay-unique stream token (also the reply token of its messages).
     pub token: u64,
     /// Its writer queue (bounded: `agent_queue_len` frames).
-    pub tx: mpsc::Sender<Out>,
-    /// Bytes of `Out::Deliver` frames queued and not yet written (bounded:
+    pub tx: mpsc::Sender<M>,
+    /// Bytes of deliveries queued and not yet written (bounded:
     /// `agent_queue_bytes`).
     pub queued_bytes: Arc<AtomicUsize>,
     /// Connection id and QUIC stream index: streams of one connection were
@@ -143,20 +49,34 @@ pub struct StreamHandle {
     pub cancel: CancellationToken,
 }
 
+// Not derived: the derive would ask `M: Clone`, but only the queue's
+// sending half is cloned.
+impl<M> Clone for StreamHandle<M> {
+    fn clone(&self) -> Self {
+        Self {
+            token: self.token,
+            tx: self.tx.clone(),
+            queued_bytes: self.queued_bytes.clone(),
+            opened: self.opened,
+            cancel: self.cancel.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
-struct InstanceEntry {
+struct InstanceEntry<M> {
     connections: HashMap<u64, quinn::Connection>,
-    receivers: HashMap<String, StreamHandle>,
+    receivers: HashMap<String, StreamHandle<M>>,
     rate: Arc<Mutex<TokenBucket>>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    instances: HashMap<String, InstanceEntry>,
-    streams: HashMap<u64, StreamHandle>,
+#[derive(Debug)]
+struct Inner<M> {
+    instances: HashMap<String, InstanceEntry<M>>,
+    streams: HashMap<u64, StreamHandle<M>>,
 }
 
-impl Inner {
+impl<M> Inner<M> {
     /// Drop `agent`'s receiving route if the stream `token` still holds it
     /// (a newer attach may have taken it over).
     fn remove_receiver(&mut self, token: u64, instance: &str, agent: &str) {
@@ -169,14 +89,26 @@ impl Inner {
 }
 
 /// The routing table.
-#[derive(Debug, Default)]
-pub struct Router {
-    inner: Mutex<Inner>,
+#[derive(Debug)]
+pub struct Router<M> {
+    inner: Mutex<Inner<M>>,
     next: AtomicU64,
 }
 
-impl Router {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+impl<M> Default for Router<M> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                instances: HashMap::new(),
+                streams: HashMap::new(),
+            }),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<M> Router<M> {
+    fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than stopping the relay would: recover.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -225,7 +157,7 @@ impl Router {
     }
 
     /// Make a stream reachable by its token (for receipts).
-    pub fn add_stream(&self, handle: StreamHandle) {
+    pub fn add_stream(&self, handle: StreamHandle<M>) {
         self.lock().streams.insert(handle.token, handle);
     }
 
@@ -238,24 +170,24 @@ impl Router {
         }
     }
 
-    /// Make `handle` the receiving stream of `instance/agent`: the newest
-    /// attach wins and the one it replaced is returned (to be told so).
-    /// "Newest" is arrival order across connections, but open order within
-    /// one connection: a peer that gave up waiting on an attach and opened
-    /// another stream must not be displaced by its own older attach that
-    /// the relay happened to process later.
     /// Stop routing deliveries for `agent` of `instance` to the stream
     /// `token` (it detached); the stream stays known for its replies.
     pub fn detach_receiver(&self, token: u64, instance: &str, agent: &str) {
         self.lock().remove_receiver(token, instance, agent);
     }
 
+    /// Make `handle` the receiving stream of `instance/agent`: the newest
+    /// attach wins and the one it replaced is returned (to be told so).
+    /// "Newest" is arrival order across connections, but open order within
+    /// one connection: a peer that gave up waiting on an attach and opened
+    /// another stream must not be displaced by its own older attach that
+    /// the relay happened to process later.
     pub fn attach_receiver(
         &self,
         instance: &str,
         agent: &str,
-        handle: StreamHandle,
-    ) -> AttachOutcome {
+        handle: StreamHandle<M>,
+    ) -> AttachOutcome<M> {
         let mut g = self.lock();
         let Some(e) = g.instances.get_mut(instance) else {
             return AttachOutcome::Offline;
@@ -272,7 +204,7 @@ impl Router {
     }
 
     /// The receiving stream of `instance/agent`, if attached.
-    pub fn route(&self, instance: &str, agent: &str) -> Option<StreamHandle> {
+    pub fn route(&self, instance: &str, agent: &str) -> Option<StreamHandle<M>> {
         let g = self.lock();
         g.instances.get(instance)?.receivers.get(agent).cloned()
     }
@@ -284,20 +216,20 @@ impl Router {
         &self,
         instance: &str,
         agent: &str,
-        f: impl FnOnce(&StreamHandle) -> R,
+        f: impl FnOnce(&StreamHandle<M>) -> R,
     ) -> Option<R> {
         let g = self.lock();
         g.instances.get(instance)?.receivers.get(agent).map(f)
     }
 
     /// The stream with this token, if still open.
-    pub fn stream(&self, token: u64) -> Option<StreamHandle> {
+    pub fn stream(&self, token: u64) -> Option<StreamHandle<M>> {
         self.lock().streams.get(&token).cloned()
     }
 
     /// Run `f` on the stream with this token without cloning its handle
     /// (under the table's lock: short, never blocking).
-    pub fn with_stream<R>(&self, token: u64, f: impl FnOnce(&StreamHandle) -> R) -> Option<R> {
+    pub fn with_stream<R>(&self, token: u64, f: impl FnOnce(&StreamHandle<M>) -> R) -> Option<R> {
         self.lock().streams.get(&token).map(f)
     }
 
@@ -333,7 +265,7 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn handle(token: u64) -> (StreamHandle, mpsc::Receiver<Out>) {
+    fn handle(token: u64) -> (StreamHandle<()>, mpsc::Receiver<()>) {
         let (tx, rx) = mpsc::channel(4);
         (
             StreamHandle {
@@ -348,50 +280,8 @@ mod tests {
     }
 
     #[test]
-    fn deliver_head_then_envelope_is_the_encoded_frame() {
-        use agent_link_proto::{codec, RelayToPeer};
-        let key = [6u8; 32];
-        for token in [
-            0u64,
-            1,
-            250,
-            251,
-            300,
-            0xffff,
-            0x1_0000,
-            u32::MAX as u64,
-            u64::MAX,
-        ] {
-            for len in [0usize, 1, 250, 251, 400, 0xffff, 0x1_0000, 70_000] {
-                let envelope = vec![0x5a; len];
-                let head = DeliverHead::new(token, &key, len).unwrap();
-                let mut ours = head.as_bytes().to_vec();
-                ours.extend_from_slice(&envelope);
-                let theirs = codec::frame(&RelayToPeer::Deliver {
-                    reply_token: token,
-                    sender_key: key,
-                    envelope: &envelope,
-                })
-                .unwrap();
-                assert_eq!(ours, theirs, "token {token} len {len}");
-            }
-        }
-        assert!(DeliverHead::new(1, &key, codec::HARD_MAX_FRAME).is_none());
-    }
-
-    #[test]
-    fn deliver_head_matches_the_golden_vector() {
-        let text = include_str!("../../tests/vectors/frame_deliver.hex");
-        let golden = hex::decode(text.split_whitespace().collect::<String>()).unwrap();
-        // 000000d3 03 fb2c01 06×32 ae 4d01… : the envelope is the last 0xae bytes.
-        let envelope = &golden[golden.len() - 0xae..];
-        let head = DeliverHead::new(300, &[6; 32], envelope.len()).unwrap();
-        assert_eq!(head.as_bytes(), &golden[..golden.len() - envelope.len()]);
-    }
-
-    #[test]
     fn newest_attach_wins_and_stale_removal_is_ignored() {
-        let r = Router::default();
+        let r = Router::<()>::default();
         // No connection: cannot attach (instance offline).
         let (h1, _r1) = handle(1);
         assert!(matches!(

@@ -51,7 +51,9 @@ pub enum StateError {
     /// Other file-system error.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory.
         path: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::server::Shared;
+use super::hub::Hub;
 
 /// One online instance, as the admin socket reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,11 +40,11 @@ pub(crate) fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub(crate) async fn serve_admin(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
+pub(crate) async fn serve_admin(hub: Arc<Hub>, listener: UnixListener, path: PathBuf) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shared.shutdown.cancelled() => break,
+            _ = hub.shutdown().cancelled() => break,
         };
         let Ok((stream, _)) = accepted else { continue };
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -54,8 +54,8 @@ pub(crate) async fn serve_admin(shared: Arc<Shared>, listener: UnixListener, pat
             r.read_line(&mut line).await.ok()?;
             let reply = match line.trim() {
                 "instances" => {
-                    let mut list: Vec<OnlineInstance> = shared
-                        .router
+                    let mut list: Vec<OnlineInstance> = hub
+                        .router()
                         .snapshot()
                         .into_iter()
                         .map(|(instance_id, agents)| OnlineInstance {
@@ -87,16 +87,16 @@ pub fn query_online(dir: &Path) -> Option<Vec<OnlineInstance>> {
     serde_json::from_str(&line).ok()
 }
 
-pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve_metrics(hub: Arc<Hub>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shared.shutdown.cancelled() => return,
+            _ = hub.shutdown().cancelled() => return,
         };
         let Ok((mut stream, _)) = accepted else {
             continue;
         };
-        let body = shared.stats.render(shared.router.online_count());
+        let body = hub.stats().render(hub.router().online_count());
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             // Read (and ignore) the request head; answer every path alike.
             let mut buf = [0u8; 1024];

@@ -1,19 +1,27 @@
 //! The registry: which instance id belongs to which Ed25519 key, and which
 //! are revoked. The only state the relay persists (no message content).
 //!
-//! [`Registry`] is the pure in-memory decision logic. [`RegistryStore`] makes
-//! changes durable: under an exclusive lock on `registry.lock` it re-reads
-//! `registry.json`, applies the change, writes a temporary file, fsyncs and
-//! renames it into place. The running relay and the admin commands
-//! (`register`, `revoke`) both go through it, so neither loses the other's
-//! change, and a crash leaves either the old or the new file, never half.
+//! Three floors, each knowing only the one below:
+//! - [`Registry`] (here): the pure in-memory decision logic.
+//! - [`RegistryStore`] (`store`): makes changes durable. Under an exclusive
+//!   lock on `registry.lock` it re-reads `registry.json`, applies the change,
+//!   writes a temporary file, fsyncs and renames it into place. The running
+//!   relay and the admin commands (`register`, `revoke`) both go through it,
+//!   so neither loses the other's change, and a crash leaves either the old
+//!   or the new file, never half.
+//! - `LiveRegistry` (`live`, crate-private): the running relay's view,
+//!   reloaded when the file changes, closing newly revoked connections.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
 
 use agent_link_crypto::PublicKey;
+use agent_link_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
+
+pub(crate) mod live;
+mod store;
+
+pub use store::{RegistryStore, StoreError};
 
 /// One registered instance as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,11 +35,6 @@ pub struct InstanceRecord {
     /// Revoked instances may not connect and cannot receive.
     #[serde(default)]
     pub revoked: bool,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct RegistryFile {
-    registered_instances: Vec<InstanceRecord>,
 }
 
 /// What a key maps to.
@@ -63,6 +66,17 @@ pub enum RegisterError {
     BadId(String),
 }
 
+/// The wire code a peer is told for a refused registration (PROTOCOL.md §5).
+impl From<RegisterError> for ErrorCode {
+    fn from(e: RegisterError) -> Self {
+        match e {
+            RegisterError::IdTaken(_) | RegisterError::KeyTaken(_) => ErrorCode::InstanceIdTaken,
+            RegisterError::Revoked(_) => ErrorCode::Revoked,
+            RegisterError::BadId(_) => ErrorCode::BadAddress,
+        }
+    }
+}
+
 /// Registry contents with both lookups.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
@@ -72,7 +86,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn from_records(records: Vec<InstanceRecord>) -> Result<Self, String> {
+    pub(super) fn from_records(records: Vec<InstanceRecord>) -> Result<Self, String> {
         let mut r = Registry::default();
         for rec in records {
             let key: PublicKey = rec
@@ -156,99 +170,6 @@ impl Registry {
     }
 }
 
-/// Errors of the on-disk store.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// Reading, locking or writing failed.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file does not parse.
-    #[error("{path}: corrupt registry: {message}")]
-    Corrupt { path: String, message: String },
-    /// Writing failed.
-    #[error("{0}")]
-    Write(#[from] agent_link_crypto::CryptoError),
-}
-
-/// `registry.json` plus its lock file.
-#[derive(Debug, Clone)]
-pub struct RegistryStore {
-    path: PathBuf,
-    lock_path: PathBuf,
-}
-
-impl RegistryStore {
-    /// The store in state directory `dir`.
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            path: dir.join("registry.json"),
-            lock_path: dir.join("registry.lock"),
-        }
-    }
-
-    /// Path of `registry.json`.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn io(&self, p: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-        let path = p.display().to_string();
-        move |source| StoreError::Io { path, source }
-    }
-
-    /// Read the registry (a missing file is an empty registry).
-    pub fn load(&self) -> Result<Registry, StoreError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
-            Err(e) => return Err(self.io(&self.path)(e)),
-        };
-        let corrupt = |message: String| StoreError::Corrupt {
-            path: self.path.display().to_string(),
-            message,
-        };
-        let file: RegistryFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        Registry::from_records(file.registered_instances).map_err(corrupt)
-    }
-
-    /// Apply `change` durably: lock, re-read, change, write atomically. The
-    /// new registry is returned only after it is on disk.
-    pub fn update<T, E>(
-        &self,
-        change: impl FnOnce(&mut Registry) -> Result<T, E>,
-    ) -> Result<Result<(T, Registry), E>, StoreError> {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock_path)
-            .map_err(self.io(&self.lock_path))?;
-        // Exclusive lock across processes: the relay and `register`/`revoke`
-        // never interleave their read-modify-write cycles.
-        lock.lock().map_err(self.io(&self.lock_path))?;
-        let mut reg = self.load()?;
-        let out = match change(&mut reg) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        let file = RegistryFile {
-            registered_instances: reg.records.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Corrupt {
-            path: self.path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        agent_link_crypto::files::write_atomic(&self.path, &json, 0o600)?;
-        drop(lock);
-        Ok(Ok((out, reg)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,23 +211,20 @@ mod tests {
     }
 
     #[test]
-    fn store_persists_and_detects_corruption() {
-        let dir = std::env::temp_dir().join(format!("al-reg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = RegistryStore::new(&dir);
-        let a = Identity::generate().public_key();
-        store
-            .update(|r| r.register("i1", &a, "n"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            store.load().unwrap().key_status(&a),
-            KeyStatus::Active("i1".into())
-        );
-        std::fs::write(store.path(), b"{ not json").unwrap();
-        let err = store.load().unwrap_err().to_string();
-        assert!(err.contains("registry.json"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn register_errors_map_to_their_wire_codes() {
+        for (e, code) in [
+            (
+                RegisterError::IdTaken("i".into()),
+                ErrorCode::InstanceIdTaken,
+            ),
+            (
+                RegisterError::KeyTaken("i".into()),
+                ErrorCode::InstanceIdTaken,
+            ),
+            (RegisterError::Revoked("i".into()), ErrorCode::Revoked),
+            (RegisterError::BadId("i/".into()), ErrorCode::BadAddress),
+        ] {
+            assert_eq!(ErrorCode::from(e), code);
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! The per-message checks (PROTOCOL.md §9), as one pure function: no I/O, no
-//! clock read (the caller passes `now`). The relay's stream task calls
+//! clock read (the caller passes `now`). [`super::agent_stream`] calls
 //! [`check_send`] for every `Send` frame; tests and fuzz targets call it too.
 //!
 //! Order matters: cheap checks that need no secret first (decode, sender

@@ -1,0 +1,22 @@
+//! The pure relay: every decision the relay makes about a connection, a
+//! stream or a frame, as plain functions and structs. No tokio, no quinn, no
+//! clock read (the caller passes `now`), no counters: the tasks under
+//! `server/` read bytes, call in here and carry out what comes back. So the
+//! hard cases are unit tests that run in microseconds, and fuzz targets can
+//! call the same code as the relay.
+//!
+//! - [`checks`]: the per-message checks (size, sender binding, fleet HMAC,
+//!   timestamp, Ed25519) and batch signature verification.
+//! - [`rate`]: the token bucket behind per-instance and handshake rates.
+//! - [`limits`]: how many streams a connection may open, and when to raise
+//!   the limit.
+//! - [`admission`]: what a key may do, what a stream's first frame makes it,
+//!   which control requests and registrations are acceptable.
+//! - [`agent_stream`]: an agent stream's frames in, [`agent_stream::Action`]s
+//!   out.
+
+pub mod admission;
+pub mod agent_stream;
+pub mod checks;
+pub mod limits;
+pub mod rate;

@@ -1,0 +1,188 @@
+//! The registry as a running relay sees it: the last loaded [`Registry`],
+//! reloaded when `registry.json` changes (an operator ran `register` or
+//! `revoke`) and when an unknown key connects, and written through when a
+//! peer registers online. A reload that revokes an instance closes its
+//! connections through the [`Router`]; this module knows nothing else of the
+//! server.
+
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, SystemTime};
+
+use agent_link_crypto::PublicKey;
+use agent_link_proto::ErrorCode;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Registry, RegistryStore, StoreError};
+use crate::router::Router;
+
+/// Modification time, size and inode of a file: every registry write
+/// replaces the file (rename), so any change alters at least the inode.
+type FileStamp = (SystemTime, u64, u64);
+
+fn file_stamp(p: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// The running relay's registry.
+#[derive(Debug)]
+pub(crate) struct LiveRegistry {
+    store: RegistryStore,
+    current: RwLock<Registry>,
+    /// What the registry file looked like when last loaded.
+    stamp: Mutex<Option<FileStamp>>,
+    /// Reloads so far (every successful [`LiveRegistry::reload`]).
+    generation: AtomicU64,
+    /// When a stranger's key last caused a reload (see
+    /// [`LiveRegistry::reload_for_unknown_key`]).
+    unknown_key_reload: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl LiveRegistry {
+    /// Load `store` (a missing file is an empty registry).
+    pub(crate) fn load(store: RegistryStore) -> Result<Self, StoreError> {
+        let registry = store.load()?;
+        Ok(Self {
+            stamp: Mutex::new(file_stamp(store.path())),
+            current: RwLock::new(registry),
+            store,
+            generation: AtomicU64::new(0),
+            unknown_key_reload: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The registry as last loaded (a short read lock: never hold it across
+    /// an `.await`).
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, reg: Registry) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = reg;
+    }
+
+    /// Pick up registry changes made by `register`/`revoke` while running;
+    /// close the connections of newly revoked instances (within about a
+    /// second). Returns on `shutdown`.
+    pub(crate) async fn watch<M>(&self, router: &Router<M>, shutdown: &CancellationToken) {
+        const FULL_RELOAD_EVERY: u64 = 20; // ticks of 500 ms
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        for n in 1u64.. {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let force = n % FULL_RELOAD_EVERY == 0;
+            if let Err(e) = self.reload_if_changed(router, force).await {
+                warn!("registry reload failed, keeping the previous one: {e}");
+            }
+        }
+    }
+
+    /// Reload when the file changed since the last load (its stamp), and in
+    /// any case when `force`d (every 10 s): a write that reuses the inode,
+    /// keeps the size and lands within the file system's timestamp
+    /// granularity looks unchanged.
+    async fn reload_if_changed<M>(
+        &self,
+        router: &Router<M>,
+        force: bool,
+    ) -> Result<(), StoreError> {
+        let now = file_stamp(self.store.path());
+        if !force {
+            let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+            if *last == now {
+                return Ok(());
+            }
+            *last = now;
+        }
+        self.reload(router).await
+    }
+
+    /// An unknown key connected: an operator may have just run
+    /// `agent-link-relay register`, so look at the file again — but at most
+    /// once every 100 ms, with every stranger that arrives meanwhile sharing
+    /// that one reload. A flood of unknown keys thus costs at most ten
+    /// registry reads a second, however many connections it makes.
+    pub(crate) async fn reload_for_unknown_key<M>(
+        &self,
+        router: &Router<M>,
+    ) -> Result<(), StoreError> {
+        const MIN_GAP: Duration = Duration::from_millis(100);
+        let seen = self.generation.load(Acquire);
+        let mut last = self.unknown_key_reload.lock().await;
+        if self.generation.load(Acquire) != seen {
+            // Someone reloaded after this key arrived: that reload covers it.
+            return Ok(());
+        }
+        if let Some(t) = *last {
+            tokio::time::sleep_until(t + MIN_GAP).await;
+        }
+        let r = self.reload(router).await;
+        *last = Some(tokio::time::Instant::now());
+        r
+    }
+
+    /// Re-read the registry from disk and apply it: newly revoked instances
+    /// have their connections closed with `Revoked`.
+    async fn reload<M>(&self, router: &Router<M>) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| StoreError::Io {
+                path: self.store.path().display().to_string(),
+                source: std::io::Error::other(e),
+            })??;
+        let newly_revoked: Vec<String> = {
+            let old = self.read();
+            loaded
+                .records()
+                .iter()
+                .filter(|r| r.revoked && old.get(&r.instance_id).is_some_and(|o| !o.revoked))
+                .map(|r| r.instance_id.clone())
+                .collect()
+        };
+        self.set(loaded);
+        self.generation.fetch_add(1, Release);
+        for id in newly_revoked {
+            let conns = router.connections_of(&id);
+            info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");
+            for c in conns {
+                c.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
+            }
+        }
+        Ok(())
+    }
+
+    /// Record a registration whose proof was checked (see
+    /// `core::admission::check_registration`) durably, then make it live.
+    /// `Ok(true)` when the registration is new, `Ok(false)` when the same
+    /// pair was already registered.
+    pub(crate) async fn register_online(
+        &self,
+        key: &PublicKey,
+        instance_id: &str,
+        name: &str,
+    ) -> Result<bool, ErrorCode> {
+        let store = self.store.clone();
+        let (id, name, k) = (instance_id.to_string(), name.to_string(), *key);
+        let result =
+            tokio::task::spawn_blocking(move || store.update(|r| r.register(&id, &k, &name)))
+                .await
+                .map_err(|_| ErrorCode::Internal)?;
+        match result {
+            Ok(Ok((new, reg))) => {
+                self.set(reg);
+                Ok(new)
+            }
+            Ok(Err(refused)) => Err(refused.into()),
+            Err(e) => {
+                tracing::error!("registry write failed: {e}");
+                Err(ErrorCode::Internal)
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! `registry.json` on disk, made durable: lock, re-read, change, write a
+//! temporary file, fsync, rename. See the module above for why.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{InstanceRecord, Registry};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RegistryFile {
+    registered_instances: Vec<InstanceRecord>,
+}
+
+/// Errors of the on-disk store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Reading, locking or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file (`registry.json` or `registry.lock`).
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not parse.
+    #[error("{path}: corrupt registry: {message}")]
+    Corrupt {
+        /// `registry.json`.
+        path: String,
+        /// What does not parse (restore the file from a backup, or fix it).
+        message: String,
+    },
+    /// Writing failed.
+    #[error("{0}")]
+    Write(#[from] agent_link_crypto::CryptoError),
+}
+
+/// `registry.json` plus its lock file.
+#[derive(Debug, Clone)]
+pub struct RegistryStore {
+    path: PathBuf,
+    lock_path: PathBuf,
+}
+
+impl RegistryStore {
+    /// The store in state directory `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join("registry.json"),
+            lock_path: dir.join("registry.lock"),
+        }
+    }
+
+    /// Path of `registry.json`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, p: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        let path = p.display().to_string();
+        move |source| StoreError::Io { path, source }
+    }
+
+    /// Read the registry (a missing file is an empty registry).
+    pub fn load(&self) -> Result<Registry, StoreError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
+            Err(e) => return Err(self.io(&self.path)(e)),
+        };
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            message,
+        };
+        let file: RegistryFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        Registry::from_records(file.registered_instances).map_err(corrupt)
+    }
+
+    /// Apply `change` durably: lock, re-read, change, write atomically. The
+    /// new registry is returned only after it is on disk.
+    pub fn update<T, E>(
+        &self,
+        change: impl FnOnce(&mut Registry) -> Result<T, E>,
+    ) -> Result<Result<(T, Registry), E>, StoreError> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(self.io(&self.lock_path))?;
+        // Exclusive lock across processes: the relay and `register`/`revoke`
+        // never interleave their read-modify-write cycles.
+        lock.lock().map_err(self.io(&self.lock_path))?;
+        let mut reg = self.load()?;
+        let out = match change(&mut reg) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        let file = RegistryFile {
+            registered_instances: reg.records().to_vec(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        agent_link_crypto::files::write_atomic(&self.path, &json, 0o600)?;
+        drop(lock);
+        Ok(Ok((out, reg)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::KeyStatus;
+    use agent_link_crypto::Identity;
+
+    #[test]
+    fn store_persists_and_detects_corruption() {
+        let dir = std::env::temp_dir().join(format!("al-reg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = RegistryStore::new(&dir);
+        let a = Identity::generate().public_key();
+        store
+            .update(|r| r.register("i1", &a, "n"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().key_status(&a),
+            KeyStatus::Active("i1".into())
+        );
+        std::fs::write(store.path(), b"{ not json").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("registry.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,355 @@
+//! Agent streams, the hot path: read a batch of frames, let
+//! [`AgentStream`](crate::core::agent_stream::AgentStream) decide, carry out
+//! its actions: queue each checked envelope's original bytes on the target
+//! stream, route receipts and failures back to their senders, answer
+//! refusals on this stream.
+//!
+//! Backpressure: a full target queue answers the sender `Busy` at once
+//! (explicit, never a silent drop) instead of stalling this stream's other
+//! messages behind one slow receiver. Receipts wait (bounded) for room in
+//! the sender's queue, since the sender is waiting for them.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agent_link_proto::{Address, DeliverHead, ErrorCode, MessageId, RelayToPeer};
+use bytes::Bytes;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::hub::{ConnInfo, Hub};
+use super::writer::{error_frame, frame, refuse_stream, write_loop, FrameArena, Outbound};
+use crate::core::agent_stream::{self, Action, AgentStream, Now};
+use crate::core::checks::SenderContext;
+use crate::framed::FrameReader;
+use crate::router::{AttachOutcome, StreamHandle};
+
+/// Frames taken from a stream's buffer per pass (and per signature batch).
+const READ_BATCH: usize = 64;
+
+/// How long a receipt may wait for room in its sender's queue.
+const RECEIPT_WAIT: Duration = Duration::from_secs(2);
+
+/// Wall-clock milliseconds since the Unix epoch (0 before it).
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Serve an agent stream whose first frame attached `agent` (a valid id).
+pub(crate) async fn serve_agent(
+    hub: Arc<Hub>,
+    info: Arc<ConnInfo>,
+    mut send: quinn::SendStream,
+    reader: FrameReader,
+    agent: String,
+    receive: bool,
+) {
+    let cfg = hub.config();
+    if info.agents.fetch_add(1, Relaxed) >= cfg.max_agents_per_connection as usize {
+        info.agents.fetch_sub(1, Relaxed);
+        hub.refused(ErrorCode::TooManyStreams);
+        refuse_stream(&mut send, ErrorCode::TooManyStreams).await;
+        return;
+    }
+    let router = hub.router();
+    let token = router.next_id();
+    let (tx, rx) = mpsc::channel(cfg.agent_queue_len as usize);
+    let cancel = hub.shutdown().child_token();
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let handle = StreamHandle {
+        token,
+        tx: tx.clone(),
+        queued_bytes: queued_bytes.clone(),
+        opened: (info.conn_id, send.id().index()),
+        cancel: cancel.clone(),
+    };
+    router.add_stream(handle.clone());
+    let attached = frame(&RelayToPeer::Attached {
+        agent: &agent,
+        max_message_size: cfg.max_message_size,
+        timestamp_window_ms: cfg.timestamp_window_secs * 1000,
+    });
+    // Queue the acknowledgement before becoming routable, so it is the
+    // first frame the peer reads.
+    let _ = tx.try_send(Outbound::Frame(attached));
+    if receive {
+        match router.attach_receiver(&info.instance, &agent, handle) {
+            AttachOutcome::Replaced(old) => {
+                debug!(
+                    old = old.token,
+                    "newest attach wins; closing the older stream"
+                );
+                if old
+                    .tx
+                    .try_send(Outbound::Close(error_frame(ErrorCode::Replaced)))
+                    .is_err()
+                {
+                    old.cancel.cancel();
+                }
+            }
+            AttachOutcome::Stale => {
+                debug!("a newer attach on this connection holds the agent; closing this one");
+                let _ = tx.try_send(Outbound::Close(error_frame(ErrorCode::Replaced)));
+            }
+            AttachOutcome::Attached | AttachOutcome::Offline => {}
+        }
+    } else {
+        drop(handle);
+    }
+    // Unregistering happens in Drop, so it also runs when the task is
+    // aborted (connection gone): no stale route or token is left behind.
+    let _guard = StreamGuard {
+        hub: &hub,
+        info: &info,
+        token,
+        agent: receive.then_some(agent.as_str()),
+    };
+    let writer = write_loop(send, rx, cancel.clone(), queued_bytes);
+    tokio::pin!(writer);
+    let sender = SenderContext {
+        instance: &info.instance,
+        agent: &agent,
+        key: &info.key,
+    };
+    let core = AgentStream::new(sender, hub.policy(), cfg.verify_signatures, receive, token);
+    let task = AgentTask {
+        hub: &hub,
+        info: &info,
+        agent: &agent,
+        token,
+        tx,
+    };
+    let reading = task.read_loop(&core, reader, &cancel);
+    tokio::select! {
+        _ = reading => {
+            router.remove_stream(token, receive.then_some((info.instance.as_str(), agent.as_str())));
+            // Let queued receipts and errors drain, bounded.
+            if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+                cancel.cancel();
+            }
+        }
+        _ = &mut writer => cancel.cancel(),
+    }
+}
+
+struct StreamGuard<'a> {
+    hub: &'a Hub,
+    info: &'a ConnInfo,
+    token: u64,
+    agent: Option<&'a str>,
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        let receiving = self.agent.map(|a| (self.info.instance.as_str(), a));
+        self.hub.router().remove_stream(self.token, receiving);
+        self.info.agents.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What the reading half of one agent stream uses to carry out actions.
+struct AgentTask<'a> {
+    hub: &'a Hub,
+    info: &'a ConnInfo,
+    agent: &'a str,
+    token: u64,
+    /// This stream's own writer queue.
+    tx: mpsc::Sender<Outbound>,
+}
+
+impl AgentTask<'_> {
+    /// Read and act until the stream or this task ends. Takes the task by
+    /// value so this stream's own queue sender goes with it: the writer
+    /// then ends as soon as the last queued reply is written.
+    async fn read_loop(
+        self,
+        core: &AgentStream<'_>,
+        mut reader: FrameReader,
+        cancel: &CancellationToken,
+    ) {
+        let mut frames: Vec<Bytes> = Vec::with_capacity(READ_BATCH);
+        // Answers on this stream, written after the batch's forwards.
+        let mut replies: Vec<Outbound> = Vec::new();
+        // Receipts and refusals are encoded here, many per allocation.
+        let mut arena = FrameArena::default();
+        loop {
+            let next = tokio::select! {
+                n = reader.next_batch(&mut frames, READ_BATCH) => n,
+                _ = cancel.cancelled() => return,
+            };
+            match next {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    if let Some(code) = e.code() {
+                        // Oversized or broken framing: the stream cannot be
+                        // resynchronised. Say why, stop it; the connection
+                        // and its other streams carry on.
+                        self.hub.refused(code);
+                        reader.stop(code);
+                        let _ = self.tx.send(Outbound::Close(error_frame(code))).await;
+                    }
+                    return;
+                }
+            }
+            let now = Now {
+                unix_ms: unix_ms(),
+                instant: Instant::now(),
+            };
+            let mut close = None;
+            for action in core.on_frames(now, &frames, &self.info.rate) {
+                match action {
+                    Action::Forward {
+                        id,
+                        to,
+                        head,
+                        envelope,
+                    } => {
+                        if let Err(code) = self.forward(id, to, head, envelope) {
+                            self.refuse(&mut replies, &mut arena, id, code);
+                        }
+                    }
+                    Action::Refuse { id, code } => self.refuse(&mut replies, &mut arena, id, code),
+                    Action::RouteReceipt { token, receipt } => {
+                        let f = arena.frame(&RelayToPeer::Receipt { receipt });
+                        if self.route_reply(token, f).await {
+                            self.hub.stats().receipts_routed.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Action::RouteFailed { token, id, code } => {
+                        let f = arena.frame(&RelayToPeer::Failed { id, code });
+                        self.route_reply(token, f).await;
+                    }
+                    Action::Detach { unroute } => {
+                        // Unroutable first, then `Detached` behind every
+                        // delivery already queued: whatever the peer reads
+                        // before it, it can still refuse by name
+                        // (PROTOCOL.md §9.6).
+                        if unroute {
+                            self.hub.router().detach_receiver(
+                                self.token,
+                                &self.info.instance,
+                                self.agent,
+                            );
+                        }
+                        replies.push(Outbound::Frame(arena.frame(&RelayToPeer::Detached)));
+                    }
+                    Action::Close(code) => {
+                        self.hub.refused(code);
+                        close = Some(code);
+                    }
+                }
+            }
+            for out in replies.drain(..) {
+                if self.tx.send(out).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(code) = close {
+                let _ = self.tx.send(Outbound::Close(error_frame(code))).await;
+                return;
+            }
+        }
+    }
+
+    /// Answer `Failed{id, code}` on this stream (after the batch), counted.
+    fn refuse(
+        &self,
+        replies: &mut Vec<Outbound>,
+        arena: &mut FrameArena,
+        id: MessageId,
+        code: ErrorCode,
+    ) {
+        self.hub.refused(code);
+        debug!(?code, "message refused");
+        replies.push(Outbound::Frame(
+            arena.frame(&RelayToPeer::Failed { id, code }),
+        ));
+    }
+
+    /// Queue one checked envelope on its target's stream, under the
+    /// router's lock and without waiting.
+    fn forward(
+        &self,
+        id: MessageId,
+        to: Address<'_>,
+        head: DeliverHead,
+        envelope: Bytes,
+    ) -> Result<(), ErrorCode> {
+        let size = envelope.len();
+        let len = head.as_bytes().len() + size;
+        let budget = self.hub.config().agent_queue_bytes as usize;
+        let queued = self
+            .hub
+            .router()
+            .with_route(to.instance, to.agent, |target| {
+                // Memory bound: a receiver that reads slowly holds at most
+                // `agent_queue_bytes` of deliveries (and `agent_queue_len`
+                // frames) at the relay; beyond that its senders get `Busy`,
+                // nothing is dropped.
+                if target.queued_bytes.fetch_add(len, Relaxed) + len > budget {
+                    target.queued_bytes.fetch_sub(len, Relaxed);
+                    return Err(ErrorCode::Busy);
+                }
+                // Never blocks: the router's lock is not held across a wait.
+                match target.tx.try_send(Outbound::Deliver { head, envelope }) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        target.queued_bytes.fetch_sub(len, Relaxed);
+                        Err(match e {
+                            TrySendError::Full(_) => ErrorCode::Busy,
+                            TrySendError::Closed(_) => ErrorCode::TargetOffline,
+                        })
+                    }
+                }
+            });
+        match queued {
+            Some(Ok(())) => {
+                let stats = self.hub.stats();
+                stats.messages_forwarded.fetch_add(1, Relaxed);
+                stats.bytes_forwarded.fetch_add(size as u64, Relaxed);
+                debug!(id = %hex::encode(id), size, "forwarded");
+                Ok(())
+            }
+            Some(Err(code)) => Err(code),
+            None => Err(agent_stream::unrouted(
+                self.hub.registry().read().get(to.instance),
+            )),
+        }
+    }
+
+    /// Send a frame to the stream with `reply_token`: at once when its
+    /// queue has room, else waiting (bounded) for room.
+    async fn route_reply(&self, reply_token: u64, f: Bytes) -> bool {
+        let stats = self.hub.stats();
+        let full = self.hub.router().with_stream(reply_token, |target| {
+            match target.tx.try_send(Outbound::Frame(f)) {
+                Ok(()) => Ok(None),
+                Err(TrySendError::Full(out)) => Ok(Some((target.tx.clone(), out))),
+                Err(TrySendError::Closed(_)) => Err(()),
+            }
+        });
+        let (tx, out) = match full {
+            Some(Ok(None)) => return true,
+            Some(Ok(Some(waiting))) => waiting,
+            // The sender's stream is gone; its retry after reconnecting gets
+            // the receiver's duplicate receipt instead.
+            Some(Err(())) | None => {
+                stats.receipts_orphaned.fetch_add(1, Relaxed);
+                return false;
+            }
+        };
+        // Full: wait for room, with the router's lock released.
+        match tx.send_timeout(out, RECEIPT_WAIT).await {
+            Ok(()) => true,
+            Err(_) => {
+                stats.receipts_orphaned.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Control streams: status requests and (idempotent) registration from an
+//! already registered connection; and [`register`], which an unknown key's
+//! registration-only stream (`connection`) uses too.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use agent_link_crypto::PublicKey;
+use agent_link_proto::{codec, ErrorCode, InstanceStatus, RelayToPeer};
+use bytes::Bytes;
+use tracing::info;
+
+use super::hub::{ConnInfo, Hub};
+use super::writer::{frame, refuse_stream};
+use crate::core::admission::{self, ControlRequest, Registration};
+use crate::framed::FrameReader;
+
+/// Serve a control stream; `first` is a frame already read from it.
+pub(crate) async fn serve_control(
+    hub: Arc<Hub>,
+    info: Arc<ConnInfo>,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    mut first: Option<Bytes>,
+) {
+    loop {
+        let body = match first.take() {
+            Some(b) => b,
+            None => match reader.next().await {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    let _ = send.finish();
+                    return;
+                }
+                Err(e) => {
+                    if let Some(code) = e.code() {
+                        hub.refused(code);
+                        refuse_stream(&mut send, code).await;
+                    }
+                    return;
+                }
+            },
+        };
+        let reply = match admission::control_request(&body, &info.instance) {
+            Ok(ControlRequest::Status) => status(&hub, &info),
+            Ok(ControlRequest::Register(reg)) => register(&hub, &info.conn, &info.key, &reg)
+                .await
+                .map(|id| frame(&RelayToPeer::Registered { instance_id: &id })),
+            Err(code) => Err(code),
+        };
+        match reply {
+            Ok(bytes) => {
+                if send.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Err(code) => {
+                hub.refused(code);
+                refuse_stream(&mut send, code).await;
+                return;
+            }
+        }
+    }
+}
+
+fn status(hub: &Hub, info: &ConnInfo) -> Result<Bytes, ErrorCode> {
+    let online = hub.router().snapshot();
+    let reg = hub.registry().read();
+    let mut instances = Vec::new();
+    let mut you = None;
+    for rec in reg.records().iter().filter(|r| !r.revoked) {
+        let Ok(pk) = rec.public_key.parse::<agent_link_crypto::PublicKey>() else {
+            continue;
+        };
+        let st = InstanceStatus {
+            instance_id: rec.instance_id.clone(),
+            name: rec.name.clone(),
+            public_key: pk.0,
+            online: online.contains_key(&rec.instance_id),
+            agents: online.get(&rec.instance_id).cloned().unwrap_or_default(),
+        };
+        if rec.instance_id == info.instance {
+            you = Some(st.clone());
+        }
+        instances.push(st);
+    }
+    let you = you.ok_or(ErrorCode::NotRegistered)?;
+    // The one frame whose size grows with the registry: past the hard frame
+    // limit (some 100,000 instances) it cannot be sent, and the peer hears
+    // why instead of an empty frame.
+    codec::frame(&RelayToPeer::Status { you, instances })
+        .map(Bytes::from)
+        .map_err(|_| ErrorCode::Internal)
+}
+
+/// Check a registration (id, proof) and record it durably (PROTOCOL.md
+/// §9.2); the instance id on success.
+pub(crate) async fn register(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    key: &PublicKey,
+    reg: &Registration<'_>,
+) -> Result<String, ErrorCode> {
+    let mut exporter = [0u8; 32];
+    let exported = conn
+        .export_keying_material(
+            &mut exporter,
+            agent_link_proto::REGISTER_EXPORTER_LABEL,
+            b"",
+        )
+        .ok()
+        .map(|()| exporter);
+    admission::check_registration(reg, key, hub.fleet(), exported)?;
+    let new = hub
+        .registry()
+        .register_online(key, reg.instance_id, reg.name)
+        .await?;
+    if new {
+        hub.stats().registrations.fetch_add(1, Relaxed);
+        info!(instance = %reg.instance_id, "registered");
+    }
+    Ok(reg.instance_id.to_string())
+}

@@ -1,0 +1,117 @@
+//! [`Hub`]: what the relay's tasks share, behind methods. A task takes the
+//! hub and uses the handles it needs (configuration, check policy, routing
+//! table, live registry, counters, the shutdown signal); nothing reaches
+//! into fields. [`ConnInfo`] is what every stream of one connection knows
+//! about it.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use agent_link_crypto::{FleetKey, PublicKey};
+use agent_link_proto::ErrorCode;
+use tokio_util::sync::CancellationToken;
+
+use super::writer::Outbound;
+use crate::config::RelayConfig;
+use crate::core::checks::CheckPolicy;
+use crate::core::rate::TokenBucket;
+use crate::registry::live::LiveRegistry;
+use crate::router::Router;
+use crate::stats::Stats;
+
+/// The relay's routing table, routing writer-queue items.
+pub(crate) type Routes = Router<Outbound>;
+
+/// The handles shared by every task of one relay.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    config: RelayConfig,
+    /// Checks run per message as it is read (Ed25519 left out: when
+    /// `config.verify_signatures` is on it runs batched, see
+    /// `core::agent_stream`).
+    policy: CheckPolicy,
+    router: Routes,
+    registry: LiveRegistry,
+    stats: Stats,
+    shutdown: CancellationToken,
+}
+
+impl Hub {
+    pub(crate) fn new(config: RelayConfig, fleet: FleetKey, registry: LiveRegistry) -> Self {
+        Self {
+            policy: CheckPolicy {
+                fleet,
+                window_ms: config.timestamp_window_secs * 1000,
+                verify_signatures: false,
+                max_payload: config.max_message_size as usize,
+            },
+            config,
+            router: Router::default(),
+            registry,
+            stats: Stats::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The validated configuration (every bound the relay enforces).
+    pub(crate) fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// The per-message checks.
+    pub(crate) fn policy(&self) -> &CheckPolicy {
+        &self.policy
+    }
+
+    /// The fleet key (message tags, registration proofs).
+    pub(crate) fn fleet(&self) -> &FleetKey {
+        &self.policy.fleet
+    }
+
+    /// Who is connected, and where deliveries and receipts go.
+    pub(crate) fn router(&self) -> &Routes {
+        &self.router
+    }
+
+    /// The registry as currently loaded.
+    pub(crate) fn registry(&self) -> &LiveRegistry {
+        &self.registry
+    }
+
+    /// Counters.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Cancelled when the relay shuts down.
+    pub(crate) fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Count a refusal by its code.
+    pub(crate) fn refused(&self, code: ErrorCode) {
+        self.stats.refused(code);
+    }
+
+    /// Close `conn` for `code`, counted as a refused connection.
+    pub(crate) fn refuse_connection(&self, conn: &quinn::Connection, code: ErrorCode) {
+        self.stats.connections_refused.fetch_add(1, Relaxed);
+        self.stats.refused(code);
+        conn.close(code.as_u32().into(), code.describe().as_bytes());
+    }
+}
+
+/// What every stream of a connection knows about it.
+#[derive(Debug)]
+pub(crate) struct ConnInfo {
+    pub(crate) conn_id: u64,
+    /// The instance it serves.
+    pub(crate) instance: String,
+    /// The key from its TLS handshake.
+    pub(crate) key: PublicKey,
+    pub(crate) conn: quinn::Connection,
+    /// The instance's rate bucket, shared by all its connections.
+    pub(crate) rate: Arc<Mutex<TokenBucket>>,
+    /// Agent streams open (bounded by `max_agents_per_connection`).
+    pub(crate) agents: AtomicUsize,
+}

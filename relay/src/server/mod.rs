@@ -1,0 +1,329 @@
+//! The relay's lifecycle: [`Relay::spawn`] binds the QUIC endpoint and starts
+//! the accept loop, the registry watcher, and (optionally) the admin socket
+//! and metrics listener; [`Relay::shutdown`] stops them all through one
+//! cancellation token. Every task lives in a `JoinSet`; none is detached.
+//!
+//! The tasks, from the top: `connection` (one per connection: handshake,
+//! admission, stream accept), `stream` (one per stream: first frame,
+//! dispatch), then `agent` or `control`; `writer` drains each agent
+//! stream's queue; `admin` serves the local socket and metrics. Every task
+//! takes the [`Hub`](hub::Hub) and the handles it needs from it; the
+//! decisions are in `crate::core`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_link_proto::ErrorCode;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::core::limits;
+use crate::core::rate::TokenBucket;
+use crate::registry::live::LiveRegistry;
+use crate::registry::{RegistryStore, StoreError};
+use crate::state::RelayState;
+use crate::stats::Stats;
+use hub::Hub;
+
+pub(crate) mod admin;
+mod agent;
+mod connection;
+mod control;
+mod hub;
+mod stream;
+pub(crate) mod writer;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// TLS configuration failed: the state directory's certificate or key
+    /// does not suit rustls or QUIC (re-create it with `init`).
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// A configuration value that validated but that quinn refuses (a bug
+    /// in `RelayConfig::validate` if it happens: report it).
+    #[error("relay-config.json: field `{field}` {reason}")]
+    Config {
+        /// The field, as in `relay-config.json`.
+        field: &'static str,
+        /// What quinn said.
+        reason: String,
+    },
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why not (in use, not a local address, no permission).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics or admin listener could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Listener {
+        /// Which listener, and where.
+        what: String,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry could not be read.
+    #[error(transparent)]
+    Registry(#[from] StoreError),
+}
+
+/// Optional listeners.
+#[derive(Debug, Default, Clone)]
+pub struct SpawnOptions {
+    /// Override the configured listen address.
+    pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics over HTTP on this TCP address.
+    pub metrics: Option<SocketAddr>,
+    /// Serve the local admin socket (`DIR/admin.sock`).
+    pub admin_socket: bool,
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    endpoint: quinn::Endpoint,
+    hub: Arc<Hub>,
+    tasks: JoinSet<()>,
+    state: RelayState,
+}
+
+/// Receive buffer asked for the relay's UDP socket (the kernel caps it at
+/// `net.core.rmem_max`). Thousands of peers handshaking or sending at once
+/// burst into this one socket; with the default (~208 KiB) the kernel drops
+/// datagrams and each drop costs a retransmission timeout.
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
+fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnError> {
+    let cfg = &state.config;
+    let tls = agent_link_crypto::tls::relay_server_config(&state.tls)
+        .map_err(|e| SpawnError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| SpawnError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    // quinn's defaults let one connection pin hundreds of MB; every window
+    // comes from the config instead.
+    // Streams start at a few and `connection::serve_registered` raises the
+    // limit as a connection uses them (see `core::limits`).
+    t.max_concurrent_bidi_streams(limits::initial_streams(cfg).into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.stream_receive_window(cfg.stream_receive_window.into());
+    t.receive_window(cfg.receive_window.into());
+    t.send_window(cfg.send_window);
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(cfg.idle_timeout_secs)).map_err(|e| {
+            SpawnError::Config {
+                field: "idle_timeout_secs",
+                reason: e.to_string(),
+            }
+        })?,
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(cfg.keep_alive_secs)));
+    // Fill each packet from one stream before the next instead of
+    // round-robining streams packet by packet: fewer STREAM frame headers
+    // and fuller packets. Every agent stream's writer hands over whole
+    // batches, so no stream waits behind another for more than one write.
+    t.send_fairness(false);
+    // Path MTU discovery up to the configured datagram size (see
+    // `RelayConfig::max_udp_payload_size`): connections start at 1200 bytes
+    // and grow only once a probe of the larger size got through.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload_size);
+    t.mtu_discovery_config(Some(mtu));
+    server.transport_config(Arc::new(t));
+    // quinn sends an unvalidated address at most 3x what it received from it
+    // (anti-amplification). The relay sends no Retry packets; the
+    // relay-wide handshake rate (`handshakes_per_sec`) bounds the work a
+    // flood can cause.
+    Ok(server)
+}
+
+impl Relay {
+    /// Bind and start serving `state`.
+    pub async fn spawn(state: RelayState, opts: SpawnOptions) -> Result<Relay, SpawnError> {
+        let mut config = state.config.clone();
+        if let Some(l) = opts.listen {
+            config.listen = l;
+        }
+        let registry = LiveRegistry::load(RegistryStore::new(&state.dir))?;
+        let server_config = build_server_config(&state)?;
+        let bind_err = |source| SpawnError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        match quinn::udp::UdpSocketState::new((&socket).into())
+            .and_then(|s| s.set_recv_buffer_size((&socket).into(), UDP_RECV_BUFFER))
+        {
+            Ok(()) => {}
+            Err(e) => warn!("could not enlarge the UDP receive buffer: {e}"),
+        }
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(state.reset_key.clone()));
+        endpoint_config
+            .max_udp_payload_size(config.max_udp_payload_size)
+            .map_err(|e| SpawnError::Config {
+                field: "max_udp_payload_size",
+                reason: e.to_string(),
+            })?;
+        let cid_key = state.cid_key;
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
+        let local_addr = endpoint.local_addr().map_err(|source| SpawnError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let hub = Arc::new(Hub::new(config, state.fleet.key(), registry));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(hub.clone(), endpoint.clone()));
+        let watcher = hub.clone();
+        tasks.spawn(async move {
+            watcher
+                .registry()
+                .watch(watcher.router(), watcher.shutdown())
+                .await
+        });
+        let mut metrics_addr = None;
+        if let Some(addr) = opts.metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SpawnError::Listener {
+                    what: format!("metrics address {addr}"),
+                    source,
+                })?;
+            metrics_addr = listener.local_addr().ok();
+            tasks.spawn(admin::serve_metrics(hub.clone(), listener));
+        }
+        if opts.admin_socket {
+            let path: PathBuf = state.dir.join("admin.sock");
+            let listener = admin::bind_socket(&path).map_err(|source| SpawnError::Listener {
+                what: path.display().to_string(),
+                source,
+            })?;
+            tasks.spawn(admin::serve_admin(hub.clone(), listener, path));
+        }
+        info!(addr = %local_addr, "listening on {local_addr}");
+        Ok(Relay {
+            local_addr,
+            metrics_addr,
+            endpoint,
+            hub,
+            tasks,
+            state,
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound metrics address, if serving metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// A join token for this relay at its bound address.
+    ///
+    /// # Panics
+    /// Never in practice: a token of a bound address, a certificate
+    /// fingerprint and a fleet secret always encodes.
+    pub fn join_token(&self) -> String {
+        self.state
+            .join_token(&crate::state::dial_addr(self.local_addr))
+            .encode()
+            .expect("a join token of a bound address, fingerprint and secret encodes")
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        self.hub.stats()
+    }
+
+    /// Online instances and their receiving agents.
+    pub fn online(&self) -> std::collections::HashMap<String, Vec<String>> {
+        self.hub.router().snapshot()
+    }
+
+    /// Stop accepting, close every connection with `ShuttingDown`, and wait
+    /// (bounded) for tasks to end.
+    pub async fn shutdown(mut self) {
+        self.hub.shutdown().cancel();
+        self.endpoint.close(
+            ErrorCode::ShuttingDown.as_u32().into(),
+            b"relay shutting down",
+        );
+        let deadline = tokio::time::sleep(Duration::from_secs(3));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => { self.tasks.abort_all(); break }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("relay stopped");
+    }
+}
+
+async fn accept_loop(hub: Arc<Hub>, endpoint: quinn::Endpoint) {
+    let cfg = hub.config();
+    let slots = Arc::new(Semaphore::new(cfg.max_connections as usize));
+    let mut conns = JoinSet::new();
+    let mut handshakes = TokenBucket::new(
+        cfg.handshakes_per_sec,
+        cfg.handshakes_per_sec,
+        std::time::Instant::now(),
+    );
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = hub.shutdown().cancelled() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        while conns.try_join_next().is_some() {}
+        if !handshakes.try_take(std::time::Instant::now()) {
+            // A connection flood: refuse at the QUIC level before spending
+            // any cryptography on it; peers retry with backoff.
+            hub.refused(ErrorCode::TooManyConnections);
+            incoming.refuse();
+            continue;
+        }
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                conns.spawn(connection::serve_connection(hub.clone(), incoming, permit));
+            }
+            Err(_) => {
+                // Over max_connections: refuse at the QUIC level, cheaply.
+                hub.refused(ErrorCode::TooManyConnections);
+                incoming.refuse();
+            }
+        }
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            _ = &mut deadline => { conns.abort_all(); break }
+        }
+    }
+}
