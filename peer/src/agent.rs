@@ -196,7 +196,7 @@ impl AgentSender {
                 agent: &self.agent,
             },
             to: to_addr,
-            sent_at_ms: crate::link::unix_ms(),
+            sent_at_ms: agent_link_proto::clock::unix_ms(std::time::SystemTime::now()),
             payload,
         };
         // Sealing fails only for a payload bincode cannot frame (over the

@@ -37,13 +37,6 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// loopback): the relay learns from that one packet.
 const CLOSE_FLUSH: Duration = Duration::from_millis(50);
 
-/// Milliseconds since the Unix epoch, by this computer's clock.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// What `status` reports.
 #[derive(Debug, Clone)]
 pub struct StatusReport {

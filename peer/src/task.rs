@@ -34,7 +34,7 @@ const BATCH: usize = 64;
 pub(crate) fn now() -> Now {
     Now {
         at: Instant::now(),
-        unix_ms: crate::link::unix_ms(),
+        unix_ms: agent_link_proto::clock::unix_ms(std::time::SystemTime::now()),
     }
 }
 
