@@ -12,7 +12,7 @@
 //! - [`router`]: the routing table; [`registry`]: instance ids ↔ keys,
 //!   revocations, crash-safe persistence, and the running relay's live view.
 //! - `server`: [`Relay`] lifecycle and the tasks per connection and per
-//!   stream, which read frames (`framed`), call into [`core`] and carry out
+//!   stream, which read frames (`agent_link_quic::frames`, the reader the peer uses too), call into [`core`] and carry out
 //!   what it decides.
 //!
 //! ```no_run
@@ -29,7 +29,6 @@
 
 mod config;
 pub mod core;
-mod framed;
 pub mod registry;
 /// The routing table. Public for the criterion suite
 /// (`bench/benches/hot_path.rs`), which times route lookups and queueing a

@@ -23,7 +23,7 @@ use super::hub::{ConnInfo, Hub};
 use super::writer::{error_frame, frame, refuse_stream, write_loop, FrameArena, Outbound};
 use crate::core::agent_stream::{self, Action, AgentStream, Now};
 use crate::core::checks::SenderContext;
-use crate::framed::FrameReader;
+use agent_link_quic::frames::FrameReader;
 use crate::router::{AttachOutcome, StreamHandle};
 
 /// Frames taken from a stream's buffer per pass (and per signature batch).

@@ -16,7 +16,7 @@ use super::hub::{ConnInfo, Hub};
 use super::writer::{frame, refuse_stream};
 use crate::core::admission::{self, Admission, PRE_AUTH_MAX_FRAME};
 use crate::core::limits;
-use crate::framed::FrameReader;
+use agent_link_quic::frames::FrameReader;
 
 /// Serve one incoming connection until it ends; `_permit` holds its place
 /// under `max_connections`.

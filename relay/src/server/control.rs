@@ -13,7 +13,7 @@ use tracing::info;
 use super::hub::{ConnInfo, Hub};
 use super::writer::{frame, refuse_stream};
 use crate::core::admission::{self, ControlRequest, Registration};
-use crate::framed::FrameReader;
+use agent_link_quic::frames::FrameReader;
 
 /// Serve a control stream; `first` is a frame already read from it.
 pub(crate) async fn serve_control(
@@ -101,15 +101,7 @@ pub(crate) async fn register(
     key: &PublicKey,
     reg: &Registration<'_>,
 ) -> Result<String, ErrorCode> {
-    let mut exporter = [0u8; 32];
-    let exported = conn
-        .export_keying_material(
-            &mut exporter,
-            agent_link_proto::REGISTER_EXPORTER_LABEL,
-            b"",
-        )
-        .ok()
-        .map(|()| exporter);
+    let exported = agent_link_quic::exporter::register_exporter(conn).ok();
     admission::check_registration(reg, key, hub.fleet(), exported)?;
     let new = hub
         .registry()

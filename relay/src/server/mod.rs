@@ -18,7 +18,7 @@ use std::time::Duration;
 use agent_link_proto::ErrorCode;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::core::limits;
 use crate::core::rate::TokenBucket;
@@ -138,9 +138,9 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     // Path MTU discovery up to the configured datagram size (see
     // `RelayConfig::max_udp_payload_size`): connections start at 1200 bytes
     // and grow only once a probe of the larger size got through.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(cfg.max_udp_payload_size);
-    t.mtu_discovery_config(Some(mtu));
+    t.mtu_discovery_config(Some(agent_link_quic::endpoint::mtu_discovery(
+        cfg.max_udp_payload_size,
+    )));
     server.transport_config(Arc::new(t));
     // quinn sends an unvalidated address at most 3x what it received from it
     // (anti-amplification). The relay sends no Retry packets; the
@@ -162,13 +162,8 @@ impl Relay {
             addr: config.listen,
             source,
         };
-        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
-        match quinn::udp::UdpSocketState::new((&socket).into())
-            .and_then(|s| s.set_recv_buffer_size((&socket).into(), UDP_RECV_BUFFER))
-        {
-            Ok(()) => {}
-            Err(e) => warn!("could not enlarge the UDP receive buffer: {e}"),
-        }
+        let socket =
+            agent_link_quic::endpoint::udp_socket(config.listen, UDP_RECV_BUFFER).map_err(bind_err)?;
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(state.reset_key.clone()));
         endpoint_config
             .max_udp_payload_size(config.max_udp_payload_size)

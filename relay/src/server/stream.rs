@@ -10,7 +10,7 @@ use tracing::{debug_span, Instrument};
 use super::hub::{ConnInfo, Hub};
 use super::writer::refuse_stream;
 use crate::core::admission::{self, FirstFrame};
-use crate::framed::FrameReader;
+use agent_link_quic::frames::FrameReader;
 use agent_link_proto::ErrorCode;
 
 /// Serve a stream the peer opened until it ends.
