@@ -42,7 +42,6 @@ impl DirArg {
 }
 
 #[derive(Subcommand)]
-#[command(after_help = EXIT_CODES)]
 enum Command {
     /// Make this instance's key (0600), register it with the relay, write the config; print the public key.
     Init {
@@ -129,7 +128,14 @@ impl From<LinkError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Every subcommand's --help ends with the exit codes too.
+    let matches = <Cli as clap::CommandFactory>::command()
+        .mut_subcommands(|c| c.after_help(EXIT_CODES))
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // Logs only when asked for: otherwise stderr carries exactly one line,
     // the error, for scripts and agents to read.
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {

@@ -7,16 +7,22 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use agent_link_proto::Exit;
 use agent_link_relay::registry::{RegisterError, RegistryStore};
 use agent_link_relay::state::{self, StateError};
 use agent_link_relay::{Relay, SpawnOptions};
 use clap::{Parser, Subcommand};
 
+const EXIT_CODES: &str = "Exit codes: 0 success · 1 other failure · 2 bad usage or input · \
+3 target offline or unknown · 4 refused (id or key taken, …) · 5 timed out. \
+Errors are one line on stderr.";
+
 #[derive(Parser)]
 #[command(
     name = "agent-link-relay",
     version,
-    about = "The agent-link relay: forwards signed messages between agent instances over QUIC"
+    about = "The agent-link relay: forwards signed messages between agent instances over QUIC",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -107,21 +113,30 @@ enum Command {
 }
 
 /// A failure with its exit code and one line for stderr.
-struct Failure(u8, String);
+struct Failure(Exit, String);
 
 impl From<StateError> for Failure {
     fn from(e: StateError) -> Self {
         let code = match e {
-            StateError::Config(_) | StateError::NotInitialised(_) | StateError::NotEmpty(_) => 2,
-            StateError::AlreadyInitialised(_) => 2,
-            _ => 1,
+            StateError::Config(_) | StateError::NotInitialised(_) | StateError::NotEmpty(_) => {
+                Exit::Usage
+            }
+            StateError::AlreadyInitialised(_) => Exit::Usage,
+            _ => Exit::Other,
         };
         Failure(code, e.to_string())
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Every subcommand's --help ends with the exit codes too.
+    let matches = <Cli as clap::CommandFactory>::command()
+        .mut_subcommands(|c| c.after_help(EXIT_CODES))
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -134,7 +149,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("error: {msg}");
-            ExitCode::from(code)
+            ExitCode::from(code.code())
         }
     }
 }
@@ -161,7 +176,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Some(a) => a,
                 None if st.config.listen.port() == 0 => {
                     return Err(Failure(
-                        2,
+                        Exit::Usage,
                         "the configured listen port is 0; pass --addr HOST:PORT".into(),
                     ))
                 }
@@ -185,7 +200,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             // clap requires both unless --batch is given.
             let (Some(instance_id), Some(public_key)) = (instance_id, public_key) else {
                 return Err(Failure(
-                    2,
+                    Exit::Usage,
                     "--instance-id and --public-key are required".into(),
                 ));
             };
@@ -193,16 +208,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             state::load(&dir)?;
             let key: agent_link_crypto::PublicKey = public_key
                 .parse()
-                .map_err(|e| Failure(2, format!("--public-key: {e}")))?;
+                .map_err(|e| Failure(Exit::Usage, format!("--public-key: {e}")))?;
             let name = name.unwrap_or_else(|| instance_id.clone());
             let res = RegistryStore::new(&dir)
                 .update(|r| r.register(&instance_id, &key, &name))
-                .map_err(|e| Failure(1, e.to_string()))?;
+                .map_err(|e| Failure(Exit::Other, e.to_string()))?;
             match res {
                 Ok((true, _)) => println!("registered {instance_id}"),
                 Ok((false, _)) => println!("already registered {instance_id} (same key)"),
-                Err(e @ RegisterError::BadId(_)) => return Err(Failure(2, e.to_string())),
-                Err(e) => return Err(Failure(4, e.to_string())),
+                Err(e @ RegisterError::BadId(_)) => {
+                    return Err(Failure(Exit::Usage, e.to_string()))
+                }
+                Err(e) => return Err(Failure(Exit::Refused, e.to_string())),
             }
             Ok(())
         }
@@ -211,11 +228,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             state::load(&dir)?;
             let res = RegistryStore::new(&dir)
                 .update(|r| r.revoke(&instance_id))
-                .map_err(|e| Failure(1, e.to_string()))?;
+                .map_err(|e| Failure(Exit::Other, e.to_string()))?;
             match res {
                 Ok((true, _)) => println!("revoked {instance_id}"),
                 Ok((false, _)) => println!("{instance_id} was already revoked"),
-                Err(e) => return Err(Failure(3, e)),
+                Err(e) => return Err(Failure(Exit::Offline, e)),
             }
             Ok(())
         }
@@ -236,7 +253,7 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
     } else {
         std::fs::File::open(file).and_then(|mut f| f.read_to_string(&mut text))
     };
-    read.map_err(|e| Failure(2, format!("--batch {}: {e}", file.display())))?;
+    read.map_err(|e| Failure(Exit::Usage, format!("--batch {}: {e}", file.display())))?;
     let mut entries: Vec<(usize, String, agent_link_crypto::PublicKey)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
@@ -246,19 +263,22 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
         }
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [id, key] = fields[..] else {
-            return Err(Failure(
-                2,
+            return Err(Failure(Exit::Usage,
                 format!(
                     "--batch line {n}: expected `instance_id public_key_hex`, found {} fields; nothing registered",
                     fields.len()
                 ),
             ));
         };
-        agent_link_proto::check_id(id)
-            .map_err(|e| Failure(2, format!("--batch line {n}: {e}; nothing registered")))?;
+        agent_link_proto::check_id(id).map_err(|e| {
+            Failure(
+                Exit::Usage,
+                format!("--batch line {n}: {e}; nothing registered"),
+            )
+        })?;
         let key: agent_link_crypto::PublicKey = key.parse().map_err(|e| {
             Failure(
-                2,
+                Exit::Usage,
                 format!("--batch line {n}: public key: {e}; nothing registered"),
             )
         })?;
@@ -276,7 +296,7 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
             }
             Ok(added)
         })
-        .map_err(|e| Failure(1, e.to_string()))?;
+        .map_err(|e| Failure(Exit::Other, e.to_string()))?;
     match res {
         Ok((added, _)) => {
             println!(
@@ -287,9 +307,9 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
         }
         Err((n, e)) => {
             let code = if matches!(e, RegisterError::BadId(_)) {
-                2
+                Exit::Usage
             } else {
-                4
+                Exit::Refused
             };
             Err(Failure(
                 code,
@@ -302,14 +322,14 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
 fn token(st: &state::RelayState, addr: &str) -> Result<String, Failure> {
     st.join_token(addr)
         .encode()
-        .map_err(|e| Failure(1, e.to_string()))
+        .map_err(|e| Failure(Exit::Other, e.to_string()))
 }
 
 fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
     state::load(dir)?;
     let reg = RegistryStore::new(dir)
         .load()
-        .map_err(|e| Failure(1, e.to_string()))?;
+        .map_err(|e| Failure(Exit::Other, e.to_string()))?;
     let online = agent_link_relay::query_online(dir);
     let relay_running = online.is_some();
     let online = online.unwrap_or_default();
@@ -386,8 +406,8 @@ fn serve(
     } else {
         state::load(dir)?
     };
-    let rt =
-        tokio::runtime::Runtime::new().map_err(|e| Failure(1, format!("starting runtime: {e}")))?;
+    let rt = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure(Exit::Other, format!("starting runtime: {e}")))?;
     rt.block_on(async move {
         let relay = Relay::spawn(
             st,
@@ -398,7 +418,7 @@ fn serve(
             },
         )
         .await
-        .map_err(|e| Failure(1, e.to_string()))?;
+        .map_err(|e| Failure(Exit::Other, e.to_string()))?;
         if fresh {
             println!("{}", relay.join_token());
         }

@@ -23,8 +23,8 @@ use super::hub::{ConnInfo, Hub};
 use super::writer::{error_frame, frame, refuse_stream, write_loop, FrameArena, Outbound};
 use crate::core::agent_stream::{self, Action, AgentStream, Now};
 use crate::core::checks::SenderContext;
-use agent_link_quic::frames::FrameReader;
 use crate::router::{AttachOutcome, StreamHandle};
+use agent_link_quic::frames::FrameReader;
 
 /// Frames taken from a stream's buffer per pass (and per signature batch).
 const READ_BATCH: usize = 64;

@@ -162,8 +162,8 @@ impl Relay {
             addr: config.listen,
             source,
         };
-        let socket =
-            agent_link_quic::endpoint::udp_socket(config.listen, UDP_RECV_BUFFER).map_err(bind_err)?;
+        let socket = agent_link_quic::endpoint::udp_socket(config.listen, UDP_RECV_BUFFER)
+            .map_err(bind_err)?;
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(state.reset_key.clone()));
         endpoint_config
             .max_udp_payload_size(config.max_udp_payload_size)

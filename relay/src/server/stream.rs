@@ -10,8 +10,8 @@ use tracing::{debug_span, Instrument};
 use super::hub::{ConnInfo, Hub};
 use super::writer::refuse_stream;
 use crate::core::admission::{self, FirstFrame};
-use agent_link_quic::frames::FrameReader;
 use agent_link_proto::ErrorCode;
+use agent_link_quic::frames::FrameReader;
 
 /// Serve a stream the peer opened until it ends.
 pub(crate) async fn serve_stream(

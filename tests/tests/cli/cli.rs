@@ -416,6 +416,10 @@ fn every_command_has_help() {
             c
         });
         assert!(out.status.success());
+        assert!(
+            text(&out.stdout).contains("Exit codes: 0 success"),
+            "{b} --help"
+        );
         for cmd in cmds {
             let out = run({
                 let mut c = Command::new(workspace_bin(b));
@@ -426,6 +430,10 @@ fn every_command_has_help() {
             assert!(
                 text(&out.stdout).contains("--dir"),
                 "{b} {cmd} --help mentions --dir"
+            );
+            assert!(
+                text(&out.stdout).contains("3 target offline or unknown"),
+                "{b} {cmd} --help lists the exit codes"
             );
         }
     }
