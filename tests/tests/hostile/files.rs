@@ -1,13 +1,13 @@
-//! Hostile input on disk and on the command line (issue 3): join tokens,
-//! key and secret files, configuration files and registries that are
-//! malformed, missing or readable by others are refused with a message that
-//! names the path (or the token's problem), at the library level and through
-//! the real binaries.
+//! Hostile input on disk and on the command line: join tokens, key and
+//! secret files, configuration files and registries that are malformed,
+//! missing or readable by others are refused with a message that names the
+//! path (or the token's problem), at the library level and through the real
+//! binaries.
 //!
 //! Covered elsewhere and not repeated: a fleet secret of mode 0644 and a
 //! malformed key file (`crypto/src/files.rs`), `relay.key` of mode 0644 and a
 //! config field out of range at `run`, `init --join al1garbage`
-//! (`tests/tests/cli.rs`), truncated tokens (`proto/src/join.rs`).
+//! (`tests/tests/cli/cli.rs`), truncated tokens (`proto/src/join.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;

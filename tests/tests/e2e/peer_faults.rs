@@ -4,93 +4,15 @@
 //! while it is down ends in `Timeout`; the newest receiving attach wins and
 //! the displaced agent learns why; a send-only attach displaces nobody.
 //! Every wait is bounded.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent_link::{Agent, AgentLink, ErrorCode, JoinToken, SendError};
-use agent_link_relay::{Relay, SpawnOptions};
+use agent_link::{Agent, ErrorCode, SendError};
+use agent_link_tests::{peer, TestRelay};
 
+/// The bound on each wait in this module: 15 s, longer than the harness's
+/// `WAIT`.
 const WAIT: Duration = Duration::from_secs(15);
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    state: PathBuf,
-    relay: Option<Relay>,
-    addr: SocketAddr,
-    token: JoinToken,
-}
-
-impl Fixture {
-    async fn start() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-            )
-            .with_test_writer()
-            .try_init();
-        let tmp = tempfile::tempdir().unwrap();
-        let state = tmp.path().join("relay");
-        agent_link_relay::state::init(&state, Some("127.0.0.1:0".parse().unwrap())).unwrap();
-        let relay = spawn(&state, None).await.unwrap();
-        let addr = relay.local_addr();
-        let token = JoinToken::parse(&relay.join_token()).unwrap();
-        Self {
-            _tmp: tmp,
-            state,
-            relay: Some(relay),
-            addr,
-            token,
-        }
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        self.state.parent().unwrap().join(name)
-    }
-
-    async fn peer(&self, name: &str) -> AgentLink {
-        let dir = self.dir(name);
-        agent_link::init(&dir, name, &self.token, None)
-            .await
-            .unwrap();
-        AgentLink::connect(&dir).await.unwrap()
-    }
-
-    async fn stop(&mut self) {
-        if let Some(r) = self.relay.take() {
-            r.shutdown().await;
-        }
-    }
-
-    /// Start again on the same port (bounded retries while it is released).
-    async fn restart(&mut self) {
-        for _ in 0..50 {
-            if let Ok(r) = spawn(&self.state, Some(self.addr)).await {
-                self.relay = Some(r);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("could not rebind {}", self.addr);
-    }
-}
-
-async fn spawn(state: &Path, listen: Option<SocketAddr>) -> Result<Relay, String> {
-    let st = agent_link_relay::state::load(state).map_err(|e| e.to_string())?;
-    Relay::spawn(
-        st,
-        SpawnOptions {
-            listen,
-            metrics: None,
-            admin_socket: false,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())
-}
 
 async fn recv(agent: &mut Agent) -> agent_link::Message {
     tokio::time::timeout(WAIT, agent.recv())
@@ -101,13 +23,13 @@ async fn recv(agent: &mut Agent) -> agent_link::Message {
 
 #[tokio::test]
 async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
-    let mut f = Fixture::start().await;
-    let one = f.peer("inst-one").await;
-    let two = f.peer("inst-two").await;
+    let mut relay = TestRelay::start(|_| {}).await;
+    let one = peer(&relay, "inst-one").await;
+    let two = peer(&relay, "inst-two").await;
     let mut bob = one.attach("bob").await.unwrap();
     let alice = two.attach_sender("alice").await.unwrap();
 
-    f.stop().await;
+    relay.stop().await;
     let send = tokio::spawn(async move {
         let r = alice
             .send_with_timeout("inst-one/bob", "while down", WAIT)
@@ -120,7 +42,7 @@ async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
         !send.is_finished(),
         "send resolved while the relay was down"
     );
-    f.restart().await;
+    relay.restart().await;
 
     // The receipt comes once bob's application has taken the message.
     let m = recv(&mut bob).await;
@@ -143,10 +65,10 @@ async fn a_message_sent_while_the_relay_is_down_is_delivered_once_it_is_back() {
 
 #[tokio::test]
 async fn a_deadline_that_passes_while_the_relay_is_down_is_a_timeout() {
-    let mut f = Fixture::start().await;
-    let two = f.peer("inst-two").await;
+    let mut relay = TestRelay::start(|_| {}).await;
+    let two = peer(&relay, "inst-two").await;
     let alice = two.attach_sender("alice").await.unwrap();
-    f.stop().await;
+    relay.stop().await;
     let t0 = std::time::Instant::now();
     let r = alice
         .send_with_timeout("inst-one/bob", "x", Duration::from_millis(700))
@@ -158,9 +80,9 @@ async fn a_deadline_that_passes_while_the_relay_is_down_is_a_timeout() {
 
 #[tokio::test]
 async fn the_newest_receiving_attach_wins_and_a_sender_displaces_nobody() {
-    let f = Fixture::start().await;
-    let one = f.peer("inst-one").await;
-    let two = f.peer("inst-two").await;
+    let relay = TestRelay::start(|_| {}).await;
+    let one = peer(&relay, "inst-one").await;
+    let two = peer(&relay, "inst-two").await;
     let mut old = one.attach("bob").await.unwrap();
     let mut new = one.attach("bob").await.unwrap();
     assert!(
@@ -191,9 +113,9 @@ async fn the_newest_receiving_attach_wins_and_a_sender_displaces_nobody() {
 
 #[tokio::test]
 async fn offline_target_fails_at_once_outside_the_reconnect_grace() {
-    let f = Fixture::start().await;
-    let two = f.peer("inst-two").await;
-    let _one = f.peer("inst-one").await;
+    let relay = TestRelay::start(|_| {}).await;
+    let two = peer(&relay, "inst-two").await;
+    let _one = peer(&relay, "inst-one").await;
     let alice = two.attach_sender("alice").await.unwrap();
     let t0 = std::time::Instant::now();
     let r = alice.send("inst-one/nobody", "x").await;

@@ -5,17 +5,10 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use agent_link_crypto::Identity;
-
-fn relay_cmd() -> Command {
-    Command::new(agent_link_tests::workspace_bin("agent-link-relay"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use agent_link_tests::{relay_cmd, text};
 
 /// An initialised relay state directory (the relay is not running).
 fn relay_dir() -> tempfile::TempDir {

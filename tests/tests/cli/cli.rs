@@ -11,28 +11,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use agent_link_tests::{peer_cmd, relay_cmd, text, workspace_bin};
+
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The path of a workspace binary (built on first use; see
-/// `agent_link_tests::workspace_bin`).
-fn bin(name: &str) -> PathBuf {
-    agent_link_tests::workspace_bin(name)
-}
-
-fn relay_cmd() -> Command {
-    Command::new(bin("agent-link-relay"))
-}
-
-fn peer_cmd() -> Command {
-    Command::new(bin("agent-link"))
-}
 
 fn run(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().expect("spawn")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A relay child process; killed on drop.
@@ -427,7 +411,7 @@ fn every_command_has_help() {
         ),
     ] {
         let out = run({
-            let mut c = Command::new(bin(b));
+            let mut c = Command::new(workspace_bin(b));
             c.arg("--help");
             c
         });
@@ -438,7 +422,7 @@ fn every_command_has_help() {
         );
         for cmd in cmds {
             let out = run({
-                let mut c = Command::new(bin(b));
+                let mut c = Command::new(workspace_bin(b));
                 c.args([cmd, "--help"]);
                 c
             });

@@ -1,0 +1,20 @@
+//! End to end: the relay and the `agent-link` library over real QUIC on
+//! loopback, one module per subject. Each module opens with what it covers.
+//!
+//! | module | subject |
+//! |---|---|
+//! | `peer` | the peer library: messages both ways with receipts, explicit errors, signatures, replays, reconnection, status, close |
+//! | `peer_faults` | the peer's delivery rules while the relay is down or an attach is replaced |
+//! | `relay_protocol` | the relay frame by frame through raw clients: routing, receipts, every refusal code, registration, revocation |
+//! | `limits` | connection limits, idle and handshake timeouts |
+//! | `stream_limit` | the QUIC stream limit growing to every allowed agent |
+//! | `datagram_size` | how far path MTU discovery grows a connection's datagrams |
+//! | `storm` | 1,000 instances reconnecting at once; a handshake flood beside a working client |
+
+mod datagram_size;
+mod limits;
+mod peer;
+mod peer_faults;
+mod relay_protocol;
+mod storm;
+mod stream_limit;

@@ -1,0 +1,156 @@
+//! Hostile handshakes: the wrong ALPN or none, a relay with another
+//! certificate than the pinned one, a client without a certificate, 0-RTT.
+//! Each is refused with a clear reason while the relay keeps serving a
+//! well-behaved client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_link_crypto::tls::{instance_client_config, TlsIdentity};
+use agent_link_crypto::Identity;
+use agent_link_proto::PeerToRelay;
+use agent_link_tests::*;
+
+use crate::common::{bystander_still_works, endpoint_with, relay_and_bystander};
+
+#[tokio::test]
+async fn wrong_alpn_fails_the_handshake() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    let ep = endpoint_with(cfg);
+    let r = tokio::time::timeout(WAIT, ep.connect(relay.addr, "agent-link-relay").unwrap())
+        .await
+        .expect("refused promptly, not a hang");
+    assert!(r.is_err(), "a connection with the wrong ALPN was accepted");
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn missing_alpn_fails_the_handshake() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let id = Identity::generate();
+    // Registered, so only the missing ALPN can be the reason.
+    relay.register("no-alpn", &id);
+    let tls_id = TlsIdentity::self_signed(&id, "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    cfg.alpn_protocols = Vec::new();
+    let ep = endpoint_with(cfg);
+    let r = tokio::time::timeout(WAIT, ep.connect(relay.addr, "agent-link-relay").unwrap())
+        .await
+        .expect("refused promptly, not a hang");
+    assert!(r.is_err(), "a connection without ALPN was accepted");
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn a_relay_with_another_certificate_is_refused_by_the_peer() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let id = Identity::generate();
+    relay.register("pinned-wrong", &id);
+    let mut wrong_fp = relay.token.fingerprint;
+    wrong_fp[0] ^= 1;
+    let r = RawClient::connect_with(
+        relay.addr,
+        wrong_fp,
+        relay.token.secret.key(),
+        id,
+        "pinned-wrong",
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "connected to a relay whose certificate is not the pinned one"
+    );
+    bystander_still_works(&a, &b).await;
+}
+
+#[tokio::test]
+async fn client_without_a_certificate_is_refused() {
+    let (relay, a, b) = relay_and_bystander().await;
+    // A client that offers no certificate at all (plain server-auth TLS).
+    let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    cfg.client_auth_cert_resolver = Arc::new(NoCert);
+    let ep = endpoint_with(cfg);
+    let r = tokio::time::timeout(WAIT, async {
+        let conn = ep.connect(relay.addr, "agent-link-relay").unwrap().await?;
+        // Some stacks only learn of the refusal on first use.
+        let (mut s, _) = conn.open_bi().await?;
+        s.write_all(b"x")
+            .await
+            .map_err(|_| quinn::ConnectionError::LocallyClosed)?;
+        conn.closed().await;
+        Ok::<_, quinn::ConnectionError>(())
+    })
+    .await
+    .expect("refused promptly");
+    let _ = r;
+    assert_eq!(
+        relay
+            .relay()
+            .stats()
+            .connections_accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    bystander_still_works(&a, &b).await;
+}
+
+#[derive(Debug)]
+struct NoCert;
+
+impl rustls::client::ResolvesClientCert for NoCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn zero_rtt_is_never_accepted() {
+    let (relay, a, b) = relay_and_bystander().await;
+    let id = Identity::generate();
+    relay.register("eager", &id);
+    let tls_id = TlsIdentity::self_signed(&id, "x").unwrap();
+    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    // A client that would send 0-RTT data if the relay let it.
+    cfg.enable_early_data = true;
+    let ep = endpoint_with(cfg);
+    // First connection: obtains a session ticket, then closes.
+    let first = ep
+        .connect(relay.addr, "agent-link-relay")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut s, _r) = first.open_bi().await.unwrap();
+    s.write_all(&agent_link_proto::codec::frame(&PeerToRelay::StatusRequest).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.close(0u32.into(), b"bye");
+    // Second connection: the relay's tickets carry no early-data allowance,
+    // so 0-RTT is impossible and the client must complete the handshake.
+    let connecting = ep.connect(relay.addr, "agent-link-relay").unwrap();
+    match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            assert!(!accepted.await, "the relay accepted 0-RTT data");
+            drop(conn);
+        }
+        Err(connecting) => {
+            // Expected: no early data possible; the 1-RTT handshake works.
+            tokio::time::timeout(WAIT, connecting)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    bystander_still_works(&a, &b).await;
+}
