@@ -265,9 +265,9 @@ impl AgentTask {
         send: &mut quinn::SendStream,
         reader: &mut FrameReader,
     ) -> SessionEnd {
-        let now = now();
+        let at = now();
         while let Ok(id) = self.taken.try_recv() {
-            self.core.taken(now, id);
+            self.core.taken(at, id);
         }
         let wait = self.core.detach();
         let mut out = Vec::new();
@@ -287,9 +287,7 @@ impl AgentTask {
                     Ok(true) => {
                         // Detaching: every delivery is refused by the core,
                         // none is handed over.
-                        let _ = self
-                            .core
-                            .on_frames(now(), &frames, &mut deliver);
+                        let _ = self.core.on_frames(now(), &frames, &mut deliver);
                         deliver.clear();
                     }
                     _ => return,
