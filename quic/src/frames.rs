@@ -15,6 +15,7 @@ use std::time::Duration;
 use agent_link_proto::deframe::Deframer;
 use agent_link_proto::{ErrorCode, PeerToRelay, ProtoError, RelayToPeer};
 use bytes::Bytes;
+use futures_util::FutureExt;
 
 use crate::endpoint::connection_error;
 
@@ -82,6 +83,9 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     deframer: Deframer,
     frame_timeout: Option<Duration>,
+    /// The end of the stream (or its failure), seen by `next_batch` while it
+    /// took what was ready: reported by the next call.
+    ended: Option<Result<(), quinn::ReadError>>,
 }
 
 impl FrameReader {
@@ -92,6 +96,7 @@ impl FrameReader {
             recv,
             deframer: Deframer::new(max),
             frame_timeout: None,
+            ended: None,
         }
     }
 
@@ -117,6 +122,15 @@ impl FrameReader {
         loop {
             if let Some(frame) = self.deframer.next_frame()? {
                 return Ok(Some(frame));
+            }
+            match self.ended.take() {
+                Some(Ok(())) => {
+                    self.deframer.finish()?;
+                    self.ended = Some(Ok(()));
+                    return Ok(None);
+                }
+                Some(Err(e)) => return Err(ReadError::Stream(e)),
+                None => {}
             }
             let chunk = if self.deframer.is_mid_frame() {
                 if deadline.is_none() {
@@ -148,8 +162,11 @@ impl FrameReader {
     }
 
     /// The next frames: at least one (reading if none is buffered), then
-    /// every other whole frame already buffered, up to `max_frames`.
-    /// `Ok(false)` on a clean end of stream with nothing buffered.
+    /// every other whole frame already buffered or already received by
+    /// QUIC (taken without waiting), up to `max_frames`. `Ok(false)` on a
+    /// clean end of stream with nothing buffered. Taking what has arrived
+    /// keeps batches as large as the traffic makes them (one signature
+    /// batch, one write of replies), whatever the packet boundaries.
     pub async fn next_batch(
         &mut self,
         out: &mut Vec<Bytes>,
@@ -162,10 +179,29 @@ impl FrameReader {
         }
         while out.len() < max_frames {
             match self.deframer.next_frame() {
-                Ok(Some(f)) => out.push(f),
-                // Incomplete, or an error the next call will report (the
-                // bytes stay buffered).
-                Ok(None) | Err(_) => break,
+                Ok(Some(f)) => {
+                    out.push(f);
+                    continue;
+                }
+                // An error the next call will report (the bytes stay
+                // buffered).
+                Err(_) => break,
+                Ok(None) => {}
+            }
+            if self.ended.is_some() {
+                break;
+            }
+            let want = if self.deframer.is_mid_frame() {
+                self.deframer.wanted().clamp(1, READ_CHUNK)
+            } else {
+                READ_CHUNK
+            };
+            // Only what is there now: never wait here.
+            match self.recv.read_chunk(want, true).now_or_never() {
+                Some(Ok(Some(c))) => self.deframer.push(c.bytes),
+                Some(Ok(None)) => self.ended = Some(Ok(())),
+                Some(Err(e)) => self.ended = Some(Err(e)),
+                None => break,
             }
         }
         Ok(true)

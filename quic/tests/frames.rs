@@ -329,3 +329,62 @@ async fn both_ends_derive_the_same_exporter_and_the_proof_checks() {
     let proof = register_proof(&p.client, &fleet, &key, "instance-001").unwrap();
     agent_link_proto::check_register_proof(&fleet, &server, &key, "instance-001", &proof).unwrap();
 }
+
+/// `next_batch` takes what QUIC has already received without waiting; an
+/// end of stream (clean or inside a frame) it meets on the way is reported
+/// by the next call, exactly as `next` would have reported it.
+#[tokio::test]
+async fn next_batch_reports_an_end_it_met_while_taking_what_was_there() {
+    let p = pair().await;
+    // Many frames in separate writes (separate chunks at the receiver),
+    // then FIN: every frame comes out, then a clean end.
+    let (mut send, _) = p.client.open_bi().await.unwrap();
+    for i in 1..=20u8 {
+        send.write_all(&raw_frame(usize::from(i), i)).await.unwrap();
+    }
+    send.finish().unwrap();
+    let (_s, recv) = timeout(WAIT, p.server.accept_bi()).await.unwrap().unwrap();
+    let mut r = FrameReader::new(recv, 100);
+    let mut out = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..40 {
+        if !timeout(WAIT, r.next_batch(&mut out, 64))
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            break;
+        }
+        got.append(&mut out);
+    }
+    let want: Vec<Vec<u8>> = (1..=20u8).map(|i| vec![i; usize::from(i)]).collect();
+    assert_eq!(got, want);
+    assert!(!timeout(WAIT, r.next_batch(&mut out, 64))
+        .await
+        .unwrap()
+        .unwrap());
+
+    // Whole frames, then half a frame and FIN: the frames, then Truncated.
+    let f = raw_frame(10, 7);
+    let (mut send, _) = p.client.open_bi().await.unwrap();
+    send.write_all(&f).await.unwrap();
+    send.write_all(&f).await.unwrap();
+    send.write_all(&f[..5]).await.unwrap();
+    send.finish().unwrap();
+    let (_s, recv) = timeout(WAIT, p.server.accept_bi()).await.unwrap().unwrap();
+    let mut r = FrameReader::new(recv, 100);
+    let mut frames = 0;
+    let err = loop {
+        match timeout(WAIT, r.next_batch(&mut out, 64)).await.unwrap() {
+            Ok(true) => frames += out.len(),
+            Ok(false) => panic!("a cut frame is no clean end"),
+            Err(e) => break e,
+        }
+        assert!(frames <= 2);
+    };
+    assert_eq!(frames, 2);
+    assert!(
+        matches!(err, ReadError::Truncated { have: 5, need: 14 }),
+        "{err:?}"
+    );
+}
