@@ -17,6 +17,7 @@
 //! intended send time).
 
 mod ceiling;
+mod cli;
 mod direct;
 mod e2e;
 mod load;
@@ -81,6 +82,9 @@ enum Cmd {
     /// receiving agent; report relay memory per idle connection, the connect
     /// rate, and a ring exchange among all of them
     Scale(scale::ScaleArgs),
+    /// Time the peer CLI as scripts call it: whole `agent-link send` and
+    /// `status` processes against a relay on loopback (min/median/max)
+    Cli(cli::CliArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -156,6 +160,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    if let Some(Cmd::Cli(args)) = cli.cmd {
+        return match cli::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     if let Some(Cmd::Scale(args)) = cli.cmd {
         return match rt.block_on(scale::run(args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
