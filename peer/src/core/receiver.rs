@@ -83,6 +83,10 @@ impl Receiver {
     /// made once, at the first attach, so ids seen before a re-attach are
     /// still recognised after it.
     pub(crate) fn set_window(&mut self, window_ms: u64, first: bool) {
+        // The relay says what its window is, but it may not widen ours past
+        // what any relay may be configured with: a relay that said
+        // `u64::MAX` could otherwise replay any old message to us.
+        let window_ms = window_ms.clamp(MIN_WINDOW_MS, MAX_WINDOW_MS);
         self.window_ms = window_ms;
         if first {
             self.replay = ReplayWindow::new(window_ms, REPLAY_CAP);
@@ -131,6 +135,11 @@ impl Receiver {
 
 /// The timestamp window assumed before the relay has said (PROTOCOL.md §7).
 const DEFAULT_WINDOW_MS: u64 = 60_000;
+/// The widest window a receiver accepts from its relay: the relay's own
+/// limit on `timestamp_window_secs` (3600).
+pub(crate) const MAX_WINDOW_MS: u64 = 3_600_000;
+/// The narrowest (a zero window would refuse everything).
+const MIN_WINDOW_MS: u64 = 1_000;
 
 /// The decision for one delivery.
 #[derive(Debug)]
@@ -605,6 +614,33 @@ mod tests {
                 code: ErrorCode::BadSignature,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn the_relay_cannot_widen_the_timestamp_window_past_an_hour() {
+        let f = f();
+        let key = f.id.public_key().0;
+        let mut r = Receiver::new(
+            "r",
+            "b",
+            f.fleet.clone(),
+            Arc::new(Mutex::new(Pins::in_memory())),
+        );
+        r.set_window(u64::MAX, true);
+        let now = 10 * MAX_WINDOW_MS;
+        let old = env(&f, [9; 16], "r/b", now - 2 * MAX_WINDOW_MS);
+        assert!(matches!(
+            r.check(key, &old, now, Signed::Unchecked),
+            Verdict::Refuse {
+                code: ErrorCode::StaleTimestamp,
+                ..
+            }
+        ));
+        let fresh = env(&f, [8; 16], "r/b", now - MAX_WINDOW_MS / 2);
+        assert!(matches!(
+            r.check(key, &fresh, now, Signed::Unchecked),
+            Verdict::Deliver(_)
         ));
     }
 }
