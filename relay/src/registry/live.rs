@@ -34,7 +34,8 @@ pub(crate) struct LiveRegistry {
     current: RwLock<Registry>,
     /// What the registry file looked like when last loaded.
     stamp: Mutex<Option<FileStamp>>,
-    /// Reloads so far (every successful [`LiveRegistry::reload`]).
+    /// Installs so far (every reload, and every online registration, which
+    /// re-reads the file under its lock).
     generation: AtomicU64,
     /// When a stranger's key last caused a reload (see
     /// [`LiveRegistry::reload_for_unknown_key`]).
@@ -60,8 +61,32 @@ impl LiveRegistry {
         self.current.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set(&self, reg: Registry) {
+    /// Make `reg` the live registry and close the connections of every
+    /// revoked instance in it. Every install does this — not only reloads
+    /// that see a revocation appear — because whichever install first
+    /// carries a revocation (a reload, or an online registration that
+    /// re-read the file) may be the only one that does: an install that
+    /// compared against what it replaced would leave the revoked instance
+    /// connected for good after a registration got there first.
+    fn install<M>(&self, reg: Registry, router: &Router<M>) {
+        let revoked: Vec<String> = reg
+            .records()
+            .iter()
+            .filter(|r| r.revoked)
+            .map(|r| r.instance_id.clone())
+            .collect();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = reg;
+        self.generation.fetch_add(1, Release);
+        for id in revoked {
+            let conns = router.connections_of(&id);
+            if conns.is_empty() {
+                continue;
+            }
+            info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");
+            for c in conns {
+                c.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
+            }
+        }
     }
 
     /// Pick up registry changes made by `register`/`revoke` while running;
@@ -126,8 +151,8 @@ impl LiveRegistry {
         r
     }
 
-    /// Re-read the registry from disk and apply it: newly revoked instances
-    /// have their connections closed with `Revoked`.
+    /// Re-read the registry from disk and install it (revoked instances have
+    /// their connections closed with `Revoked`).
     async fn reload<M>(&self, router: &Router<M>) -> Result<(), StoreError> {
         let store = self.store.clone();
         let loaded = tokio::task::spawn_blocking(move || store.load())
@@ -136,24 +161,7 @@ impl LiveRegistry {
                 path: self.store.path().display().to_string(),
                 source: std::io::Error::other(e),
             })??;
-        let newly_revoked: Vec<String> = {
-            let old = self.read();
-            loaded
-                .records()
-                .iter()
-                .filter(|r| r.revoked && old.get(&r.instance_id).is_some_and(|o| !o.revoked))
-                .map(|r| r.instance_id.clone())
-                .collect()
-        };
-        self.set(loaded);
-        self.generation.fetch_add(1, Release);
-        for id in newly_revoked {
-            let conns = router.connections_of(&id);
-            info!(instance = %id, connections = conns.len(), "instance revoked; closing its connections");
-            for c in conns {
-                c.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
-            }
-        }
+        self.install(loaded, router);
         Ok(())
     }
 
@@ -161,8 +169,9 @@ impl LiveRegistry {
     /// `core::admission::check_registration`) durably, then make it live.
     /// `Ok(true)` when the registration is new, `Ok(false)` when the same
     /// pair was already registered.
-    pub(crate) async fn register_online(
+    pub(crate) async fn register_online<M>(
         &self,
+        router: &Router<M>,
         key: &PublicKey,
         instance_id: &str,
         name: &str,
@@ -175,7 +184,7 @@ impl LiveRegistry {
                 .map_err(|_| ErrorCode::Internal)?;
         match result {
             Ok(Ok((new, reg))) => {
-                self.set(reg);
+                self.install(reg, router);
                 Ok(new)
             }
             Ok(Err(refused)) => Err(refused.into()),

@@ -196,6 +196,16 @@ impl AgentTask<'_> {
                     return;
                 }
             }
+            // The sender's standing, once per batch: a revocation stops its
+            // forwarding here even before its connection is closed.
+            if self.sender_revoked() {
+                self.hub.refused(ErrorCode::Revoked);
+                let _ = self
+                    .tx
+                    .send(Outbound::Close(error_frame(ErrorCode::Revoked)))
+                    .await;
+                return;
+            }
             let now = Now {
                 unix_ms: unix_ms(),
                 instant: Instant::now(),
@@ -254,6 +264,15 @@ impl AgentTask<'_> {
                 return;
             }
         }
+    }
+
+    /// Whether this connection's instance is revoked in the live registry.
+    fn sender_revoked(&self) -> bool {
+        self.hub
+            .registry()
+            .read()
+            .get(&self.info.instance)
+            .is_some_and(|r| r.revoked)
     }
 
     /// Answer `Failed{id, code}` on this stream (after the batch), counted.

@@ -105,7 +105,7 @@ pub(crate) async fn register(
     admission::check_registration(reg, key, hub.fleet(), exported)?;
     let new = hub
         .registry()
-        .register_online(key, reg.instance_id, reg.name)
+        .register_online(hub.router(), key, reg.instance_id, reg.name)
         .await?;
     if new {
         hub.stats().registrations.fetch_add(1, Relaxed);

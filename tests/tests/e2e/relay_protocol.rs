@@ -586,3 +586,89 @@ async fn detach_unroutes_then_answers_detached_after_queued_deliveries() {
     a1.write(&PeerToRelay::Detach).await;
     assert_eq!(a1.read().await.unwrap().get(), RelayToPeer::Detached);
 }
+
+/// The attack from the security review: while another member sends a
+/// harmless `Register` every 10 ms (each one re-reads and installs the
+/// registry), an operator revokes an instance. The revocation must still
+/// close the revoked instance's connection with `Revoked` within 2 s, and
+/// nothing it sends after that may be forwarded.
+#[tokio::test]
+async fn a_revocation_holds_while_another_member_keeps_registering() {
+    let relay = TestRelay::start(|_| {}).await;
+    let (a, b) = two_instances(&relay).await;
+    let mut a1 = a.attach("alice", false).await;
+    let mut b1 = b.attach("bob", true).await;
+    // The other member: registers again and again (idempotent) on fresh
+    // control streams.
+    let x = Identity::generate();
+    relay.register("inst-x", &x);
+    let x = RawClient::connect(&relay, x, "inst-x").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spam = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 2_000 {
+                let _ = tokio::time::timeout(WAIT, x.register("inst-x")).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                n += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    agent_link_relay::registry::RegistryStore::new(&relay.state_dir())
+        .update(|r| r.revoke("inst-a"))
+        .unwrap()
+        .unwrap();
+    // Keep trying to send meanwhile: nothing may reach bob after the close.
+    let closed = async {
+        loop {
+            let env = a.envelope(
+                random_id(),
+                "alice",
+                "inst-b/bob",
+                now_ms(),
+                b"after revoke",
+            );
+            a1.send_envelope(&env).await;
+            tokio::select! {
+                r = a.conn.closed() => return r,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    };
+    let reason = tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the revoked connection was closed");
+    let took = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = spam.await;
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(u64::from(c.error_code), ErrorCode::Revoked.as_u32() as u64)
+        }
+        other => panic!("closed, but not as Revoked: {other:?}"),
+    }
+    assert!(
+        took < Duration::from_secs(3),
+        "closed {took:?} after the revoke"
+    );
+    // What bob got before the close was sent before it; nothing after.
+    while let Ok(Some(_)) = b1.read_within(Duration::from_millis(300)).await {}
+    let env = b.envelope(
+        random_id(),
+        "bob",
+        "inst-a/alice",
+        now_ms(),
+        b"to the revoked",
+    );
+    b1.send_envelope(&env).await;
+    match b1.read().await.unwrap().get() {
+        RelayToPeer::Failed { code, .. } => assert!(
+            matches!(code, ErrorCode::TargetRevoked | ErrorCode::TargetOffline),
+            "{code:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
