@@ -568,6 +568,19 @@ fn listener_survives_a_relay_restart() {
     assert!(wait_exit(&mut listen).success());
 }
 
+/// A relay process and two initialised peer directories, `inst-1` (`one`)
+/// and `inst-2` (`two`), in a temporary directory (kept alive by the first
+/// element).
+fn two_peers() -> (tempfile::TempDir, RelayChild, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let token = token.unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    init_peer(&one, "inst-1", &token);
+    init_peer(&two, "inst-2", &token);
+    (tmp, relay, one, two)
+}
+
 /// A listener whose stderr is read: returns once it printed its ready line
 /// (`listening as INSTANCE/AGENT`), with its stdout and later stderr lines.
 fn ready_listener(
@@ -635,12 +648,7 @@ fn spawn_send(dir: &Path, from: &str, to: &str, msg: &str, timeout: u32) -> Chil
 /// application did not take.
 #[test]
 fn a_receipt_means_the_listener_took_the_message() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
-    let token = token.unwrap();
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    init_peer(&one, "inst-1", &token);
-    init_peer(&two, "inst-2", &token);
+    let (_tmp, relay, one, two) = two_peers();
     for round in 0..2 {
         let (mut listen, lines, _err) = ready_listener(&one, "bob", 1);
         wait_attached(&relay, "inst-1", "bob");
@@ -813,12 +821,7 @@ fn a_replaced_listener_says_so_in_one_line() {
 /// (`--json` carries the exact text).
 #[test]
 fn listen_text_output_is_one_line_per_message() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
-    let token = token.unwrap();
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    init_peer(&one, "inst-1", &token);
-    init_peer(&two, "inst-2", &token);
+    let (_tmp, relay, one, two) = two_peers();
     let mut listen = peer_cmd()
         .args([
             "listen",
