@@ -80,8 +80,9 @@ impl RegistryStore {
         Registry::from_records(file.registered_instances).map_err(corrupt)
     }
 
-    /// Apply `change` durably: lock, re-read, change, write atomically. The
-    /// new registry is returned only after it is on disk.
+    /// Apply `change` durably: lock, re-read, change, write atomically (only
+    /// when it changed something). The new registry is returned only after
+    /// it is on disk.
     pub fn update<T, E>(
         &self,
         change: impl FnOnce(&mut Registry) -> Result<T, E>,
@@ -96,10 +97,17 @@ impl RegistryStore {
         // never interleave their read-modify-write cycles.
         lock.lock().map_err(self.io(&self.lock_path))?;
         let mut reg = self.load()?;
+        let before = reg.records().to_vec();
         let out = match change(&mut reg) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
+        if reg.records() == before.as_slice() {
+            // Nothing changed (a registration repeated, a revoke of the
+            // revoked): no rewrite, no fsync. What is on disk is already
+            // this registry.
+            return Ok(Ok((out, reg)));
+        }
         let file = RegistryFile {
             registered_instances: reg.records().to_vec(),
         };
@@ -138,5 +146,38 @@ mod tests {
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("registry.json"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_change_that_changes_nothing_does_not_rewrite_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("al-reg-noop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = RegistryStore::new(&dir);
+        let a = Identity::generate().public_key();
+        assert!(
+            store
+                .update(|r| r.register("i1", &a, "n"))
+                .unwrap()
+                .unwrap()
+                .0
+        );
+        let ino = std::fs::metadata(store.path()).unwrap().ino();
+        // The same registration again: accepted, nothing new, no rewrite
+        // (every write replaces the file, so a rewrite changes the inode).
+        assert!(
+            !store
+                .update(|r| r.register("i1", &a, "n"))
+                .unwrap()
+                .unwrap()
+                .0
+        );
+        assert_eq!(std::fs::metadata(store.path()).unwrap().ino(), ino);
+        // A real change is written.
+        store.update(|r| r.revoke("i1")).unwrap().unwrap();
+        assert_ne!(std::fs::metadata(store.path()).unwrap().ino(), ino);
+        assert!(store.load().unwrap().get("i1").unwrap().revoked);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
