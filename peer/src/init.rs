@@ -120,3 +120,28 @@ async fn register(
     )
     .await
 }
+
+/// Pin `key` for `instance_id` in the peer directory `dir` before first
+/// contact (`agent-link trust`): messages from that instance under any
+/// other key are then refused with `KeyChanged`. `Ok(true)` when newly
+/// pinned, `Ok(false)` when that very key was pinned already; an instance
+/// pinned to another key is `Refused(KeyChanged)` (remove its entry from
+/// `known_instances.json` to re-pin on purpose).
+pub fn trust(dir: &Path, instance_id: &str, key: &PublicKey) -> Result<bool, LinkError> {
+    agent_link_proto::check_id(instance_id).map_err(|e| LinkError::BadInput {
+        what: "INSTANCE",
+        reason: e.to_string(),
+    })?;
+    PeerConfig::load(dir)?;
+    let path = dir.join(crate::config::PINS_FILE);
+    let mut pins = crate::pins::Pins::load(path.clone())
+        .map_err(|reason| LinkError::config(path.clone(), None, reason))?;
+    let known = pins.check(instance_id, key) == crate::pins::PinCheck::Known;
+    match pins
+        .pin(instance_id, key)
+        .map_err(|reason| LinkError::config(path, None, reason))?
+    {
+        crate::pins::PinCheck::Known => Ok(!known),
+        _ => Err(LinkError::Refused(agent_link_proto::ErrorCode::KeyChanged)),
+    }
+}

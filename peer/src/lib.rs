@@ -47,6 +47,6 @@ mod transport;
 pub use agent::{Agent, AgentSender};
 pub use agent_link_proto::{ErrorCode, Exit, InstanceStatus, JoinToken};
 pub use error::{CloseReason, LinkError, Phase, SendError};
-pub use init::init;
+pub use init::{init, trust};
 pub use link::{AgentLink, AgentLinkBuilder, StatusReport};
 pub use message::{Message, MessageId, Receipt};

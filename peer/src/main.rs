@@ -109,6 +109,16 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+    /// Pin INSTANCE's public KEY out of band, before first contact: its
+    /// messages under any other key are then refused (KeyChanged).
+    Trust {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The instance id
+        instance: String,
+        /// Its public key, 64 hex digits (`agent-link whoami` on that computer)
+        key: String,
+    },
     /// Connection to the relay, round-trip time, attached agents, online peers.
     Status {
         #[command(flatten)]
@@ -299,6 +309,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
             count,
         } => listen(dir.path(), &agent, json, count).await,
+        Command::Trust { dir, instance, key } => {
+            let key: agent_link_crypto::PublicKey = key
+                .parse()
+                .map_err(|e| Failure(Exit::Usage, format!("KEY: {e}")))?;
+            match agent_link::trust(&dir.path(), &instance, &key) {
+                Ok(true) => println!("pinned {instance} {key}"),
+                Ok(false) => println!("{instance} was already pinned to {key}"),
+                Err(LinkError::Refused(agent_link::ErrorCode::KeyChanged)) => {
+                    return Err(Failure(
+                        Exit::Refused,
+                        format!("{instance} is already pinned to another key; remove its entry from {} to re-pin it on purpose", dir.path().join("known_instances.json").display()),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
         Command::Status { dir, json } => {
             let dir = dir.path();
             let relay = agent_link::config::PeerConfig::load(&dir)?.relay_url;

@@ -5,7 +5,7 @@
 //! swap a member's key without receivers noticing.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agent_link_crypto::PublicKey;
 
@@ -14,8 +14,9 @@ use agent_link_crypto::PublicKey;
 pub(crate) enum PinCheck {
     /// Matches the pinned key.
     Known,
-    /// First sighting: now pinned.
-    Pinned,
+    /// No key pinned for this instance yet (nothing is recorded by the
+    /// check: see [`Pins::pin`]).
+    Unknown,
     /// Differs from the pinned key.
     Changed,
 }
@@ -27,15 +28,19 @@ pub(crate) struct Pins {
     keys: BTreeMap<String, String>,
 }
 
+fn read_file(path: &Path) -> Result<BTreeMap<String, String>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 impl Pins {
     /// Load from `path` (missing file = no pins). A corrupt file is an error:
     /// silently dropping pins would defeat them.
     pub(crate) fn load(path: PathBuf) -> Result<Self, String> {
-        let keys = match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| format!("{}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
+        let keys = read_file(&path)?;
         Ok(Self {
             path: Some(path),
             keys,
@@ -52,32 +57,63 @@ impl Pins {
     }
 
     /// Where the pins live (for messages telling people how to re-pin).
-    pub(crate) fn path(&self) -> Option<&std::path::Path> {
+    pub(crate) fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
-    /// Check `key` for `instance`, pinning it on first sight.
-    pub(crate) fn check(&mut self, instance: &str, key: &PublicKey) -> PinCheck {
-        let text = key.to_string();
+    /// How `key` compares with what is pinned for `instance`. Records
+    /// nothing: a key is pinned only once a message under it verified.
+    pub(crate) fn check(&self, instance: &str, key: &PublicKey) -> PinCheck {
         match self.keys.get(instance) {
-            Some(k) if *k == text => PinCheck::Known,
+            Some(k) if *k == key.to_string() => PinCheck::Known,
             Some(_) => PinCheck::Changed,
-            None => {
-                self.keys.insert(instance.to_string(), text);
-                self.save();
-                PinCheck::Pinned
-            }
+            None => PinCheck::Unknown,
         }
     }
 
-    fn save(&self) {
-        let Some(path) = &self.path else { return };
-        let Ok(json) = serde_json::to_vec_pretty(&self.keys) else {
-            return;
+    /// Pin `key` for `instance` (first sight, its message verified; or
+    /// `agent-link trust`). The file is re-read under a lock and merged, so
+    /// processes sharing the directory never undo each other's pins, and
+    /// the first key pinned anywhere wins: `Changed` when another key got
+    /// there first, `Known` when this one did.
+    pub(crate) fn pin(&mut self, instance: &str, key: &PublicKey) -> Result<PinCheck, String> {
+        let text = key.to_string();
+        let Some(path) = self.path.clone() else {
+            return Ok(match self.keys.get(instance) {
+                Some(k) if *k == text => PinCheck::Known,
+                Some(_) => PinCheck::Changed,
+                None => {
+                    self.keys.insert(instance.to_string(), text);
+                    PinCheck::Known
+                }
+            });
         };
-        if let Err(e) = agent_link_crypto::files::write_atomic(path, &json, 0o600) {
-            tracing::warn!("could not save pinned keys: {e}");
-        }
+        let lock_path = path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        // Across processes: a listener and a sender of the same instance
+        // pin under one lock, each re-reading what the other wrote.
+        lock.lock()
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        let mut on_disk = read_file(&path)?;
+        let outcome = match on_disk.get(instance) {
+            Some(k) if *k == text => PinCheck::Known,
+            Some(_) => PinCheck::Changed,
+            None => {
+                on_disk.insert(instance.to_string(), text);
+                let json = serde_json::to_vec_pretty(&on_disk)
+                    .expect("a map of strings always serialises");
+                agent_link_crypto::files::write_atomic(&path, &json, 0o600)
+                    .map_err(|e| e.to_string())?;
+                PinCheck::Known
+            }
+        };
+        self.keys = on_disk;
+        Ok(outcome)
     }
 }
 
@@ -97,11 +133,36 @@ mod tests {
             Identity::generate().public_key(),
         );
         let mut p = Pins::load(path.clone()).unwrap();
-        assert_eq!(p.check("i1", &a), PinCheck::Pinned);
+        assert_eq!(p.check("i1", &a), PinCheck::Unknown);
+        assert_eq!(
+            p.check("i1", &a),
+            PinCheck::Unknown,
+            "a check records nothing"
+        );
+        assert_eq!(p.pin("i1", &a).unwrap(), PinCheck::Known);
         assert_eq!(p.check("i1", &a), PinCheck::Known);
         assert_eq!(p.check("i1", &b), PinCheck::Changed);
-        let mut again = Pins::load(path.clone()).unwrap();
+        assert_eq!(
+            p.pin("i1", &b).unwrap(),
+            PinCheck::Changed,
+            "first key wins"
+        );
+        let again = Pins::load(path.clone()).unwrap();
         assert_eq!(again.check("i1", &b), PinCheck::Changed, "persisted");
+        // Two processes sharing the directory: each pins another instance
+        // from a stale view; neither undoes the other.
+        let mut one = Pins::load(path.clone()).unwrap();
+        let mut two = Pins::load(path.clone()).unwrap();
+        one.pin("i2", &a).unwrap();
+        two.pin("i3", &b).unwrap();
+        assert_eq!(
+            two.pin("i2", &b).unwrap(),
+            PinCheck::Changed,
+            "merged from disk"
+        );
+        let all = Pins::load(path.clone()).unwrap();
+        assert_eq!(all.check("i2", &a), PinCheck::Known);
+        assert_eq!(all.check("i3", &b), PinCheck::Known);
         std::fs::write(&path, b"{broken").unwrap();
         assert!(Pins::load(path).is_err());
         std::fs::remove_dir_all(dir).unwrap();

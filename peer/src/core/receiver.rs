@@ -273,21 +273,23 @@ pub(crate) fn check_delivery_with(
     let Ok(key) = keys.get(sender_key) else {
         return refuse(ErrorCode::BadSignature);
     };
-    match pins.check(env.body.from.instance, key.public_key()) {
-        PinCheck::Known | PinCheck::Pinned => {}
-        PinCheck::Changed => {
-            tracing::warn!(
-                instance = env.body.from.instance,
-                "sender presented a different key than the pinned one; refused (if that \
-                 instance was legitimately re-created, remove its entry from {})",
-                pins.path().map_or_else(
-                    || crate::config::PINS_FILE.to_string(),
-                    |p| p.display().to_string()
-                )
-            );
-            return refuse(ErrorCode::KeyChanged);
-        }
-    }
+    let key_changed = |pins: &Pins| {
+        tracing::warn!(
+            instance = env.body.from.instance,
+            "sender presented a different key than the pinned one; refused (if that \
+             instance was legitimately re-created, remove its entry from {})",
+            pins.path().map_or_else(
+                || crate::config::PINS_FILE.to_string(),
+                |p| p.display().to_string()
+            )
+        );
+        refuse(ErrorCode::KeyChanged)
+    };
+    let pinned = match pins.check(env.body.from.instance, key.public_key()) {
+        PinCheck::Known => true,
+        PinCheck::Unknown => false,
+        PinCheck::Changed => return key_changed(pins),
+    };
     // End to end: even a compromised relay cannot forge this. Strict
     // verification unless a batch over these very bytes and key passed.
     if signed == Signed::Unchecked {
@@ -297,6 +299,19 @@ pub(crate) fn check_delivery_with(
     }
     if let Err(code) = env.check_time(now_ms, window_ms) {
         return refuse(code);
+    }
+    // First contact: pin the key only now that a message under it verified
+    // (a relay offering junk under some key pins nothing).
+    if !pinned {
+        match pins.pin(env.body.from.instance, key.public_key()) {
+            Ok(PinCheck::Known) => {}
+            Ok(_) => return key_changed(pins),
+            Err(e) => {
+                // Unpinned is safe to deliver (the signature verified) but
+                // the pin must not be lost silently.
+                tracing::warn!("could not save the pinned key: {e}");
+            }
+        }
     }
     match replay.check(env.body.from.instance, &id, now_ms) {
         ReplayVerdict::New => {
@@ -642,5 +657,41 @@ mod tests {
             r.check(key, &fresh, now, Signed::Unchecked),
             Verdict::Deliver(_)
         ));
+    }
+
+    #[test]
+    fn a_key_is_pinned_only_once_a_message_under_it_verified() {
+        let mut f = f();
+        // A relay offers a message under some key it picked, with a
+        // signature that does not verify under it: refused, nothing pinned.
+        let relays_key = Identity::generate().public_key();
+        let e = env(&f, [5; 16], "r/b", 1000);
+        assert!(matches!(
+            check(&mut f, &e, relays_key.0, 1000),
+            Verdict::Refuse {
+                code: ErrorCode::BadSignature,
+                ..
+            }
+        ));
+        assert_eq!(f.pins.check("s", &relays_key), PinCheck::Unknown);
+        // The real sender's message pins the real key.
+        let real = f.id.public_key();
+        assert!(matches!(
+            check(&mut f, &e, real.0, 1000),
+            Verdict::Deliver(_)
+        ));
+        assert_eq!(f.pins.check("s", &real), PinCheck::Known);
+        // A stale message under an unknown key pins nothing either.
+        let mut g = self::f();
+        let old = env(&g, [6; 16], "r/b", 1000);
+        let key = g.id.public_key();
+        assert!(matches!(
+            check(&mut g, &old, key.0, 1000 + 10 * 60_000),
+            Verdict::Refuse {
+                code: ErrorCode::StaleTimestamp,
+                ..
+            }
+        ));
+        assert_eq!(g.pins.check("s", &key), PinCheck::Unknown);
     }
 }
