@@ -19,6 +19,39 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '_ {
     }
 }
 
+/// The effective uid of this process, read from `/proc/self` (owned by
+/// it): no `unsafe` call needed. `None` where `/proc` is not mounted.
+fn my_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Refuse a state directory that someone else could change: one that
+/// group or others may write to, or that another user owns (they could
+/// swap its config to point at their own relay, or its keys). Root's
+/// directories are accepted for root only, like any other owner's.
+pub fn check_private_dir(path: &Path) -> Result<(), CryptoError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(io(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(CryptoError::InsecureDirectory {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    if let Some(me) = my_uid() {
+        if meta.uid() != me {
+            return Err(CryptoError::ForeignDirectory {
+                path: path.display().to_string(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Write `bytes` to `path` with mode 0600: to a temporary file beside it,
 /// fsync, then a no-clobber hard link into place (so an existing file is
 /// never replaced and a crash never leaves a half-written key).

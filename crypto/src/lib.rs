@@ -64,6 +64,12 @@ pub enum CryptoError {
     /// A private file is readable or writable by group or others.
     #[error("{path}: permissions {mode:o} are too open; run `chmod 600 {path}`")]
     InsecurePermissions { path: String, mode: u32 },
+    /// A state directory that group or others may write to.
+    #[error("{path}: permissions {mode:o} let others change this directory (its config and keys); run `chmod 700 {path}`")]
+    InsecureDirectory { path: String, mode: u32 },
+    /// A state directory owned by another user.
+    #[error("{path} belongs to uid {owner}, not to you (uid {me}): another user could change its config and keys; use a directory of your own")]
+    ForeignDirectory { path: String, owner: u32, me: u32 },
     /// File-system error while reading or writing a key file.
     #[error("{path}: {source}")]
     Io {

@@ -61,6 +61,9 @@ impl PeerConfig {
             }
             Err(e) => return Err(LinkError::config(path, None, e.to_string())),
         };
+        // A directory others can change is not ours to trust (they could
+        // point its config at their own relay).
+        agent_link_crypto::files::check_private_dir(dir)?;
         let cfg: Self = serde_json::from_str(&text)
             .map_err(|e| LinkError::config(path.clone(), None, e.to_string()))?;
         cfg.validate()

@@ -37,6 +37,11 @@ pub async fn init(
             ),
         });
     }
+    if dir.exists() {
+        // Before anything goes on the wire: refuse a directory another
+        // user prepared.
+        agent_link_crypto::files::check_private_dir(dir)?;
+    }
     let identity = Identity::generate();
     let addr = transport::resolve(&join.addr).await?;
     let endpoint = transport::endpoint(&identity, join.fingerprint, addr.is_ipv6())?;
@@ -66,6 +71,8 @@ pub async fn init(
                 source,
             })?;
     }
+    // Made here with 0700, or there already: either way only ours.
+    agent_link_crypto::files::check_private_dir(dir)?;
     identity.write_new(&dir.join(KEY_FILE))?;
     join.secret.write_new(&dir.join(SECRET_FILE))?;
     let config = PeerConfig {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use agent_link_crypto::CryptoError;
 use agent_link_proto::Exit;
 use agent_link_relay::registry::{RegisterError, RegistryStore};
 use agent_link_relay::state::{self, StateError};
@@ -122,6 +123,13 @@ impl From<StateError> for Failure {
                 Exit::Usage
             }
             StateError::AlreadyInitialised(_) => Exit::Usage,
+            // Files or a directory others could read or change: the
+            // operator's to fix (as the peer answers them).
+            StateError::Crypto(
+                CryptoError::InsecurePermissions { .. }
+                | CryptoError::InsecureDirectory { .. }
+                | CryptoError::ForeignDirectory { .. },
+            ) => Exit::Usage,
             _ => Exit::Other,
         };
         Failure(code, e.to_string())

@@ -134,6 +134,8 @@ pub fn init(dir: &Path, listen: Option<SocketAddr>) -> Result<RelayState, StateE
             .create(dir)
             .map_err(io(dir))?;
     }
+    // Made here with 0700, or there already (empty): either way only ours.
+    agent_link_crypto::files::check_private_dir(dir)?;
     let mut config = RelayConfig::default();
     if let Some(l) = listen {
         config.listen = l;
@@ -167,6 +169,7 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
     if !is_initialised(dir) {
         return Err(StateError::NotInitialised(dir.display().to_string()));
     }
+    agent_link_crypto::files::check_private_dir(dir)?;
     let config = RelayConfig::load(&dir.join(CONFIG_FILE))?;
     let identity = Identity::read(&dir.join(KEY_FILE))?;
     let cert_path = dir.join(CERT_FILE);

@@ -102,10 +102,11 @@ impl RegistryStore {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        if reg.records() == before.as_slice() {
+        if reg.records() == before.as_slice() && self.path.exists() {
             // Nothing changed (a registration repeated, a revoke of the
             // revoked): no rewrite, no fsync. What is on disk is already
-            // this registry.
+            // this registry. (A missing file is still written: `init`
+            // creates it this way.)
             return Ok(Ok((out, reg)));
         }
         let file = RegistryFile {

@@ -617,3 +617,76 @@ fn the_relay_cli_refuses_weak_keys_and_exposed_or_broken_state() {
         stderr(&o)
     );
 }
+
+/// A state directory someone else can change is refused, naming the fix:
+/// group- or world-writable (another user could point the config at their
+/// own relay), or owned by another user (root only can set that up here).
+#[test]
+fn directories_others_can_change_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An initialised peer directory made world-writable.
+    let dir = peer_dir(&tmp.path().join("open"));
+    chmod(&dir, 0o777);
+    let d = dir.to_str().unwrap();
+    for args in [
+        &["whoami", "--dir", d][..],
+        &["status", "--dir", d],
+        &["send", "--dir", d, "--from", "a", "--to", "x/y", "m"],
+    ] {
+        refused(
+            &run("agent-link", args),
+            2,
+            &[d, "chmod 700"],
+            &format!("{} in a 0777 dir", args[0]),
+        );
+    }
+    // init into an empty directory another user prepared world-writable:
+    // refused before anything goes on the wire, nothing written.
+    let pre = tmp.path().join("prepared");
+    std::fs::create_dir(&pre).unwrap();
+    chmod(&pre, 0o777);
+    let token = JoinToken {
+        addr: "127.0.0.1:9".into(),
+        fingerprint: [3; 32],
+        secret: FleetSecret::generate(),
+    }
+    .encode()
+    .unwrap();
+    let p = pre.to_str().unwrap();
+    refused(
+        &run(
+            "agent-link",
+            &["init", "--dir", p, "--instance-id", "i", "--join", &token],
+        ),
+        2,
+        &[p, "chmod 700"],
+        "init into a 0777 dir",
+    );
+    assert_eq!(
+        std::fs::read_dir(&pre).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    // The relay's state directory, group-writable.
+    let rdir = relay_dir(&tmp.path().join("r"));
+    chmod(&rdir, 0o770);
+    let r = rdir.to_str().unwrap();
+    refused(
+        &run("agent-link-relay", &["instances", "--dir", r]),
+        2,
+        &[r, "chmod 700"],
+        "relay instances in a 0770 dir",
+    );
+    // Owned by another user (only root can hand a directory to another uid).
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        let foreign = peer_dir(&tmp.path().join("foreign"));
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        let f = foreign.to_str().unwrap();
+        refused(
+            &run("agent-link", &["whoami", "--dir", f]),
+            2,
+            &[f, "uid 65534"],
+            "a directory of another user",
+        );
+    }
+}
