@@ -1,6 +1,7 @@
 //! Cargo.lock must not go below versions with known remote advisories:
-//! quinn-proto >= 0.11.15 and rustls >= 0.23.45 (remote panic / memory
-//! exhaustion below those), and bincode exactly 2.0.1 (3.0.0 is a tombstone;
+//! quinn-proto >= 0.11.17 and rustls >= 0.23.45 (remote panic / memory
+//! exhaustion below those; 0.11.16 and 0.11.17 of quinn-proto fixed more
+//! memory-exhaustion advisories, per the 2026-12-01 security review), and bincode exactly 2.0.1 (3.0.0 is a tombstone;
 //! the wire format is written against 2.0.1's encoding).
 
 fn locked_versions(name: &str) -> Vec<Vec<u64>> {
@@ -26,7 +27,7 @@ fn locked_versions(name: &str) -> Vec<Vec<u64>> {
 #[test]
 fn quinn_proto_and_rustls_are_above_advisory_floors() {
     for (name, floor) in [
-        ("quinn-proto", vec![0, 11, 15]),
+        ("quinn-proto", vec![0, 11, 17]),
         ("rustls", vec![0, 23, 45]),
     ] {
         let versions = locked_versions(name);
