@@ -13,7 +13,7 @@ use agent_link_proto::{InstanceStatus, PeerToRelay, RelayToPeer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::info;
 
 use crate::agent::{Agent, AgentHandles, SealKeys};
@@ -36,6 +36,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// It does not wait out the drain period (three probe timeouts, ~80 ms on
 /// loopback): the relay learns from that one packet.
 const CLOSE_FLUSH: Duration = Duration::from_millis(50);
+/// How long `close` waits for the agents to detach.
+const AGENTS_CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 /// What `status` reports.
 #[derive(Debug, Clone)]
@@ -59,6 +61,11 @@ struct LinkState {
     pins: Arc<Mutex<Pins>>,
     conn: watch::Receiver<ConnState>,
     shutdown: CancellationToken,
+    /// Cancelled by `close`: every agent detaches (parent of each agent's
+    /// own close token).
+    stop_agents: CancellationToken,
+    /// The agents' driver tasks, so `close` can wait for their goodbyes.
+    agents: TaskTracker,
     setup_timeout: Duration,
     endpoint: quinn::Endpoint,
     _supervisor: AbortOnDropHandle<()>,
@@ -149,6 +156,8 @@ impl AgentLinkBuilder {
                 pins: Arc::new(Mutex::new(pins)),
                 conn: rx,
                 shutdown,
+                stop_agents: CancellationToken::new(),
+                agents: TaskTracker::new(),
                 setup_timeout: self.setup_timeout,
                 endpoint,
                 _supervisor: AbortOnDropHandle::new(supervisor),
@@ -206,7 +215,7 @@ impl AgentLink {
         let (ready_tx, ready_rx) = oneshot::channel();
         let max_size = Arc::new(AtomicUsize::new(usize::MAX));
         let stop = Arc::new(OnceLock::new());
-        let closed = CancellationToken::new();
+        let closed = st.stop_agents.child_token();
         let instance = &st.config.instance_id;
         let receiver = Receiver::new(instance, agent, st.keys.fleet.clone(), st.pins.clone());
         let task = AgentTask {
@@ -229,7 +238,7 @@ impl AgentLink {
             closed: closed.clone(),
             _link: self.state.clone(),
         };
-        let handle = tokio::spawn(task.run());
+        let handle = st.agents.spawn(task.run());
         let failed = match tokio::time::timeout(st.setup_timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => None,
             Ok(Ok(Err(e))) => Some(e),
@@ -303,12 +312,17 @@ impl AgentLink {
     }
 
     /// Close the connection for every clone and agent, with a code the
-    /// relay sees at once, and stop reconnecting. Returns once the close is
-    /// on the wire (bounded), without waiting out QUIC's drain period.
-    /// Close agents first ([`Agent::close`]) so that what they owe reaches
-    /// the relay.
+    /// relay sees at once, and stop reconnecting. Every agent first detaches
+    /// as [`Agent::close`] does (messages it did not take are refused by
+    /// name; at most 3 s in all); then the close goes out, and this returns
+    /// once it is on the wire, without waiting out QUIC's drain period.
     pub async fn close(self) {
         let st = &self.state;
+        // Agents first: each refuses what its application did not take and
+        // detaches, so no sender is left waiting for its deadline.
+        st.stop_agents.cancel();
+        st.agents.close();
+        let _ = tokio::time::timeout(AGENTS_CLOSE_WAIT, st.agents.wait()).await;
         st.shutdown.cancel();
         let conn = match &*st.conn.borrow() {
             ConnState::Up(c) => Some(c.clone()),

@@ -219,3 +219,50 @@ async fn close_on_any_clone_closes_the_link_and_dropping_clones_does_not() {
     let r = alice.send("inst-two/bob", "after close").await;
     assert!(matches!(r, Err(SendError::Closed(_))), "{r:?}");
 }
+
+/// Closing the link (not the agents first) still answers every message the
+/// application did not take: their senders learn `TargetOffline` now, not
+/// at their deadline.
+#[tokio::test]
+async fn closing_the_link_refuses_what_its_agents_did_not_take() {
+    use agent_link::{ErrorCode, SendError};
+    let relay = TestRelay::start(|_| {}).await;
+    let one = peer(&relay, "inst-one").await;
+    let two = peer(&relay, "inst-two").await;
+    let _bob = one.attach("bob").await.unwrap(); // never calls recv
+    let alice = two.attach_sender("alice").await.unwrap();
+    let sends: Vec<_> = (0..3)
+        .map(|i| {
+            let alice = alice.sender();
+            tokio::spawn(async move {
+                alice
+                    .send_with_timeout("inst-one/bob", format!("m{i}"), Duration::from_secs(60))
+                    .await
+            })
+        })
+        .collect();
+    let forwarded = || {
+        relay
+            .relay()
+            .stats()
+            .messages_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(
+        wait_until(|| forwarded() >= 3).await,
+        "all three reached bob"
+    );
+    let t0 = std::time::Instant::now();
+    one.close().await;
+    for s in sends {
+        let r = tokio::time::timeout(WAIT, s).await.unwrap().unwrap();
+        assert!(
+            matches!(r, Err(SendError::Refused(ErrorCode::TargetOffline))),
+            "{r:?}"
+        );
+    }
+    assert!(
+        t0.elapsed() < WAIT,
+        "answered at once, not at the 60 s deadline"
+    );
+}
