@@ -3,13 +3,13 @@
 //! to exit, against a relay process on loopback, with a `listen` process as
 //! the receiver. Reports min / median / max of each over `--runs` calls.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::relay_proc::{relay_binary, RelayProcess};
+use crate::relay_proc::{relay_binary, sibling_binary, RelayProcess};
 
 /// Options of `agent-link-bench cli`.
 #[derive(clap::Args, Debug)]
@@ -23,18 +23,6 @@ pub struct CliArgs {
     /// The peer binary (default: beside this one, then PATH)
     #[arg(long)]
     peer_bin: Option<PathBuf>,
-}
-
-fn peer_binary(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    let beside = std::env::current_exe()?.with_file_name("agent-link");
-    Ok(if beside.exists() {
-        beside
-    } else {
-        PathBuf::from("agent-link")
-    })
 }
 
 /// Run `cmd`, fail unless it exits 0; its wall time.
@@ -70,7 +58,7 @@ pub fn run(args: CliArgs) -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let relay_bin = relay_binary(args.relay_bin.as_deref())?;
-    let peer = peer_binary(args.peer_bin.as_deref())?;
+    let peer = sibling_binary("agent-link", args.peer_bin.as_deref())?;
     let tmp = tempfile::tempdir()?;
     let relay = RelayProcess::start(
         &relay_bin,

@@ -19,15 +19,20 @@ pub struct RelayProcess {
 /// Find `agent-link-relay`: beside this executable (cargo puts both in
 /// `target/<profile>/`), else on PATH.
 pub fn relay_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    sibling_binary("agent-link-relay", explicit)
+}
+
+/// `explicit`, else the workspace binary `name` beside this executable,
+/// else `name` on PATH.
+pub fn sibling_binary(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
-    let me = std::env::current_exe()?;
-    let beside = me.with_file_name("agent-link-relay");
+    let beside = std::env::current_exe()?.with_file_name(name);
     if beside.exists() {
         return Ok(beside);
     }
-    Ok(PathBuf::from("agent-link-relay"))
+    Ok(PathBuf::from(name))
 }
 
 impl RelayProcess {
