@@ -114,9 +114,24 @@ impl<M> Router<M> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A fresh relay-unique id (connections and streams).
+    /// A fresh relay-unique id (connections).
     pub fn next_id(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A fresh stream token, random: it is the reply token every delivery
+    /// from that stream carries, and receivers route their receipts and
+    /// refusals by it, so a member must not be able to guess another
+    /// stream's token from its own (sequential tokens let it push forged
+    /// `Failed` frames into a stranger's stream).
+    pub fn new_token(&self) -> u64 {
+        let g = self.lock();
+        loop {
+            let t: u64 = rand::random();
+            if t != 0 && !g.streams.contains_key(&t) {
+                return t;
+            }
+        }
     }
 
     /// Add a connection of `instance`. Returns the instance's shared rate

@@ -56,7 +56,7 @@ pub(crate) async fn serve_agent(
         return;
     }
     let router = hub.router();
-    let token = router.next_id();
+    let token = router.new_token();
     let (tx, rx) = mpsc::channel(cfg.agent_queue_len as usize);
     let cancel = hub.shutdown().child_token();
     let queued_bytes = Arc::new(AtomicUsize::new(0));

@@ -118,6 +118,9 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     // limit as a connection uses them (see `core::limits`).
     t.max_concurrent_bidi_streams(limits::initial_streams(cfg).into());
     t.max_concurrent_uni_streams(0u8.into());
+    // No QUIC DATAGRAM frames: the protocol has no use for them, and unread
+    // ones would park memory per connection (a stranger's too).
+    t.datagram_receive_buffer_size(None);
     t.stream_receive_window(cfg.stream_receive_window.into());
     t.receive_window(cfg.receive_window.into());
     t.send_window(cfg.send_window);

@@ -672,3 +672,33 @@ async fn a_revocation_holds_while_another_member_keeps_registering() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Reply tokens are random, not a counter: a member that sees its own
+/// stream's token learns nothing about another stream's, so it cannot aim
+/// forged receipts or refusals at a stranger's stream. And the relay offers
+/// no QUIC DATAGRAM frames (none are used; unread ones would park memory).
+#[tokio::test]
+async fn reply_tokens_cannot_be_guessed_and_datagrams_are_off() {
+    let relay = TestRelay::start(|_| {}).await;
+    let (a, b) = two_instances(&relay).await;
+    let mut bob = b.attach("bob", true).await;
+    let mut tokens = Vec::new();
+    for agent in ["s1", "s2", "s3", "s4"] {
+        let mut s = a.attach(agent, false).await;
+        s.send_envelope(&a.envelope(random_id(), agent, "inst-b/bob", now_ms(), b"x"))
+            .await;
+        match bob.read().await.unwrap().get() {
+            RelayToPeer::Deliver { reply_token, .. } => tokens.push(reply_token),
+            other => panic!("{other:?}"),
+        }
+    }
+    for (i, x) in tokens.iter().enumerate() {
+        for y in &tokens[i + 1..] {
+            assert!(
+                x.abs_diff(*y) > 1 << 32,
+                "streams opened one after another got nearby tokens: {tokens:?}"
+            );
+        }
+    }
+    assert_eq!(a.conn.max_datagram_size(), None, "DATAGRAM frames offered");
+}
