@@ -135,11 +135,11 @@ impl AgentTask {
     /// The handle is gone (or the link closed): nothing waits any more.
     fn end(&mut self) {
         self.core
-            .fail_all(SendError::Closed(CloseReason::AgentClosed));
+            .fail_all(|| SendError::Closed(CloseReason::AgentClosed));
     }
 
     fn close_all(&mut self, reason: CloseReason) {
-        self.core.fail_all(SendError::Closed(reason));
+        self.core.fail_all(|| SendError::Closed(reason));
         if let Some(r) = self.ready.take() {
             let _ = r.send(Err(LinkError::Closed(reason)));
         }
@@ -152,7 +152,7 @@ impl AgentTask {
         };
         info!(agent = %self.agent, "agent stopped: {code}");
         let _ = self.stop.set(code);
-        self.core.fail_all(SendError::Refused(code));
+        self.core.fail_all(|| SendError::Refused(code));
         if let Some(r) = self.ready.take() {
             let _ = r.send(Err(LinkError::Refused(code)));
         }

@@ -413,14 +413,9 @@ impl AgentCore {
         self.out.clear();
     }
 
-    /// End every waiting send with the cause.
-    pub(crate) fn fail_all(&mut self, why: SendError) {
-        let make = || match &why {
-            SendError::Refused(c) => SendError::Refused(*c),
-            SendError::Closed(r) => SendError::Closed(*r),
-            _ => SendError::Closed(CloseReason::LinkClosed),
-        };
-        self.outbox.fail_all(make);
+    /// End every waiting send with the error `why` makes.
+    pub(crate) fn fail_all(&mut self, why: impl Fn() -> SendError) {
+        self.outbox.fail_all(why);
     }
 
     /// Frames to write now, in order.
