@@ -24,11 +24,22 @@ struct RelayChild {
     child: Child,
     addr: String,
     dir: PathBuf,
+    /// Everything the relay wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl RelayChild {
     fn start(dir: &Path, listen: &str) -> (Self, Option<String>) {
-        let mut child = relay_cmd()
+        Self::start_logging(dir, listen, None)
+    }
+
+    /// As `start`, with `RUST_LOG` set to `log_filter` when given.
+    fn start_logging(dir: &Path, listen: &str, log_filter: Option<&str>) -> (Self, Option<String>) {
+        let mut cmd = relay_cmd();
+        if let Some(f) = log_filter {
+            cmd.env("RUST_LOG", f);
+        }
+        let mut child = cmd
             .args(["run", "--dir", dir.to_str().unwrap(), "--listen", listen])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -37,8 +48,15 @@ impl RelayChild {
             .expect("start relay");
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log_w = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut l = log_w.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
                 }
@@ -61,6 +79,7 @@ impl RelayChild {
                 child,
                 addr,
                 dir: dir.to_path_buf(),
+                log,
             },
             token,
         )
@@ -905,4 +924,92 @@ fn trust_pins_a_key_before_first_contact() {
     assert!(wait_exit(&mut listen).success());
     // Bad input: exit 2.
     assert_eq!(trust(&one, "inst-9", "not-a-key").status.code(), Some(2));
+}
+
+/// "No content at rest, none in logs": with every process at trace level, a
+/// message's payload appears in no log line of the relay, the sender or the
+/// listener (the listener prints it on stdout, its job), and in no file of
+/// the relay's state directory.
+#[test]
+fn no_payload_in_logs_or_relay_state_even_at_trace_level() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rdir = tmp.path().join("relay");
+    let (relay, token) = RelayChild::start_logging(&rdir, "127.0.0.1:0", Some("trace"));
+    let token = token.unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    init_peer(&one, "inst-1", &token);
+    init_peer(&two, "inst-2", &token);
+    let marker = format!("PAYLOAD-MARKER-{:016x}", rand_u64());
+    let mut listen = peer_cmd()
+        .args([
+            "listen",
+            "--dir",
+            one.to_str().unwrap(),
+            "--agent",
+            "bob",
+            "--count",
+            "1",
+        ])
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_attached(&relay, "inst-1", "bob");
+    let out = run({
+        let mut c = peer_cmd();
+        c.env("RUST_LOG", "trace")
+            .args(["send", "--dir", two.to_str().unwrap(), "--from", "alice"])
+            .args(["--to", "inst-1/bob", &marker]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(wait_exit(&mut listen).success());
+    let listened = listen.wait_with_output().unwrap();
+    assert!(
+        text(&listened.stdout).contains(&marker),
+        "the listener printed it"
+    );
+    assert!(
+        !text(&out.stderr).is_empty(),
+        "trace logging was on for the sender"
+    );
+    for (who, log) in [
+        ("sender", text(&out.stderr)),
+        ("listener", text(&listened.stderr)),
+        ("relay", relay.log.lock().unwrap().clone()),
+    ] {
+        assert!(!log.contains(&marker), "the {who}'s log holds the payload");
+    }
+    assert!(
+        relay.log.lock().unwrap().lines().count() > 3,
+        "relay logged at trace"
+    );
+    let mut files = vec![rdir.clone()];
+    let mut scanned = 0;
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            scanned += 1;
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(&marker),
+                "{} holds the payload",
+                p.display()
+            );
+        }
+    }
+    assert!(
+        scanned >= 4,
+        "the state directory was scanned ({scanned} files)"
+    );
+}
+
+/// A random u64 without a dependency: the hash of a fresh `RandomState`.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
 }
