@@ -220,11 +220,13 @@ async fn a_connection_flood_does_not_stop_a_connected_client() {
                             // Hold it until the relay ends it: at the auth
                             // deadline (or sooner, if its handshake never
                             // completed on the relay's side under the load).
-                            if tokio::time::timeout(Duration::from_secs(60), c.closed())
-                                .await
-                                .is_ok()
+                            let auth_timeout = u64::from(ErrorCode::AuthTimeout.as_u32());
+                            if let Ok(quinn::ConnectionError::ApplicationClosed(c)) =
+                                tokio::time::timeout(Duration::from_secs(60), c.closed()).await
                             {
-                                cut.fetch_add(1, Ordering::Relaxed);
+                                if u64::from(c.error_code) == auth_timeout {
+                                    cut.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                         _ => {
