@@ -711,3 +711,52 @@ async fn reply_tokens_cannot_be_guessed_and_datagrams_are_off() {
     }
     assert_eq!(a.conn.max_datagram_size(), None, "DATAGRAM frames offered");
 }
+
+/// A local client that connects to the metrics endpoint or the admin socket
+/// and says nothing delays no one else: each client is served on its own
+/// (before, one at a time, each allowed 2 s).
+#[tokio::test]
+async fn an_idle_local_client_does_not_stall_metrics_or_the_admin_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("relay");
+    agent_link_relay::state::init(&state_dir, Some("127.0.0.1:0".parse().unwrap())).unwrap();
+    let relay = agent_link_relay::Relay::spawn(
+        agent_link_relay::state::load(&state_dir).unwrap(),
+        agent_link_relay::SpawnOptions {
+            listen: None,
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
+            admin_socket: true,
+        },
+    )
+    .await
+    .unwrap();
+    let metrics = relay.metrics_addr().unwrap();
+    // The idle ones: connected, silent, kept open throughout.
+    let _idle_tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    let _idle_unix = tokio::net::UnixStream::connect(state_dir.join("admin.sock"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Well under the 2 s an idle client was allowed to hold the endpoint.
+    let quick = Duration::from_millis(1500);
+    let body = tokio::time::timeout(quick, async {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    })
+    .await
+    .expect("metrics answered beside an idle client");
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let online = tokio::time::timeout(
+        quick,
+        tokio::task::spawn_blocking(move || agent_link_relay::query_online(&state_dir)),
+    )
+    .await
+    .expect("admin socket answered beside an idle client")
+    .unwrap();
+    assert!(online.is_some());
+    relay.shutdown().await;
+}
