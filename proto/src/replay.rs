@@ -34,65 +34,118 @@ struct SenderIds {
 pub struct ReplayWindow {
     window_ms: u64,
     max_per_sender: usize,
+    max_total: usize,
+    /// Ids remembered over all senders.
+    total: usize,
+    /// When every sender's old ids were last expired (see `at_total_cap`).
+    last_sweep_ms: u64,
     senders: HashMap<String, SenderIds>,
 }
 
 impl ReplayWindow {
     /// `window_ms` must be at least the timestamp window receivers enforce.
+    /// No bound over all senders (see [`ReplayWindow::with_total_cap`]).
     pub fn new(window_ms: u64, max_per_sender: usize) -> Self {
+        Self::with_total_cap(window_ms, max_per_sender, usize::MAX)
+    }
+
+    /// As [`ReplayWindow::new`], and at most `max_total` ids over all
+    /// senders: senders are whoever a receiver hears from, so a per-sender
+    /// bound alone does not bound memory (a relay could present ever new
+    /// instances).
+    pub fn with_total_cap(window_ms: u64, max_per_sender: usize, max_total: usize) -> Self {
         Self {
             window_ms,
             max_per_sender,
+            max_total,
+            total: 0,
+            last_sweep_ms: 0,
             senders: HashMap::new(),
         }
     }
 
-    fn expire(ids: &mut SenderIds, now_ms: u64, window_ms: u64) {
+    /// Forget `ids`' entries older than twice the window; how many.
+    fn expire(ids: &mut SenderIds, now_ms: u64, window_ms: u64) -> usize {
         // Arrival order is close to sent_at order; an out-of-order old entry
         // simply waits for the ones in front of it (bounded by the cap).
+        let mut gone = 0;
         while let Some(&(sent, id)) = ids.order.front() {
             if now_ms.saturating_sub(sent) > window_ms.saturating_mul(2) {
                 ids.order.pop_front();
                 ids.by_id.remove(&id);
+                gone += 1;
             } else {
                 break;
             }
         }
+        gone
+    }
+
+    /// Whether the total cap is reached. At the cap, every sender's old ids
+    /// are expired first (at most once per quarter window, so a receiver at
+    /// its cap does not sweep on every message), and senders left with none
+    /// are dropped.
+    fn at_total_cap(&mut self, now_ms: u64) -> bool {
+        if self.total < self.max_total {
+            return false;
+        }
+        if now_ms.saturating_sub(self.last_sweep_ms) >= self.window_ms / 4 {
+            self.last_sweep_ms = now_ms;
+            let window_ms = self.window_ms;
+            let mut gone = 0;
+            self.senders.retain(|_, ids| {
+                gone += Self::expire(ids, now_ms, window_ms);
+                !ids.by_id.is_empty()
+            });
+            self.total -= gone;
+        }
+        self.total >= self.max_total
     }
 
     /// Look an id up without recording it.
     pub fn check(&mut self, sender: &str, id: &MessageId, now_ms: u64) -> ReplayVerdict {
         let Some(ids) = self.senders.get_mut(sender) else {
-            return ReplayVerdict::New;
+            return if self.at_total_cap(now_ms) {
+                ReplayVerdict::Full
+            } else {
+                ReplayVerdict::New
+            };
         };
-        Self::expire(ids, now_ms, self.window_ms);
-        if let Some(&at) = ids.by_id.get(id) {
+        let gone = Self::expire(ids, now_ms, self.window_ms);
+        let (seen, sender_full) = (
+            ids.by_id.get(id).copied(),
+            ids.by_id.len() >= self.max_per_sender,
+        );
+        self.total -= gone;
+        if let Some(at) = seen {
             ReplayVerdict::Duplicate {
                 delivered_at_ms: at,
             }
-        } else if ids.by_id.len() >= self.max_per_sender {
+        } else if sender_full || self.at_total_cap(now_ms) {
             ReplayVerdict::Full
         } else {
             ReplayVerdict::New
         }
     }
 
-    /// Remember `id` as delivered at `delivered_at_ms`.
+    /// Remember `id` as delivered at `delivered_at_ms` (again: the time is
+    /// updated).
     pub fn record(&mut self, sender: &str, id: MessageId, sent_at_ms: u64, delivered_at_ms: u64) {
         let ids = self.senders.entry(sender.to_owned()).or_default();
         if ids.by_id.insert(id, delivered_at_ms).is_none() {
             ids.order.push_back((sent_at_ms, id));
+            self.total += 1;
         }
     }
 
     /// Ids remembered in all.
     pub fn len(&self) -> usize {
-        self.senders.values().map(|s| s.by_id.len()).sum()
+        self.total
     }
 
     /// Nothing remembered.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.total == 0
     }
 }
 
@@ -128,5 +181,28 @@ mod tests {
         // After twice the window, old ids expire and new ones are accepted.
         assert_eq!(w.check("s", &[9; 16], 2001), ReplayVerdict::New);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn bounded_over_all_senders_too() {
+        let mut w = ReplayWindow::with_total_cap(1000, 10, 4);
+        for (n, sender) in ["a", "b", "c", "d"].iter().enumerate() {
+            assert_eq!(w.check(sender, &[n as u8; 16], 0), ReplayVerdict::New);
+            w.record(sender, [n as u8; 16], 0, 0);
+        }
+        assert_eq!(w.len(), 4);
+        // A fifth sender, and a known one with a new id: both refused.
+        assert_eq!(w.check("e", &[9; 16], 10), ReplayVerdict::Full);
+        assert_eq!(w.check("a", &[9; 16], 10), ReplayVerdict::Full);
+        // Duplicates are still recognised at the cap.
+        assert!(matches!(
+            w.check("b", &[1; 16], 10),
+            ReplayVerdict::Duplicate { .. }
+        ));
+        // Once the old ids have aged out, the sweep makes room and drops the
+        // senders left with none.
+        assert_eq!(w.check("e", &[9; 16], 2001), ReplayVerdict::New);
+        assert!(w.is_empty());
+        assert!(w.senders.is_empty());
     }
 }

@@ -45,6 +45,9 @@ impl KeyCache {
 
 /// Ids remembered per sender for de-duplication (see `ReplayWindow`).
 pub(crate) const REPLAY_CAP: usize = 200_000;
+/// Ids remembered over all senders (a relay could present ever new
+/// instances; this bounds the memory at some tens of MB).
+pub(crate) const REPLAY_TOTAL_CAP: usize = 1_000_000;
 
 /// A receiving agent's memory across deliveries: who it is, the fleet key,
 /// the pinned keys of other instances (shared by the agents of one link),
@@ -73,7 +76,7 @@ impl Receiver {
             fleet,
             pins,
             // Until the relay says otherwise (its `Attached` frame).
-            replay: ReplayWindow::new(DEFAULT_WINDOW_MS, REPLAY_CAP),
+            replay: ReplayWindow::with_total_cap(DEFAULT_WINDOW_MS, REPLAY_CAP, REPLAY_TOTAL_CAP),
             keys: KeyCache::default(),
             window_ms: DEFAULT_WINDOW_MS,
         }
@@ -89,7 +92,7 @@ impl Receiver {
         let window_ms = window_ms.clamp(MIN_WINDOW_MS, MAX_WINDOW_MS);
         self.window_ms = window_ms;
         if first {
-            self.replay = ReplayWindow::new(window_ms, REPLAY_CAP);
+            self.replay = ReplayWindow::with_total_cap(window_ms, REPLAY_CAP, REPLAY_TOTAL_CAP);
         }
     }
 
