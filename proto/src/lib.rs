@@ -15,6 +15,7 @@
 //!   envelope's original bytes behind it without copying them.
 //! - [`ErrorCode`]: every refusal, as sent on the wire and mapped to exit codes.
 //! - [`Exit`]: the exit codes of both command-line programs.
+//! - [`text`]: untrusted text (payloads, names) as one printable line.
 //! - [`ReplayWindow`]: receivers' bounded memory of message ids.
 //! - [`JoinToken`]: the one-line invitation (relay address, certificate
 //!   fingerprint, fleet secret).
@@ -41,6 +42,7 @@ mod ids;
 mod join;
 mod register;
 mod replay;
+pub mod text;
 
 pub use deliver::DeliverHead;
 pub use envelope::{Envelope, EnvelopeBody, MessageId, OpenedEnvelope};

@@ -386,7 +386,9 @@ fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
         println!(
             "{:<24} {:<20} {:<8} {:<24} {}",
             r["instance_id"].as_str().unwrap_or(""),
-            r["name"].as_str().unwrap_or(""),
+            // Names are free text chosen at registration: one line,
+            // control characters escaped.
+            agent_link_proto::text::one_line(r["name"].as_str().unwrap_or("")),
             online,
             if agents.is_empty() {
                 "-".to_string()

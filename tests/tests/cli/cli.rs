@@ -1013,3 +1013,54 @@ fn rand_u64() -> u64 {
     h.write_u64(std::process::id().into());
     h.finish()
 }
+
+/// Instance names are free text: `instances` prints each on one line, its
+/// control characters escaped (`--json` keeps the exact name).
+#[test]
+fn instances_prints_a_name_with_line_breaks_on_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rdir = tmp.path().join("relay");
+    let out = run({
+        let mut c = relay_cmd();
+        c.args([
+            "init",
+            "--dir",
+            rdir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = "2".repeat(64);
+    let name = "evil\ninstance-999  admin  yes  -  ffff\u{1b}[2J";
+    let out = run({
+        let mut c = relay_cmd();
+        c.args([
+            "register",
+            "--dir",
+            rdir.to_str().unwrap(),
+            "--instance-id",
+            "inst-n",
+        ])
+        .args(["--public-key", &key, "--name", name]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run({
+        let mut c = relay_cmd();
+        c.args(["instances", "--dir", rdir.to_str().unwrap()]);
+        c
+    });
+    let listed = text(&out.stdout);
+    assert_eq!(listed.lines().count(), 2, "header and one row: {listed:?}");
+    assert!(listed.contains("evil\\ninstance-999"), "{listed}");
+    assert!(!listed.contains('\u{1b}'), "{listed:?}");
+    let out = run({
+        let mut c = relay_cmd();
+        c.args(["instances", "--dir", rdir.to_str().unwrap(), "--json"]);
+        c
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["instances"][0]["name"], name, "exact in JSON");
+}
