@@ -68,6 +68,9 @@ struct InstanceEntry<M> {
     connections: HashMap<u64, quinn::Connection>,
     receivers: HashMap<String, StreamHandle<M>>,
     rate: Arc<Mutex<TokenBucket>>,
+    /// The instance's bucket for control requests (see
+    /// `core::limits::CONTROL_PER_SEC`).
+    control: Arc<Mutex<TokenBucket>>,
 }
 
 #[derive(Debug)]
@@ -152,12 +155,26 @@ impl<M> Router<M> {
                 connections: HashMap::new(),
                 receivers: HashMap::new(),
                 rate: Arc::new(Mutex::new(TokenBucket::new(rate.0, rate.1, Instant::now()))),
+                control: Arc::new(Mutex::new(TokenBucket::new(
+                    crate::core::limits::CONTROL_PER_SEC,
+                    crate::core::limits::CONTROL_BURST,
+                    Instant::now(),
+                ))),
             });
         if entry.connections.len() >= max_per_instance {
             return None;
         }
         entry.connections.insert(conn_id, conn);
         Some(entry.rate.clone())
+    }
+
+    /// The control-request bucket of a connected instance, shared by all its
+    /// connections.
+    pub fn control_bucket(&self, instance: &str) -> Option<Arc<Mutex<TokenBucket>>> {
+        self.lock()
+            .instances
+            .get(instance)
+            .map(|e| e.control.clone())
     }
 
     /// Remove a connection; the instance goes offline with its last one.
@@ -310,6 +327,7 @@ mod tests {
                 connections: HashMap::new(),
                 receivers: HashMap::new(),
                 rate: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
+                control: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
             },
         );
         assert!(matches!(

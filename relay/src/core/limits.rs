@@ -5,6 +5,14 @@
 
 use crate::config::RelayConfig;
 
+/// Control requests (status, registration) one instance may make per
+/// second, over all its connections; and the burst. A `Status` costs the
+/// relay work that grows with the fleet (tens of ms at 10,000 instances), so
+/// an unbounded stream of them from one member would cost everyone else.
+pub const CONTROL_PER_SEC: u32 = 5;
+/// See [`CONTROL_PER_SEC`].
+pub const CONTROL_BURST: u32 = 20;
+
 /// Streams a connection may have open at once: every agent plus control.
 pub fn max_streams(cfg: &RelayConfig) -> u32 {
     cfg.max_agents_per_connection + 4

@@ -164,6 +164,12 @@ async fn serve_registered(
         hub.refuse_connection(&conn, ErrorCode::TooManyConnections);
         return;
     };
+    let Some(control_rate) = hub.router().control_bucket(&instance) else {
+        // Added just above; gone only if the router lost it, which it
+        // never does while this connection is in it.
+        hub.refuse_connection(&conn, ErrorCode::Internal);
+        return;
+    };
     hub.stats().connections_accepted.fetch_add(1, Relaxed);
     info!(%instance, "connected");
     let info = Arc::new(ConnInfo {
@@ -172,6 +178,7 @@ async fn serve_registered(
         key,
         conn: conn.clone(),
         rate,
+        control_rate,
         agents: AtomicUsize::new(0),
     });
     let mut streams = JoinSet::new();

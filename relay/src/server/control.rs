@@ -41,6 +41,18 @@ pub(crate) async fn serve_control(
                 }
             },
         };
+        // Bounded per instance: each request may cost work that grows with
+        // the fleet (Status) or a registry write (Register).
+        let allowed = info
+            .control_rate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_take(std::time::Instant::now());
+        if !allowed {
+            hub.refused(ErrorCode::RateLimited);
+            refuse_stream(&mut send, ErrorCode::RateLimited).await;
+            return;
+        }
         let reply = match admission::control_request(&body, &info.instance) {
             Ok(ControlRequest::Status) => status(&hub, &info),
             Ok(ControlRequest::Register(reg)) => register(&hub, &info.conn, &info.key, &reg)

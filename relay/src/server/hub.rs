@@ -112,6 +112,8 @@ pub(crate) struct ConnInfo {
     pub(crate) conn: quinn::Connection,
     /// The instance's rate bucket, shared by all its connections.
     pub(crate) rate: Arc<Mutex<TokenBucket>>,
+    /// The instance's control-request bucket, shared likewise.
+    pub(crate) control_rate: Arc<Mutex<TokenBucket>>,
     /// Agent streams open (bounded by `max_agents_per_connection`).
     pub(crate) agents: AtomicUsize,
 }

@@ -772,3 +772,32 @@ async fn an_idle_local_client_does_not_stall_metrics_or_the_admin_socket() {
     assert!(online.is_some());
     relay.shutdown().await;
 }
+
+/// Control requests are rate-limited per instance: a member firing status
+/// requests gets `Error{RateLimited}` after its burst, while another member's
+/// status is answered as usual.
+#[tokio::test]
+async fn status_requests_are_rate_limited_per_instance() {
+    let relay = TestRelay::start(|_| {}).await;
+    let (a, b) = two_instances(&relay).await;
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..60 {
+        let mut s = a.open().await;
+        s.write(&PeerToRelay::StatusRequest).await;
+        match s.read().await.expect("an answer").get() {
+            RelayToPeer::Status { .. } => ok += 1,
+            RelayToPeer::Error {
+                code: ErrorCode::RateLimited,
+            } => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(limited > 0, "60 status requests at once were all answered");
+    assert!(ok >= 20, "the burst is served: {ok}");
+    let mut s = b.open().await;
+    s.write(&PeerToRelay::StatusRequest).await;
+    assert!(matches!(
+        s.read().await.unwrap().get(),
+        RelayToPeer::Status { .. }
+    ));
+}
