@@ -34,6 +34,9 @@ pub(crate) struct LiveRegistry {
     current: RwLock<Registry>,
     /// What the registry file looked like when last loaded.
     stamp: Mutex<Option<FileStamp>>,
+    /// SHA-256 of the bytes last loaded (a reload of the same bytes parses
+    /// nothing; see `RegistryStore::load_if_changed`).
+    digest: Mutex<Option<[u8; 32]>>,
     /// Installs so far (every reload, and every online registration, which
     /// re-reads the file under its lock).
     generation: AtomicU64,
@@ -45,9 +48,12 @@ pub(crate) struct LiveRegistry {
 impl LiveRegistry {
     /// Load `store` (a missing file is an empty registry).
     pub(crate) fn load(store: RegistryStore) -> Result<Self, StoreError> {
-        let registry = store.load()?;
+        let (registry, digest) = store
+            .load_if_changed(None)?
+            .expect("nothing was loaded before, so it always loads");
         Ok(Self {
             stamp: Mutex::new(file_stamp(store.path())),
+            digest: Mutex::new(Some(digest)),
             current: RwLock::new(registry),
             store,
             generation: AtomicU64::new(0),
@@ -155,13 +161,19 @@ impl LiveRegistry {
     /// their connections closed with `Revoked`).
     async fn reload<M>(&self, router: &Router<M>) -> Result<(), StoreError> {
         let store = self.store.clone();
-        let loaded = tokio::task::spawn_blocking(move || store.load())
+        let last = *self.digest.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = tokio::task::spawn_blocking(move || store.load_if_changed(last))
             .await
             .map_err(|e| StoreError::Io {
                 path: self.store.path().display().to_string(),
                 source: std::io::Error::other(e),
             })??;
-        self.install(loaded, router);
+        // The same bytes as the last load: nothing to parse or install (that
+        // install already closed every revoked instance's connections).
+        if let Some((registry, digest)) = loaded {
+            *self.digest.lock().unwrap_or_else(|e| e.into_inner()) = Some(digest);
+            self.install(registry, router);
+        }
         Ok(())
     }
 
@@ -193,5 +205,46 @@ impl LiveRegistry {
                 Err(ErrorCode::Internal)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_link_crypto::Identity;
+
+    #[tokio::test]
+    async fn reloads_of_unchanged_bytes_parse_and_install_nothing() {
+        let dir = std::env::temp_dir().join(format!("al-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = RegistryStore::new(&dir);
+        let a = Identity::generate().public_key();
+        store
+            .update(|r| r.register("i1", &a, "n"))
+            .unwrap()
+            .unwrap();
+        let live = LiveRegistry::load(store.clone()).unwrap();
+        let router: Router<()> = Router::default();
+        let g0 = live.generation.load(Acquire);
+        // A stream of strangers, the file untouched: no re-parse.
+        for _ in 0..3 {
+            live.reload_for_unknown_key(&router).await.unwrap();
+        }
+        assert_eq!(
+            live.generation.load(Acquire),
+            g0,
+            "same bytes: nothing installed"
+        );
+        // An operator registers someone: the next stranger's reload has it.
+        let b = Identity::generate().public_key();
+        store
+            .update(|r| r.register("i2", &b, "n"))
+            .unwrap()
+            .unwrap();
+        live.reload_for_unknown_key(&router).await.unwrap();
+        assert_eq!(live.generation.load(Acquire), g0 + 1);
+        assert!(live.read().get("i2").is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

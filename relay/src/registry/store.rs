@@ -67,17 +67,46 @@ impl RegistryStore {
 
     /// Read the registry (a missing file is an empty registry).
     pub fn load(&self) -> Result<Registry, StoreError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
-            Err(e) => return Err(self.io(&self.path)(e)),
-        };
+        let bytes = self.read_bytes()?;
+        self.parse(&bytes)
+    }
+
+    /// The file's bytes (none when it is missing).
+    fn read_bytes(&self) -> Result<Vec<u8>, StoreError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(self.io(&self.path)(e)),
+        }
+    }
+
+    fn parse(&self, bytes: &[u8]) -> Result<Registry, StoreError> {
+        if bytes.is_empty() {
+            return Ok(Registry::default());
+        }
         let corrupt = |message: String| StoreError::Corrupt {
             path: self.path.display().to_string(),
             message,
         };
-        let file: RegistryFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let file: RegistryFile =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
         Registry::from_records(file.registered_instances).map_err(corrupt)
+    }
+
+    /// Read the registry unless its bytes hash to `last` (SHA-256): parsing
+    /// and checking every key of a large registry costs far more than
+    /// reading and hashing it. `Ok(None)`: unchanged.
+    pub fn load_if_changed(
+        &self,
+        last: Option<[u8; 32]>,
+    ) -> Result<Option<(Registry, [u8; 32])>, StoreError> {
+        let bytes = self.read_bytes()?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        if last == Some(digest) {
+            return Ok(None);
+        }
+        Ok(Some((self.parse(&bytes)?, digest)))
     }
 
     /// Apply `change` durably: lock, re-read, change, write atomically (only
