@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::hub::{ConnInfo, Hub};
-use super::writer::{error_frame, frame, refuse_stream, write_loop, FrameArena, Outbound};
+use super::writer::{error_frame, frame, write_loop, FrameArena, Outbound};
 use crate::core::agent_stream::{self, Action, AgentStream, Now};
 use crate::core::checks::SenderContext;
 use crate::router::{AttachOutcome, StreamHandle};
+use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
 /// Frames taken from a stream's buffer per pass (and per signature batch).

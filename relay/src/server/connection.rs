@@ -13,9 +13,10 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, Instrument};
 
 use super::hub::{ConnInfo, Hub};
-use super::writer::{frame, refuse_stream};
+use super::writer::frame;
 use crate::core::admission::{self, Admission, PRE_AUTH_MAX_FRAME};
 use crate::core::limits;
+use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
 /// Serve one incoming connection until it ends; `_permit` holds its place

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use tracing::info;
 
 use super::hub::{ConnInfo, Hub};
-use super::writer::{frame, refuse_stream};
+use super::writer::frame;
 use crate::core::admission::{self, ControlRequest, Registration};
+use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
 /// Serve a control stream; `first` is a frame already read from it.

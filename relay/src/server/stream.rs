@@ -8,9 +8,9 @@ use std::time::Duration;
 use tracing::{debug_span, Instrument};
 
 use super::hub::{ConnInfo, Hub};
-use super::writer::refuse_stream;
 use crate::core::admission::{self, FirstFrame};
 use agent_link_proto::ErrorCode;
+use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
 /// Serve a stream the peer opened until it ends.

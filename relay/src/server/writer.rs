@@ -55,20 +55,12 @@ impl Outbound {
 /// could do: the relay's own frames are small (`Status` lists at most the
 /// registry, far under 16 MiB).
 pub(crate) fn frame(f: &RelayToPeer<'_>) -> Bytes {
-    Bytes::from(codec::frame(f).expect("the relay's own frames are under the hard frame limit"))
+    agent_link_quic::frames::encode(f)
 }
 
 /// An `Error` frame.
 pub(crate) fn error_frame(code: ErrorCode) -> Bytes {
     frame(&RelayToPeer::Error { code })
-}
-
-/// Write `Error{code}`, finish the stream and give the peer a moment to read
-/// it before the caller drops or closes anything.
-pub(crate) async fn refuse_stream(send: &mut quinn::SendStream, code: ErrorCode) {
-    let _ = send.write_all(&error_frame(code)).await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
 }
 
 /// Items (envelopes, frames) up to this size are copied into the writer's
