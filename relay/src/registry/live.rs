@@ -215,15 +215,7 @@ mod tests {
 
     #[tokio::test]
     async fn reloads_of_unchanged_bytes_parse_and_install_nothing() {
-        let dir = std::env::temp_dir().join(format!("al-live-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = RegistryStore::new(&dir);
-        let a = Identity::generate().public_key();
-        store
-            .update(|r| r.register("i1", &a, "n"))
-            .unwrap()
-            .unwrap();
+        let (_dir, store, _) = crate::registry::store::tests::store_with_i1();
         let live = LiveRegistry::load(store.clone()).unwrap();
         let router: Router<()> = Router::default();
         let g0 = live.generation.load(Acquire);
@@ -245,6 +237,5 @@ mod tests {
         live.reload_for_unknown_key(&router).await.unwrap();
         assert_eq!(live.generation.load(Acquire), g0 + 1);
         assert!(live.read().get("i2").is_some());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

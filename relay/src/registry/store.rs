@@ -152,22 +152,28 @@ impl RegistryStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::registry::KeyStatus;
-    use agent_link_crypto::Identity;
+    use agent_link_crypto::{Identity, PublicKey};
 
-    #[test]
-    fn store_persists_and_detects_corruption() {
-        let dir = std::env::temp_dir().join(format!("al-reg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = RegistryStore::new(&dir);
+    /// A store in a fresh temporary directory with `i1` newly registered
+    /// (asserted new), for the store's and the live registry's tests.
+    pub(crate) fn store_with_i1() -> (tempfile::TempDir, RegistryStore, PublicKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RegistryStore::new(dir.path());
         let a = Identity::generate().public_key();
-        store
+        let (new, _) = store
             .update(|r| r.register("i1", &a, "n"))
             .unwrap()
             .unwrap();
+        assert!(new, "i1 is new in a fresh store");
+        (dir, store, a)
+    }
+
+    #[test]
+    fn store_persists_and_detects_corruption() {
+        let (_dir, store, a) = store_with_i1();
         assert_eq!(
             store.load().unwrap().key_status(&a),
             KeyStatus::Active("i1".into())
@@ -175,24 +181,12 @@ mod tests {
         std::fs::write(store.path(), b"{ not json").unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("registry.json"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_change_that_changes_nothing_does_not_rewrite_the_file() {
         use std::os::unix::fs::MetadataExt;
-        let dir = std::env::temp_dir().join(format!("al-reg-noop-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = RegistryStore::new(&dir);
-        let a = Identity::generate().public_key();
-        assert!(
-            store
-                .update(|r| r.register("i1", &a, "n"))
-                .unwrap()
-                .unwrap()
-                .0
-        );
+        let (_dir, store, a) = store_with_i1();
         let ino = std::fs::metadata(store.path()).unwrap().ino();
         // The same registration again: accepted, nothing new, no rewrite
         // (every write replaces the file, so a rewrite changes the inode).
@@ -208,6 +202,5 @@ mod tests {
         store.update(|r| r.revoke("i1")).unwrap().unwrap();
         assert_ne!(std::fs::metadata(store.path()).unwrap().ino(), ino);
         assert!(store.load().unwrap().get("i1").unwrap().revoked);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
