@@ -342,10 +342,4 @@ impl AgentLink {
         }
         st.endpoint.close(0u32.into(), b"bye");
     }
-
-    /// Why the link is not usable, if it is not: `Refused(Revoked)` after a
-    /// revocation, `Closed` after [`AgentLink::close`].
-    pub fn check(&self) -> Result<(), LinkError> {
-        self.connection().map(|_| ())
-    }
 }
