@@ -101,7 +101,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let topo = &cfg.topo;
     let names = run_names();
     let token = &relay.token;
-    let fleet = token.secret.key();
+    let fleet = token.fleet_secret().expect("an open fleet token").key();
     let stop = Arc::new(AtomicBool::new(false));
     let mut receivers = tokio::task::JoinSet::new();
     let mut conns = Vec::new();
@@ -111,7 +111,12 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
         let c = RawConn::connect(relay.addr, token.fingerprint, &id)
             .await
             .context("connecting to the relay")?;
-        c.register(&id, &instance, &token.secret).await?;
+        c.register(
+            &id,
+            &instance,
+            token.fleet_secret().expect("an open fleet token"),
+        )
+        .await?;
         for a in 0..topo.receivers.agents {
             let agent = Names::receiver_agent(a);
             let rx = c.attach(&agent, true).await?;
@@ -129,7 +134,12 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
         let id = Identity::generate();
         let instance = names.sender_instance(i);
         let c = RawConn::connect(relay.addr, token.fingerprint, &id).await?;
-        c.register(&id, &instance, &token.secret).await?;
+        c.register(
+            &id,
+            &instance,
+            token.fleet_secret().expect("an open fleet token"),
+        )
+        .await?;
         for a in 0..topo.senders.agents {
             let agent = Names::sender_agent(a);
             let k = i * topo.senders.agents + a;

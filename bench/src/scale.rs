@@ -159,7 +159,10 @@ fn open_files_limit() -> Option<u64> {
 fn write_peer_dir(dir: &Path, id: &str, identity: &Identity, token: &JoinToken) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     identity.write_new(&dir.join(KEY_FILE))?;
-    token.secret.write_new(&dir.join(SECRET_FILE))?;
+    token
+        .fleet_secret()
+        .expect("an open fleet token")
+        .write_new(&dir.join(SECRET_FILE))?;
     let cfg = PeerConfig {
         relay_url: token.addr.clone(),
         relay_fingerprint: hex_encode(&token.fingerprint),

@@ -24,6 +24,9 @@ pub enum Domain {
     EnvelopeTag,
     /// HMAC-SHA256 registration proof, bound to one TLS session.
     RegisterProof,
+    /// HMAC-SHA256 registration proof keyed by a single-use invite's own
+    /// secret (not the fleet secret), bound to one TLS session.
+    InviteProof,
 }
 
 impl Domain {
@@ -33,6 +36,7 @@ impl Domain {
             Domain::EnvelopeSignature => b"agent-link/1 envelope signature\0",
             Domain::EnvelopeTag => b"agent-link/1 envelope tag\0",
             Domain::RegisterProof => b"agent-link/1 register proof\0",
+            Domain::InviteProof => b"agent-link/1 invite proof\0",
         }
     }
 
@@ -265,6 +269,7 @@ mod tests {
             Domain::EnvelopeSignature,
             Domain::EnvelopeTag,
             Domain::RegisterProof,
+            Domain::InviteProof,
         ];
         for a in all {
             for b in all {

@@ -49,6 +49,9 @@ impl RelayProcess {
         )?;
         edit_config(dir, |c| {
             if let (Some(c), Some(o)) = (c.as_object_mut(), config.as_object()) {
+                // Harnesses join with the open fleet token (`invite`
+                // below); a config that says otherwise wins.
+                c.insert("open_registration".into(), true.into());
                 for (k, v) in o {
                     c.insert(k.clone(), v.clone());
                 }
@@ -142,6 +145,7 @@ impl RelayProcess {
                 self.dir.as_os_str(),
                 "--addr".as_ref(),
                 addr.to_string().as_ref(),
+                "--reusable".as_ref(),
             ],
         )
     }

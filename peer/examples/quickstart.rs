@@ -18,13 +18,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         agent_link_relay::SpawnOptions::default(),
     )
     .await?;
-    let token = JoinToken::parse(&relay.join_token())?;
+    // What `agent-link-relay invite --instance-id ID` prints, one per computer.
+    let week = std::time::Duration::from_secs(7 * 24 * 3600);
+    let invite_one = JoinToken::parse(&relay.invite("instance-001", week)?)?;
+    let invite_two = JoinToken::parse(&relay.invite("instance-002", week)?)?;
     let (dir_one, dir_two) = (tmp.path().join("one"), tmp.path().join("two"));
 
     // README: begin
     // Once per computer (what `agent-link init --join-file FILE` does).
-    agent_link::init(&dir_one, "instance-001", &token, None).await?;
-    agent_link::init(&dir_two, "instance-002", &token, None).await?;
+    agent_link::init(&dir_one, "instance-001", &invite_one, None).await?;
+    agent_link::init(&dir_two, "instance-002", &invite_two, None).await?;
 
     // Instance 1: agent xiaobaozi receives. Its handler runs on a task of
     // its own; the sender's receipt comes once the handler has run.

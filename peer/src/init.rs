@@ -6,8 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use agent_link_crypto::{Identity, PublicKey};
-use agent_link_proto::{JoinToken, PeerToRelay, RelayToPeer};
+use agent_link_crypto::{FleetSecret, Identity, PublicKey};
+use agent_link_proto::{codec, JoinSecret, JoinToken, PeerToRelay, RelayToPeer};
+use agent_link_quic::frames::{write_frame, FrameReader};
 
 use crate::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
 use crate::error::{LinkError, Phase};
@@ -28,6 +29,17 @@ pub async fn init(
         what: "--instance-id",
         reason: e.to_string(),
     })?;
+    if let Some(invited) = join.invited_id() {
+        if invited != instance_id {
+            return Err(LinkError::BadInput {
+                what: "--instance-id",
+                reason: format!(
+                    "this invite is for instance {invited:?}, not {instance_id:?}: \
+                     pass --instance-id {invited}, or ask for an invite for {instance_id}"
+                ),
+            });
+        }
+    }
     if dir.join(CONFIG_FILE).exists() || dir.join(KEY_FILE).exists() {
         return Err(LinkError::BadInput {
             what: "--dir",
@@ -58,7 +70,7 @@ pub async fn init(
     // Registration is durable once answered; only the close is left to go
     // out, and the relay times a silent connection out anyway.
     let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
-    result?;
+    let fleet = result?;
 
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -74,7 +86,7 @@ pub async fn init(
     // Made here with 0700, or there already: either way only ours.
     agent_link_crypto::files::check_private_dir(dir)?;
     identity.write_new(&dir.join(KEY_FILE))?;
-    join.secret.write_new(&dir.join(SECRET_FILE))?;
+    fleet.write_new(&dir.join(SECRET_FILE))?;
     let config = PeerConfig {
         relay_url: join.addr.clone(),
         relay_fingerprint: hex::encode(join.fingerprint),
@@ -88,13 +100,15 @@ pub async fn init(
     Ok(identity.public_key())
 }
 
+/// Register over `conn`; the fleet secret on success (the open token's
+/// own, or the one the relay hands an invite's holder once registered).
 async fn register(
     conn: &quinn::Connection,
     identity: &Identity,
     instance_id: &str,
     name: &str,
     join: &JoinToken,
-) -> Result<(), LinkError> {
+) -> Result<FleetSecret, LinkError> {
     let mut exporter = [0u8; 32];
     conn.export_keying_material(
         &mut exporter,
@@ -104,28 +118,84 @@ async fn register(
     .expect("TLS 1.3 always has an exporter for 32 bytes");
     // Bound to this TLS session and this key: a captured proof is useless
     // anywhere else.
-    let proof = agent_link_proto::register_proof(
-        &join.secret.key(),
-        &exporter,
-        &identity.public_key(),
-        instance_id,
-    );
-    transport::request(
-        conn,
-        &join.addr,
-        &PeerToRelay::Register {
-            instance_id,
-            name,
-            proof,
-        },
-        Phase::Register,
-        REGISTER_TIMEOUT,
-        |f| match f {
-            RelayToPeer::Registered { .. } => Some(Ok(())),
-            _ => None,
-        },
-    )
-    .await
+    match &join.secret {
+        JoinSecret::Fleet(fleet) => {
+            let proof = agent_link_proto::register_proof(
+                &fleet.key(),
+                &exporter,
+                &identity.public_key(),
+                instance_id,
+            );
+            transport::request(
+                conn,
+                &join.addr,
+                &PeerToRelay::Register {
+                    instance_id,
+                    name,
+                    proof,
+                },
+                Phase::Register,
+                REGISTER_TIMEOUT,
+                |f| match f {
+                    RelayToPeer::Registered { .. } => Some(Ok(())),
+                    _ => None,
+                },
+            )
+            .await?;
+            Ok(fleet.clone())
+        }
+        JoinSecret::Invite { secret, .. } => {
+            let proof = agent_link_proto::invite_proof(
+                &secret.key(),
+                &exporter,
+                &identity.public_key(),
+                instance_id,
+            );
+            let req = PeerToRelay::RegisterInvite {
+                instance_id,
+                name,
+                proof,
+            };
+            tokio::time::timeout(REGISTER_TIMEOUT, redeem(conn, &join.addr, &req))
+                .await
+                .map_err(|_| LinkError::Timeout(Phase::Register))?
+        }
+    }
+}
+
+/// `RegisterInvite`, answered by `FleetSecret` then `Registered`.
+async fn redeem(
+    conn: &quinn::Connection,
+    label: &str,
+    req: &PeerToRelay<'_>,
+) -> Result<FleetSecret, LinkError> {
+    let broke = |_| transport::stream_failure(conn, label, Phase::Register);
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|_| transport::stream_failure(conn, label, Phase::Register))?;
+    write_frame(&mut send, req).await.map_err(broke)?;
+    let mut reader = FrameReader::new(recv, 1024);
+    let mut fleet = None;
+    loop {
+        let body = match reader.next().await {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => {
+                return Err(transport::stream_failure(conn, label, Phase::Register))
+            }
+        };
+        match codec::decode::<RelayToPeer>(&body) {
+            Ok(RelayToPeer::FleetSecret { secret, .. }) if fleet.is_none() => {
+                fleet = Some(FleetSecret::from_bytes(secret));
+            }
+            Ok(RelayToPeer::Registered { .. }) => {
+                let _ = send.finish();
+                return fleet.ok_or(LinkError::Protocol(Phase::Register));
+            }
+            Ok(RelayToPeer::Error { code }) => return Err(LinkError::Refused(code)),
+            _ => return Err(LinkError::Protocol(Phase::Register)),
+        }
+    }
 }
 
 /// Pin `key` for `instance_id` in the peer directory `dir` before first

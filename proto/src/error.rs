@@ -57,11 +57,17 @@ pub enum ErrorCode {
     Internal,
     /// 23: the instance has too many connections.
     TooManyConnections,
+    /// 24: registration with the fleet secret is off at this relay (it
+    /// takes invites only), or over its registrations-per-second cap.
+    RegistrationClosed,
+    /// 25: no usable invite: none for this id, already used, expired, or
+    /// the proof does not match the invite's secret.
+    InviteInvalid,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::Malformed,
         Self::TooLarge,
         Self::NotRegistered,
@@ -86,6 +92,8 @@ impl ErrorCode {
         Self::AuthTimeout,
         Self::Internal,
         Self::TooManyConnections,
+        Self::RegistrationClosed,
+        Self::InviteInvalid,
     ];
 
     /// The numeric value (also the QUIC application close code).
@@ -125,6 +133,12 @@ impl ErrorCode {
             Self::AuthTimeout => "did not authenticate in time",
             Self::Internal => "internal relay error",
             Self::TooManyConnections => "too many connections for this instance",
+            Self::RegistrationClosed => {
+                "this relay takes invites only: ask its operator for `agent-link-relay invite --instance-id ID`"
+            }
+            Self::InviteInvalid => {
+                "the invite is unknown, used, expired or for another id: ask the relay's operator for a new one"
+            }
         }
     }
 }

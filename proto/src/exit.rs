@@ -34,7 +34,7 @@ impl From<ErrorCode> for Exit {
         match code {
             TargetOffline | UnknownTarget | TargetRevoked => Exit::Offline,
             NotRegistered | Revoked | InstanceIdTaken | BadProof | BadTag | BadSignature
-            | SenderMismatch | KeyChanged => Exit::Refused,
+            | SenderMismatch | KeyChanged | RegistrationClosed | InviteInvalid => Exit::Refused,
             TooLarge | BadAddress => Exit::Usage,
             _ => Exit::Other,
         }
@@ -51,6 +51,8 @@ mod tests {
         assert_eq!(Exit::from(ErrorCode::UnknownTarget).code(), 3);
         assert_eq!(Exit::from(ErrorCode::Revoked).code(), 4);
         assert_eq!(Exit::from(ErrorCode::BadSignature).code(), 4);
+        assert_eq!(Exit::from(ErrorCode::RegistrationClosed).code(), 4);
+        assert_eq!(Exit::from(ErrorCode::InviteInvalid).code(), 4);
         assert_eq!(Exit::from(ErrorCode::TooLarge).code(), 2);
         assert_eq!(Exit::from(ErrorCode::Busy).code(), 1);
         for c in ErrorCode::ALL {

@@ -102,6 +102,15 @@ pub enum PeerToRelay<'a> {
     /// already queued for it, so the peer can refuse those (`Nack`) instead
     /// of leaving their senders to time out (PROTOCOL.md §9.6).
     Detach,
+    /// 7 — control stream: register this connection's key under
+    /// `instance_id` with a single-use invite. `proof` = HMAC(invite secret,
+    /// InviteProof domain || TLS exporter || public key || instance id),
+    /// PROTOCOL.md §5.3. Answered with `FleetSecret` then `Registered`.
+    RegisterInvite {
+        instance_id: &'a str,
+        name: &'a str,
+        proof: [u8; 32],
+    },
 }
 
 /// Frames the relay sends to a peer.
@@ -137,6 +146,15 @@ pub enum RelayToPeer<'a> {
     Error { code: ErrorCode },
     /// 7 — agent stream: answer to `Detach`; no delivery follows it.
     Detached,
+    /// 8 — control stream: the fleet secret, to a key that has just
+    /// registered with an invite, right before `Registered` (PROTOCOL.md
+    /// §9.2). `previous_valid_until_ms` is reserved for secret rotation (the
+    /// time until which tags under the secret this one replaced are still
+    /// accepted); 0 today.
+    FleetSecret {
+        secret: [u8; 32],
+        previous_valid_until_ms: u64,
+    },
 }
 
 #[cfg(test)]

@@ -50,8 +50,8 @@ pub use error::{ErrorCode, ProtoError};
 pub use exit::Exit;
 pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};
 pub use ids::{check_id, MAX_ID_LEN};
-pub use join::JoinToken;
-pub use register::{check_register_proof, register_proof};
+pub use join::{JoinSecret, JoinToken};
+pub use register::{check_invite_proof, check_register_proof, invite_proof, register_proof};
 pub use replay::{ReplayVerdict, ReplayWindow};
 
 /// Protocol version carried in every envelope body (and in the ALPN).

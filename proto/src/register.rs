@@ -36,6 +36,37 @@ pub fn check_register_proof(
     )
 }
 
+/// The proof that `key` may register as `instance_id` with the single-use
+/// invite whose secret is `invite` (PROTOCOL.md §5.3), on the TLS session
+/// whose exporter output is `exporter`. Keyed by the invite's own secret:
+/// holding the fleet secret is not enough to register under an invite's id.
+pub fn invite_proof(
+    invite: &FleetKey,
+    exporter: &[u8; 32],
+    key: &PublicKey,
+    instance_id: &str,
+) -> Tag {
+    invite.tag(
+        Domain::InviteProof,
+        &[exporter, key.as_bytes(), instance_id.as_bytes()],
+    )
+}
+
+/// Check an invite proof (constant time).
+pub fn check_invite_proof(
+    invite: &FleetKey,
+    exporter: &[u8; 32],
+    key: &PublicKey,
+    instance_id: &str,
+    proof: &[u8],
+) -> Result<(), CryptoError> {
+    invite.check(
+        Domain::InviteProof,
+        &[exporter, key.as_bytes(), instance_id.as_bytes()],
+        proof,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +84,17 @@ mod tests {
         assert!(check_register_proof(&fleet, &[7; 32], &key, "i2", &p).is_err());
         let stranger = FleetSecret::generate().key();
         assert!(check_register_proof(&stranger, &[7; 32], &key, "i1", &p).is_err());
+    }
+
+    #[test]
+    fn an_invite_proof_is_not_a_fleet_proof_and_binds_the_same_things() {
+        let invite = FleetSecret::generate().key();
+        let key = Identity::generate().public_key();
+        let p = invite_proof(&invite, &[7; 32], &key, "i1");
+        assert!(check_invite_proof(&invite, &[7; 32], &key, "i1", &p).is_ok());
+        assert!(check_invite_proof(&invite, &[8; 32], &key, "i1", &p).is_err());
+        assert!(check_invite_proof(&invite, &[7; 32], &key, "i2", &p).is_err());
+        // The same secret under the other domain does not verify.
+        assert!(check_register_proof(&invite, &[7; 32], &key, "i1", &p).is_err());
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use agent_link_crypto::{Domain, FleetSecret, Identity};
 use agent_link_proto::{
-    codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, JoinToken, OpenedEnvelope,
+    codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, JoinSecret, JoinToken, OpenedEnvelope,
     PeerToRelay, Receipt, RelayToPeer,
 };
 
@@ -104,7 +104,7 @@ fn envelope_vector() {
 
 /// Every vector file this test writes; a stray or missing file fails
 /// `vector_files_are_exactly_these`.
-const VECTORS: [&str; 20] = [
+const VECTORS: [&str; 24] = [
     "envelope",
     "envelope_body",
     "public_key",
@@ -125,6 +125,10 @@ const VECTORS: [&str; 20] = [
     "frame_failed",
     "frame_error",
     "frame_detached",
+    "join_token_invite",
+    "invite_proof",
+    "frame_register_invite",
+    "frame_fleet_secret",
 ];
 
 fn protocol_md() -> String {
@@ -142,7 +146,7 @@ fn protocol_md_shows_every_vector() {
     let doc = protocol_md();
     for name in VECTORS {
         let bytes = read(name);
-        let shown = if name == "join_token" {
+        let shown = if name.starts_with("join_token") {
             String::from_utf8(bytes).unwrap()
         } else {
             hex::encode(bytes)
@@ -161,6 +165,7 @@ fn protocol_md_shows_the_domain_strings_and_labels() {
         Domain::EnvelopeTag,
         Domain::EnvelopeSignature,
         Domain::RegisterProof,
+        Domain::InviteProof,
     ] {
         let hex = hex::encode(d.as_bytes());
         assert!(doc.contains(&hex), "PROTOCOL.md lacks the bytes of {d:?}");
@@ -211,15 +216,44 @@ fn join_token_vector() {
     let token = JoinToken {
         addr: "127.0.0.1:8765".into(),
         fingerprint: [3; 32],
-        secret: FleetSecret::from_bytes(FLEET),
+        secret: JoinSecret::Fleet(FleetSecret::from_bytes(FLEET)),
     };
     let text = token.encode().unwrap();
     check("join_token", text.as_bytes());
     let back = JoinToken::parse(std::str::from_utf8(&read("join_token")).unwrap()).unwrap();
     assert_eq!(back.addr, "127.0.0.1:8765");
     assert_eq!(back.fingerprint, [3; 32]);
-    assert_eq!(back.secret.expose(), &FLEET);
+    assert_eq!(back.fleet_secret().unwrap().expose(), &FLEET);
     assert_eq!(back.encode().unwrap(), text);
+}
+
+const INVITE: [u8; 32] = [7; 32];
+
+#[test]
+fn invite_vectors() {
+    let token = JoinToken {
+        addr: "127.0.0.1:8765".into(),
+        fingerprint: [3; 32],
+        secret: JoinSecret::Invite {
+            instance_id: "instance-001".into(),
+            secret: FleetSecret::from_bytes(INVITE),
+        },
+    };
+    let text = token.encode().unwrap();
+    check("join_token_invite", text.as_bytes());
+    let back = JoinToken::parse(std::str::from_utf8(&read("join_token_invite")).unwrap()).unwrap();
+    assert_eq!(back.invited_id(), Some("instance-001"));
+    assert!(back.fleet_secret().is_none());
+    assert_eq!(back.encode().unwrap(), text);
+    let exporter = [4u8; 32];
+    let key = Identity::from_seed(&SENDER_SEED).public_key();
+    let proof = agent_link_proto::invite_proof(
+        &FleetSecret::from_bytes(INVITE).key(),
+        &exporter,
+        &key,
+        "instance-001",
+    );
+    check("invite_proof", &proof);
 }
 
 fn receipt() -> Receipt<'static> {
@@ -268,6 +302,14 @@ fn peer_frames(env: &[u8]) -> Vec<(&'static str, PeerToRelay<'_>)> {
             },
         ),
         ("frame_detach", PeerToRelay::Detach),
+        (
+            "frame_register_invite",
+            PeerToRelay::RegisterInvite {
+                instance_id: "instance-001",
+                name: "one",
+                proof: [5; 32],
+            },
+        ),
     ]
 }
 
@@ -324,6 +366,13 @@ fn relay_frames(env: &[u8]) -> Vec<(&'static str, RelayToPeer<'_>)> {
             },
         ),
         ("frame_detached", RelayToPeer::Detached),
+        (
+            "frame_fleet_secret",
+            RelayToPeer::FleetSecret {
+                secret: FLEET,
+                previous_valid_until_ms: SENT_AT + 86_400_000,
+            },
+        ),
     ]
 }
 

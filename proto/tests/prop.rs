@@ -80,6 +80,7 @@ fn receipt_strategy() -> impl Strategy<Value = OwnedReceipt> {
 #[derive(Debug, Clone)]
 enum OwnedPeer {
     Register(String, String, [u8; 32]),
+    RegisterInvite(String, String, [u8; 32]),
     StatusRequest,
     Attach(String, bool),
     Send(Vec<u8>),
@@ -91,6 +92,11 @@ impl OwnedPeer {
     fn view(&self) -> PeerToRelay<'_> {
         match self {
             Self::Register(i, n, p) => PeerToRelay::Register {
+                instance_id: i,
+                name: n,
+                proof: *p,
+            },
+            Self::RegisterInvite(i, n, p) => PeerToRelay::RegisterInvite {
                 instance_id: i,
                 name: n,
                 proof: *p,
@@ -118,6 +124,8 @@ fn peer_strategy() -> impl Strategy<Value = OwnedPeer> {
     prop_oneof![
         (text_strategy(), text_strategy(), any::<[u8; 32]>())
             .prop_map(|(i, n, p)| OwnedPeer::Register(i, n, p)),
+        (text_strategy(), text_strategy(), any::<[u8; 32]>())
+            .prop_map(|(i, n, p)| OwnedPeer::RegisterInvite(i, n, p)),
         Just(OwnedPeer::StatusRequest),
         (text_strategy(), any::<bool>()).prop_map(|(a, r)| OwnedPeer::Attach(a, r)),
         bytes(600).prop_map(OwnedPeer::Send),
@@ -137,6 +145,7 @@ enum OwnedRelay {
     Receipt(OwnedReceipt),
     Failed([u8; 16], ErrorCode),
     Error(ErrorCode),
+    FleetSecret([u8; 32], u64),
 }
 
 impl OwnedRelay {
@@ -160,6 +169,10 @@ impl OwnedRelay {
             Self::Receipt(r) => RelayToPeer::Receipt { receipt: r.view() },
             Self::Failed(id, c) => RelayToPeer::Failed { id: *id, code: *c },
             Self::Error(c) => RelayToPeer::Error { code: *c },
+            Self::FleetSecret(s, u) => RelayToPeer::FleetSecret {
+                secret: *s,
+                previous_valid_until_ms: *u,
+            },
         }
     }
 }
@@ -202,6 +215,7 @@ fn relay_strategy() -> impl Strategy<Value = OwnedRelay> {
         receipt_strategy().prop_map(OwnedRelay::Receipt),
         (any::<[u8; 16]>(), code_strategy()).prop_map(|(id, c)| OwnedRelay::Failed(id, c)),
         code_strategy().prop_map(OwnedRelay::Error),
+        (any::<[u8; 32]>(), varint_u64()).prop_map(|(s, u)| OwnedRelay::FleetSecret(s, u)),
     ]
 }
 
@@ -273,6 +287,9 @@ fn within(outer: &[u8], inner: &[u8]) -> bool {
 fn peer_borrows<'a>(f: &PeerToRelay<'a>) -> Vec<&'a [u8]> {
     match *f {
         PeerToRelay::Register {
+            instance_id, name, ..
+        }
+        | PeerToRelay::RegisterInvite {
             instance_id, name, ..
         } => vec![instance_id.as_bytes(), name.as_bytes()],
         PeerToRelay::StatusRequest | PeerToRelay::Nack { .. } | PeerToRelay::Detach => vec![],
@@ -570,7 +587,7 @@ proptest! {
         let t = JoinToken {
             addr: format!("{host}:{port}"),
             fingerprint,
-            secret: FleetSecret::from_bytes(secret),
+            secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes(secret)),
         };
         let text = t.encode().unwrap();
         prop_assert!(text.starts_with("al1"));
@@ -578,7 +595,7 @@ proptest! {
         let back = JoinToken::parse(&format!(" {text}\n")).unwrap();
         prop_assert_eq!(&back.addr, &t.addr);
         prop_assert_eq!(back.fingerprint, fingerprint);
-        prop_assert_eq!(back.secret.expose(), &secret);
+        prop_assert_eq!(back.fleet_secret().unwrap().expose(), &secret);
         let shown = format!("{back:?}");
         prop_assert!(!shown.contains(&hex::encode(secret)));
     }
@@ -603,7 +620,7 @@ proptest! {
         let good = JoinToken {
             addr: "relay.example:8765".into(),
             fingerprint: [3; 32],
-            secret: FleetSecret::from_bytes([2; 32]),
+            secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes([2; 32])),
         }
         .encode()
         .unwrap();

@@ -73,6 +73,16 @@ pub struct RelayConfig {
     /// it slowed the 10,000-instance one-in-flight exchange here; hence
     /// opt-in.
     pub max_udp_payload_size: u16,
+    /// Accept `Register` proved with the fleet secret (the open fleet token,
+    /// `invite --reusable`) from any new key. Off by default: joining takes a
+    /// single-use invite bound to one id (`invite --instance-id`), so a
+    /// member who is revoked cannot come back under another id with the
+    /// secret every member holds.
+    pub open_registration: bool,
+    /// Registrations per second, relay-wide (token bucket, burst the same),
+    /// invites and open registration together: each is a registry write and
+    /// an fsync. Over it the peer gets `RegistrationClosed` and may retry.
+    pub registrations_per_sec: u32,
 }
 
 impl Default for RelayConfig {
@@ -99,6 +109,8 @@ impl Default for RelayConfig {
             receive_window: 8 << 20,
             send_window: 8 << 20,
             max_udp_payload_size: 1452,
+            open_registration: false,
+            registrations_per_sec: 10,
         }
     }
 }
@@ -180,7 +192,7 @@ impl RelayConfig {
                 &format!("must be between 1 and {max_payload}"),
             ));
         }
-        let nonzero: [(&'static str, u64); 13] = [
+        let nonzero: [(&'static str, u64); 14] = [
             ("max_connections", self.max_connections.into()),
             (
                 "max_connections_per_instance",
@@ -200,6 +212,7 @@ impl RelayConfig {
             ("rate_burst", self.rate_burst.into()),
             ("timestamp_window_secs", self.timestamp_window_secs),
             ("agent_queue_len", self.agent_queue_len.into()),
+            ("registrations_per_sec", self.registrations_per_sec.into()),
         ];
         for (field, v) in nonzero {
             if v == 0 {

@@ -20,7 +20,8 @@
 //! let dir = std::path::Path::new("/tmp/relay-state");
 //! let state = agent_link_relay::state::init(dir, Some("127.0.0.1:0".parse()?))?;
 //! let relay = agent_link_relay::Relay::spawn(state, Default::default()).await?;
-//! println!("join token: {}", relay.join_token());
+//! let week = std::time::Duration::from_secs(7 * 24 * 3600);
+//! println!("invite for instance-001: {}", relay.invite("instance-001", week)?);
 //! relay.shutdown().await;
 //! # Ok(()) }
 //! ```

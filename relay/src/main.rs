@@ -45,7 +45,7 @@ impl DirArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve. On an empty or missing DIR, initialise it first and print the join token on stdout.
+    /// Serve. On an empty or missing DIR, initialise it first and print on stdout how to invite the first instance.
     Run {
         #[command(flatten)]
         dir: DirArg,
@@ -64,13 +64,24 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
-    /// Print one line: the join token (relay address, certificate fingerprint, fleet secret).
+    /// Print one line: a single-use join token for one instance id (relay address, certificate
+    /// fingerprint, the invite's own secret), or with --reusable the open fleet token.
     Invite {
         #[command(flatten)]
         dir: DirArg,
         /// Address instances should dial (default: the configured listen address)
         #[arg(long, value_name = "HOST:PORT")]
         addr: Option<String>,
+        /// The one instance id this invite registers (it is used up by that registration)
+        #[arg(long, value_name = "ID", required_unless_present = "reusable")]
+        instance_id: Option<String>,
+        /// Seconds the invite stays valid
+        #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600, conflicts_with = "reusable")]
+        expires: u64,
+        /// The open fleet token (carries the fleet secret; registers any free id), accepted only
+        /// while relay-config.json has `open_registration: true`
+        #[arg(long, conflicts_with = "instance_id")]
+        reusable: bool,
     },
     /// Register an instance's public key (works whether the relay runs or not).
     Register {
@@ -171,14 +182,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => serve(&dir.path(), listen, metrics),
         Command::Init { dir, listen } => {
             let dir = dir.path();
-            let st = state::init(&dir, listen)?;
+            state::init(&dir, listen)?;
             eprintln!("initialised {}", dir.display());
-            if st.config.listen.port() != 0 {
-                println!("{}", token(&st, &state::dial_addr(st.config.listen))?);
-            }
+            eprintln!("{}", first_invite_hint(&dir));
             Ok(())
         }
-        Command::Invite { dir, addr } => {
+        Command::Invite {
+            dir,
+            addr,
+            instance_id,
+            expires,
+            reusable,
+        } => {
             let st = state::load(&dir.path())?;
             let addr = match addr {
                 Some(a) => a,
@@ -190,7 +205,42 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 None => state::dial_addr(st.config.listen),
             };
-            println!("{}", token(&st, &addr)?);
+            let token = match instance_id {
+                Some(id) if !reusable => {
+                    if expires == 0 {
+                        return Err(Failure(Exit::Usage, "--expires must be at least 1".into()));
+                    }
+                    st.invite(&addr, &id, std::time::Duration::from_secs(expires))
+                        .map_err(|e| match e {
+                            state::InviteStateError::Refused(
+                                agent_link_relay::registry::InviteError::Register(
+                                    RegisterError::BadId(m),
+                                ),
+                            ) => Failure(Exit::Usage, format!("--instance-id: {m}")),
+                            state::InviteStateError::Refused(r) => {
+                                Failure(Exit::Refused, format!("cannot invite {id}: {r}"))
+                            }
+                            e => Failure(Exit::Other, e.to_string()),
+                        })?
+                }
+                _ => {
+                    if !st.config.open_registration {
+                        return Err(Failure(
+                            Exit::Usage,
+                            "open registration is off: invite one id with `--instance-id ID`, \
+                             or set \"open_registration\": true in relay-config.json first"
+                                .into(),
+                        ));
+                    }
+                    st.open_token(&addr)
+                }
+            };
+            println!(
+                "{}",
+                token
+                    .encode()
+                    .map_err(|e| Failure(Exit::Other, e.to_string()))?
+            );
             Ok(())
         }
         Command::Register {
@@ -327,10 +377,14 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
     }
 }
 
-fn token(st: &state::RelayState, addr: &str) -> Result<String, Failure> {
-    st.join_token(addr)
-        .encode()
-        .map_err(|e| Failure(Exit::Other, e.to_string()))
+/// What to run next on a new relay: joining takes an invite per instance,
+/// and the invite is a secret, so it is not printed where logs are kept.
+fn first_invite_hint(dir: &Path) -> String {
+    format!(
+        "no instances yet: invite the first with `agent-link-relay invite --dir {} --instance-id ID` \
+         and give its one-line token to `agent-link init --join-file FILE` on that computer",
+        dir.display()
+    )
 }
 
 fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
@@ -359,8 +413,21 @@ fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
             })
         })
         .collect();
+    let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
+    let invites: Vec<serde_json::Value> = reg
+        .invites()
+        .iter()
+        .filter(|i| i.expires_at_ms > now)
+        .map(
+            |i| serde_json::json!({"instance_id": i.instance_id, "expires_at_ms": i.expires_at_ms}),
+        )
+        .collect();
     if json {
-        let doc = serde_json::json!({ "relay_running": relay_running, "instances": rows });
+        let doc = serde_json::json!({
+            "relay_running": relay_running,
+            "instances": rows,
+            "pending_invites": invites,
+        });
         println!("{doc}");
         return Ok(());
     }
@@ -398,6 +465,15 @@ fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
             r["public_key"].as_str().unwrap_or("")
         );
     }
+    for i in invites {
+        println!(
+            "{:<24} {:<20} {:<8} invited, expires in {} s",
+            i["instance_id"].as_str().unwrap_or(""),
+            "-",
+            "-",
+            i["expires_at_ms"].as_u64().unwrap_or(0).saturating_sub(now) / 1000
+        );
+    }
     Ok(())
 }
 
@@ -430,7 +506,9 @@ fn serve(
         .await
         .map_err(|e| Failure(Exit::Other, e.to_string()))?;
         if fresh {
-            println!("{}", relay.join_token());
+            // Not a token: stdout of a service lands in its journal, and a
+            // join token is a secret (SECURITY.md).
+            println!("{}", first_invite_hint(dir));
         }
         if let Some(m) = relay.metrics_addr() {
             tracing::info!("metrics on http://{m}/metrics");

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use agent_link_crypto::tls::TlsIdentity;
 use agent_link_crypto::{FleetSecret, Identity};
-use agent_link_proto::JoinToken;
+use agent_link_proto::{JoinSecret, JoinToken};
 
 use crate::config::{ConfigError, RelayConfig};
 use crate::registry::{RegistryStore, StoreError};
@@ -191,14 +191,54 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
 }
 
 impl RelayState {
-    /// The join token for instances dialling `addr`.
-    pub fn join_token(&self, addr: &str) -> JoinToken {
+    /// The open fleet token for instances dialling `addr`: it carries the
+    /// fleet secret and registers any free id, so a relay accepts it only
+    /// with `open_registration` on (`invite --reusable`).
+    pub fn open_token(&self, addr: &str) -> JoinToken {
         JoinToken {
             addr: addr.to_string(),
             fingerprint: self.tls.fingerprint(),
-            secret: self.fleet.clone(),
+            secret: JoinSecret::Fleet(self.fleet.clone()),
         }
     }
+
+    /// Make a single-use invite for `instance_id`, valid for `valid_for`,
+    /// recorded durably in the registry (a running relay reads it from
+    /// there), and return its join token for instances dialling `addr`.
+    pub fn invite(
+        &self,
+        addr: &str,
+        instance_id: &str,
+        valid_for: std::time::Duration,
+    ) -> Result<JoinToken, InviteStateError> {
+        let secret = FleetSecret::generate();
+        let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
+        let expires = now.saturating_add(u64::try_from(valid_for.as_millis()).unwrap_or(u64::MAX));
+        let hex = hex::encode(secret.expose());
+        RegistryStore::new(&self.dir)
+            .update(|r| r.add_invite(instance_id, hex, expires, now))?
+            .map_err(InviteStateError::Refused)?;
+        Ok(JoinToken {
+            addr: addr.to_string(),
+            fingerprint: self.tls.fingerprint(),
+            secret: JoinSecret::Invite {
+                instance_id: instance_id.to_string(),
+                secret,
+            },
+        })
+    }
+}
+
+/// Why `invite` made no invite.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InviteStateError {
+    /// The registry could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The id cannot be invited (registered, revoked, invalid).
+    #[error(transparent)]
+    Refused(crate::registry::InviteError),
 }
 
 /// The address to put in a join token for a relay listening on `listen`:
@@ -241,7 +281,7 @@ mod tests {
             init(&dir, None),
             Err(StateError::AlreadyInitialised(_))
         ));
-        let tok = l.join_token("127.0.0.1:8765").encode().unwrap();
+        let tok = l.open_token("127.0.0.1:8765").encode().unwrap();
         assert_eq!(
             JoinToken::parse(&tok).unwrap().fingerprint,
             s.tls.fingerprint()

@@ -21,7 +21,11 @@ pub fn write_peer_dir(dir: &Path, instance_id: &str, identity: &Identity, token:
     use agent_link::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
     std::fs::create_dir_all(dir).unwrap();
     identity.write_new(&dir.join(KEY_FILE)).unwrap();
-    token.secret.write_new(&dir.join(SECRET_FILE)).unwrap();
+    token
+        .fleet_secret()
+        .expect("an open fleet token")
+        .write_new(&dir.join(SECRET_FILE))
+        .unwrap();
     let cfg = PeerConfig {
         relay_url: token.addr.clone(),
         relay_fingerprint: hex::encode(token.fingerprint),

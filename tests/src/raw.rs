@@ -60,7 +60,11 @@ impl RawClient {
         Self::connect_with(
             relay.addr,
             relay.token.fingerprint,
-            relay.token.secret.key(),
+            relay
+                .token
+                .fleet_secret()
+                .expect("an open fleet token")
+                .key(),
             identity,
             instance,
         )

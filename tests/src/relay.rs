@@ -39,6 +39,9 @@ impl TestRelay {
         agent_link_relay::state::init(&state_dir, Some("127.0.0.1:0".parse().unwrap())).unwrap();
         let cfg_path = state_dir.join(agent_link_relay::state::CONFIG_FILE);
         let mut cfg = RelayConfig::load(&cfg_path).unwrap();
+        // Most tests register with the open fleet token (`token`); the
+        // tests of invites turn this off in `tweak`.
+        cfg.open_registration = true;
         tweak(&mut cfg);
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
         let mut me = Self {
@@ -70,7 +73,7 @@ impl TestRelay {
         .await
         .unwrap();
         self.addr = relay.local_addr();
-        self.token = JoinToken::parse(&relay.join_token()).unwrap();
+        self.token = JoinToken::parse(&relay.open_token()).unwrap();
         self.relay = Some(relay);
     }
 
@@ -148,6 +151,6 @@ fn placeholder_token() -> JoinToken {
     JoinToken {
         addr: "127.0.0.1:1".into(),
         fingerprint: [0; 32],
-        secret: FleetSecret::from_bytes([0; 32]),
+        secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes([0; 32])),
     }
 }

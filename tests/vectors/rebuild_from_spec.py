@@ -49,6 +49,7 @@ want = {
  'frame_ack': varint(4) + varint(300) + receipt_peer,
  'frame_nack': varint(5) + varint(300) + ID + varint(18),
  'frame_detach': varint(6),
+ 'frame_register_invite': varint(7) + s('instance-001') + s('one') + bytes([5]*32),
  'frame_registered': varint(0) + s('instance-001'),
  'frame_status': varint(1) + st + varint(1) + st,
  'frame_attached': varint(2) + s('xiaobaozi') + varint(1<<20) + varint(60000),
@@ -57,9 +58,15 @@ want = {
  'frame_failed': varint(5) + ID + varint(10),
  'frame_error': varint(6) + varint(2),
  'frame_detached': varint(7),
+ 'frame_fleet_secret': varint(8) + fleet + varint(T + 86_400_000),
 }
 for k, b in want.items():
     assert frame(b).hex() == h(k), k
 tok = b'al1' + base64.urlsafe_b64encode(b'\x01' + s('127.0.0.1:8765') + bytes([3]*32) + fleet).rstrip(b'=')
 assert tok.hex() == h('join_token')
-print('all', 4 + len(want) + 1, 'vectors rebuilt independently')
+invite = bytes([7]*32)
+tok = b'al1' + base64.urlsafe_b64encode(b'\x02' + s('127.0.0.1:8765') + bytes([3]*32) + s('instance-001') + invite).rstrip(b'=')
+assert tok.hex() == h('join_token_invite')
+proof = hmac.new(invite, b'agent-link/1 invite proof\0' + bytes([4]*32) + pk + b'instance-001', hashlib.sha256).digest()
+assert proof.hex() == h('invite_proof')
+print('all', 4 + len(want) + 3, 'vectors rebuilt independently')

@@ -300,7 +300,8 @@ impl AgentCore {
                 // Control-stream frames have no place here.
                 RelayToPeer::Registered { .. }
                 | RelayToPeer::Status { .. }
-                | RelayToPeer::Attached { .. } => return Some(SessionEnd::Lost),
+                | RelayToPeer::Attached { .. }
+                | RelayToPeer::FleetSecret { .. } => return Some(SessionEnd::Lost),
             }
         }
         None

@@ -71,13 +71,26 @@ pub fn first_frame(body: &[u8]) -> FirstFrame<'_> {
             Ok(()) => FirstFrame::Agent { agent, receive },
             Err(_) => FirstFrame::Refuse(ErrorCode::BadAddress),
         },
-        Ok(PeerToRelay::StatusRequest | PeerToRelay::Register { .. }) => FirstFrame::Control,
+        Ok(
+            PeerToRelay::StatusRequest
+            | PeerToRelay::Register { .. }
+            | PeerToRelay::RegisterInvite { .. },
+        ) => FirstFrame::Control,
         Ok(_) => FirstFrame::Refuse(ErrorCode::NotAttached),
         Err(_) => FirstFrame::Refuse(ErrorCode::Malformed),
     }
 }
 
-/// A `Register` request, not yet checked.
+/// Which secret keys a registration's proof.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `Register`: the fleet secret (open registration only).
+    Fleet,
+    /// `RegisterInvite`: the single-use invite's own secret.
+    Invite,
+}
+
+/// A `Register` or `RegisterInvite` request, not yet checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration<'f> {
     /// The id asked for.
@@ -86,24 +99,69 @@ pub struct Registration<'f> {
     pub name: &'f str,
     /// The proof over the TLS exporter, key and id (PROTOCOL.md §5.3).
     pub proof: [u8; 32],
+    /// The secret the proof is keyed with.
+    pub via: Via,
+}
+
+fn as_registration<'f>(frame: &PeerToRelay<'f>) -> Option<Registration<'f>> {
+    match *frame {
+        PeerToRelay::Register {
+            instance_id,
+            name,
+            proof,
+        } => Some(Registration {
+            instance_id,
+            name,
+            proof,
+            via: Via::Fleet,
+        }),
+        PeerToRelay::RegisterInvite {
+            instance_id,
+            name,
+            proof,
+        } => Some(Registration {
+            instance_id,
+            name,
+            proof,
+            via: Via::Invite,
+        }),
+        _ => None,
+    }
 }
 
 /// The first frame of an unknown key's only stream: it must be `Register`
-/// (`NotRegistered` otherwise, `Malformed` if it does not decode).
+/// or `RegisterInvite` (`NotRegistered` otherwise, `Malformed` if it does
+/// not decode).
 pub fn registration(body: &[u8]) -> Result<Registration<'_>, ErrorCode> {
     match codec::decode::<PeerToRelay>(body) {
-        Ok(PeerToRelay::Register {
-            instance_id,
-            name,
-            proof,
-        }) => Ok(Registration {
-            instance_id,
-            name,
-            proof,
-        }),
-        Ok(_) => Err(ErrorCode::NotRegistered),
+        Ok(f) => as_registration(&f).ok_or(ErrorCode::NotRegistered),
         Err(_) => Err(ErrorCode::Malformed),
     }
+}
+
+/// Decide whether a registration may go on to the registry, before any
+/// proof is checked: `Register` by fleet secret only where the relay allows
+/// open registration (`open`), unless the key already holds that very id
+/// (`already`: a member repeating its own registration changes nothing);
+/// and any registration that would write the registry only while the
+/// relay-wide registration bucket has a token (`take_token`, asked last so
+/// refused requests do not spend it). `RegistrationClosed` otherwise.
+pub fn may_register(
+    reg: &Registration<'_>,
+    open: bool,
+    already: bool,
+    take_token: impl FnOnce() -> bool,
+) -> Result<(), ErrorCode> {
+    if already {
+        return Ok(());
+    }
+    if reg.via == Via::Fleet && !open {
+        return Err(ErrorCode::RegistrationClosed);
+    }
+    if !take_token() {
+        return Err(ErrorCode::RegistrationClosed);
+    }
+    Ok(())
 }
 
 /// A request on a registered connection's control stream.
@@ -124,26 +182,19 @@ pub fn control_request<'f>(
 ) -> Result<ControlRequest<'f>, ErrorCode> {
     match codec::decode::<PeerToRelay>(body) {
         Ok(PeerToRelay::StatusRequest) => Ok(ControlRequest::Status),
-        Ok(PeerToRelay::Register {
-            instance_id,
-            name,
-            proof,
-        }) => {
-            if instance_id != instance {
-                return Err(ErrorCode::InstanceIdTaken);
-            }
-            Ok(ControlRequest::Register(Registration {
-                instance_id,
-                name,
-                proof,
-            }))
-        }
+        Ok(f) => match as_registration(&f) {
+            Some(reg) if reg.instance_id != instance => Err(ErrorCode::InstanceIdTaken),
+            Some(reg) => Ok(ControlRequest::Register(reg)),
+            None => Err(ErrorCode::Malformed),
+        },
         _ => Err(ErrorCode::Malformed),
     }
 }
 
-/// Check a registration before it is recorded (PROTOCOL.md §9.2): the id
-/// (`BadAddress`), then the proof (`BadProof`). The proof is bound to this
+/// Check a fleet-secret registration before it is recorded (PROTOCOL.md
+/// §9.2): the id (`BadAddress`), then the proof (`BadProof`). (An invite's
+/// proof is checked against that invite's secret by the registry, in the
+/// same locked change that uses the invite up.) The proof is bound to this
 /// TLS session (`exporter`, `None` if the session could not export one:
 /// `Internal`) and this key, so a captured proof cannot register another key
 /// or be replayed elsewhere.
@@ -302,7 +353,22 @@ mod tests {
             Ok(Registration {
                 instance_id: "i1",
                 name: "n",
-                proof: [3; 32]
+                proof: [3; 32],
+                via: Via::Fleet,
+            })
+        );
+        let invite = body(&PeerToRelay::RegisterInvite {
+            instance_id: "i1",
+            name: "n",
+            proof: [3; 32],
+        });
+        assert_eq!(
+            registration(&invite),
+            Ok(Registration {
+                instance_id: "i1",
+                name: "n",
+                proof: [3; 32],
+                via: Via::Invite,
             })
         );
         let status = body(&PeerToRelay::StatusRequest);
@@ -313,6 +379,44 @@ mod tests {
         });
         assert_eq!(registration(&attach), Err(ErrorCode::NotRegistered));
         assert_eq!(registration(&[0x7f, 1]), Err(ErrorCode::Malformed));
+    }
+
+    #[test]
+    fn the_fleet_secret_registers_only_where_open_and_every_write_takes_a_token() {
+        let reg = |via| Registration {
+            instance_id: "i1",
+            name: "n",
+            proof: [0; 32],
+            via,
+        };
+        let closed = Err(ErrorCode::RegistrationClosed);
+        // Invites-only relay: the fleet secret is refused, before the
+        // bucket is asked; a member repeating its own registration is not.
+        let asked = std::cell::Cell::new(false);
+        let spy = || {
+            asked.set(true);
+            true
+        };
+        assert_eq!(may_register(&reg(Via::Fleet), false, false, spy), closed);
+        assert!(!asked.get(), "a refused request spends no token");
+        assert_eq!(
+            may_register(&reg(Via::Fleet), false, true, || false),
+            Ok(())
+        );
+        assert_eq!(
+            may_register(&reg(Via::Invite), false, false, || true),
+            Ok(())
+        );
+        assert_eq!(may_register(&reg(Via::Fleet), true, false, || true), Ok(()));
+        // Over the cap: refused, whichever secret.
+        assert_eq!(
+            may_register(&reg(Via::Invite), false, false, || false),
+            closed
+        );
+        assert_eq!(
+            may_register(&reg(Via::Fleet), true, false, || false),
+            closed
+        );
     }
 
     #[test]
@@ -355,6 +459,7 @@ mod tests {
             instance_id: "i1",
             name: "n",
             proof,
+            via: Via::Fleet,
         };
         assert_eq!(
             check_registration(&good, &key, &fleet, Some(exporter)),

@@ -188,18 +188,50 @@ impl LiveRegistry {
         instance_id: &str,
         name: &str,
     ) -> Result<bool, ErrorCode> {
-        let store = self.store.clone();
         let (id, name, k) = (instance_id.to_string(), name.to_string(), *key);
-        let result =
-            tokio::task::spawn_blocking(move || store.update(|r| r.register(&id, &k, &name)))
-                .await
-                .map_err(|_| ErrorCode::Internal)?;
+        self.change_online(router, move |r| {
+            r.register(&id, &k, &name).map_err(ErrorCode::from)
+        })
+        .await
+    }
+
+    /// Redeem the single-use invite for `instance_id` for `key`, durably,
+    /// then make it live: `proof_ok` checks the registration proof against
+    /// the invite's secret, inside the same locked change that uses the
+    /// invite up, so two connections racing with one invite cannot both
+    /// win. `Ok(false)`: that key already holds the id.
+    pub(crate) async fn redeem_invite_online<M>(
+        &self,
+        router: &Router<M>,
+        key: &PublicKey,
+        instance_id: &str,
+        name: &str,
+        proof_ok: impl FnOnce(&[u8; 32]) -> bool + Send + 'static,
+    ) -> Result<bool, ErrorCode> {
+        let (id, name, k) = (instance_id.to_string(), name.to_string(), *key);
+        let now = agent_link_proto::clock::unix_ms(SystemTime::now());
+        self.change_online(router, move |r| {
+            r.redeem_invite(&id, &k, &name, now, proof_ok)
+                .map_err(ErrorCode::from)
+        })
+        .await
+    }
+
+    async fn change_online<M>(
+        &self,
+        router: &Router<M>,
+        change: impl FnOnce(&mut Registry) -> Result<bool, ErrorCode> + Send + 'static,
+    ) -> Result<bool, ErrorCode> {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.update(change))
+            .await
+            .map_err(|_| ErrorCode::Internal)?;
         match result {
             Ok(Ok((new, reg))) => {
                 self.install(reg, router);
                 Ok(new)
             }
-            Ok(Err(refused)) => Err(refused.into()),
+            Ok(Err(refused)) => Err(refused),
             Err(e) => {
                 tracing::error!("registry write failed: {e}");
                 Err(ErrorCode::Internal)

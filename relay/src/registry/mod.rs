@@ -77,12 +77,57 @@ impl From<RegisterError> for ErrorCode {
     }
 }
 
+/// A single-use invite not yet redeemed (`agent-link-relay invite
+/// --instance-id`). Its secret keys the registration proof, so the relay has
+/// to keep it: `registry.json` is written 0600 for this reason.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    /// The one id it registers.
+    pub instance_id: String,
+    /// The invite's secret, 64 hex digits.
+    pub secret: String,
+    /// Unix ms after which it is refused (and dropped at the next write).
+    pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for Invite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invite")
+            .field("instance_id", &self.instance_id)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an invite was not made or not redeemed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InviteError {
+    /// The id is registered already (or revoked): an invite could never be
+    /// redeemed.
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    /// No unexpired invite for this id, or the proof is not its secret's.
+    #[error("no valid invite for instance {0:?} (unknown, used or expired)")]
+    Invalid(String),
+}
+
+impl From<InviteError> for ErrorCode {
+    fn from(e: InviteError) -> Self {
+        match e {
+            InviteError::Register(r) => r.into(),
+            InviteError::Invalid(_) => ErrorCode::InviteInvalid,
+        }
+    }
+}
+
 /// Registry contents with both lookups.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
     records: Vec<InstanceRecord>,
     by_id: HashMap<String, usize>,
     by_key: HashMap<PublicKey, usize>,
+    invites: Vec<Invite>,
 }
 
 impl Registry {
@@ -158,6 +203,76 @@ impl Registry {
         Ok(true)
     }
 
+    /// Invites not yet redeemed (expired ones included until the next write).
+    pub fn invites(&self) -> &[Invite] {
+        &self.invites
+    }
+
+    /// Record a single-use invite for `instance_id` with `secret` (hex),
+    /// replacing any earlier one for that id (re-inviting invalidates the
+    /// old token). Refused for an id that is registered or revoked. Expired
+    /// invites are dropped on the way.
+    pub fn add_invite(
+        &mut self,
+        instance_id: &str,
+        secret_hex: String,
+        expires_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), InviteError> {
+        agent_link_proto::check_id(instance_id).map_err(|e| RegisterError::BadId(e.to_string()))?;
+        if let Some(rec) = self.get(instance_id) {
+            return Err(if rec.revoked {
+                RegisterError::Revoked(instance_id.to_string())
+            } else {
+                RegisterError::IdTaken(instance_id.to_string())
+            }
+            .into());
+        }
+        self.invites
+            .retain(|i| i.instance_id != instance_id && i.expires_at_ms > now_ms);
+        self.invites.push(Invite {
+            instance_id: instance_id.to_string(),
+            secret: secret_hex,
+            expires_at_ms,
+        });
+        Ok(())
+    }
+
+    /// Redeem the invite for `instance_id`: `proof_ok` is asked whether the
+    /// registration proof is the invite's secret's (it gets the secret's
+    /// bytes); then `key` is registered and the invite removed, in one
+    /// change. `Ok(false)`: that very key already holds the id (a retry
+    /// after the invite was used: answered as the first time).
+    pub fn redeem_invite(
+        &mut self,
+        instance_id: &str,
+        key: &PublicKey,
+        name: &str,
+        now_ms: u64,
+        proof_ok: impl FnOnce(&[u8; 32]) -> bool,
+    ) -> Result<bool, InviteError> {
+        if let Some(rec) = self.get(instance_id) {
+            if rec.public_key == key.to_string() && !rec.revoked {
+                return Ok(false);
+            }
+        }
+        let invalid = || InviteError::Invalid(instance_id.to_string());
+        let i = self
+            .invites
+            .iter()
+            .position(|i| i.instance_id == instance_id && i.expires_at_ms > now_ms)
+            .ok_or_else(invalid)?;
+        let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(&self.invites[i].secret, secret.as_mut()).map_err(|_| invalid())?;
+        if !proof_ok(&secret) {
+            return Err(invalid());
+        }
+        let new = self.register(instance_id, key, name)?;
+        self.invites.remove(i);
+        self.invites.retain(|i| i.expires_at_ms > now_ms);
+        Ok(new)
+    }
+
     /// Revoke an instance. `Ok(false)` when it already was.
     pub fn revoke(&mut self, instance_id: &str) -> Result<bool, String> {
         let i = *self
@@ -167,6 +282,10 @@ impl Registry {
         let was = self.records[i].revoked;
         self.records[i].revoked = true;
         Ok(!was)
+    }
+
+    pub(super) fn set_invites(&mut self, invites: Vec<Invite>) {
+        self.invites = invites;
     }
 }
 
@@ -208,6 +327,53 @@ mod tests {
             Err(RegisterError::Revoked("i1".into()))
         );
         assert!(r.revoke("nope").is_err());
+    }
+
+    #[test]
+    fn an_invite_registers_its_one_id_once() {
+        let mut r = Registry::default();
+        let a = Identity::generate().public_key();
+        let b = Identity::generate().public_key();
+        let secret = [9u8; 32];
+        let good = |s: &[u8; 32]| *s == secret;
+        r.add_invite("i1", hex::encode(secret), 1_000, 0).unwrap();
+        // Wrong proof, or expired: refused, the invite stays for the real one.
+        assert_eq!(
+            r.redeem_invite("i1", &a, "n", 10, |_| false),
+            Err(InviteError::Invalid("i1".into()))
+        );
+        assert_eq!(
+            r.redeem_invite("i1", &a, "n", 1_000, good),
+            Err(InviteError::Invalid("i1".into()))
+        );
+        assert_eq!(r.redeem_invite("i1", &a, "n", 10, good), Ok(true));
+        assert!(r.invites().is_empty(), "single use");
+        // The same key again: answered as before; another key: no invite.
+        assert_eq!(r.redeem_invite("i1", &a, "n", 10, good), Ok(false));
+        assert_eq!(
+            r.redeem_invite("i1", &b, "n", 10, good),
+            Err(InviteError::Invalid("i1".into()))
+        );
+        // No invite for a registered or revoked id; a re-invite replaces.
+        assert!(matches!(
+            r.add_invite("i1", hex::encode(secret), 1_000, 0),
+            Err(InviteError::Register(RegisterError::IdTaken(_)))
+        ));
+        r.revoke("i1").unwrap();
+        assert!(matches!(
+            r.add_invite("i1", hex::encode(secret), 1_000, 0),
+            Err(InviteError::Register(RegisterError::Revoked(_)))
+        ));
+        r.add_invite("i2", hex::encode([1u8; 32]), 1_000, 0)
+            .unwrap();
+        r.add_invite("i2", hex::encode(secret), 1_000, 0).unwrap();
+        assert_eq!(r.invites().len(), 1);
+        assert_eq!(
+            r.redeem_invite("i2", &b, "n", 10, |s| *s == [1u8; 32]),
+            Err(InviteError::Invalid("i2".into())),
+            "the replaced invite's secret no longer works"
+        );
+        assert_eq!(r.redeem_invite("i2", &b, "n", 10, good), Ok(true));
     }
 
     #[test]

@@ -6,11 +6,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{InstanceRecord, Registry};
+use super::{InstanceRecord, Invite, Registry};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct RegistryFile {
     registered_instances: Vec<InstanceRecord>,
+    /// Single-use invites not yet redeemed (with their secrets: the file is
+    /// 0600).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending_invites: Vec<Invite>,
 }
 
 /// Errors of the on-disk store.
@@ -90,7 +94,9 @@ impl RegistryStore {
         };
         let file: RegistryFile =
             serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-        Registry::from_records(file.registered_instances).map_err(corrupt)
+        let mut reg = Registry::from_records(file.registered_instances).map_err(corrupt)?;
+        reg.set_invites(file.pending_invites);
+        Ok(reg)
     }
 
     /// Read the registry unless its bytes hash to `last` (SHA-256): parsing
@@ -126,12 +132,15 @@ impl RegistryStore {
         // never interleave their read-modify-write cycles.
         lock.lock().map_err(self.io(&self.lock_path))?;
         let mut reg = self.load()?;
-        let before = reg.records().to_vec();
+        let before = (reg.records().to_vec(), reg.invites().to_vec());
         let out = match change(&mut reg) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        if reg.records() == before.as_slice() && self.path.exists() {
+        if reg.records() == before.0.as_slice()
+            && reg.invites() == before.1.as_slice()
+            && self.path.exists()
+        {
             // Nothing changed (a registration repeated, a revoke of the
             // revoked): no rewrite, no fsync. What is on disk is already
             // this registry. (A missing file is still written: `init`
@@ -140,6 +149,7 @@ impl RegistryStore {
         }
         let file = RegistryFile {
             registered_instances: reg.records().to_vec(),
+            pending_invites: reg.invites().to_vec(),
         };
         let json = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Corrupt {
             path: self.path.display().to_string(),

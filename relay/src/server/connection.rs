@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_link_crypto::PublicKey;
-use agent_link_proto::{ErrorCode, RelayToPeer};
+use agent_link_proto::ErrorCode;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, Instrument};
 
 use super::hub::{ConnInfo, Hub};
-use super::writer::frame;
 use crate::core::admission::{self, Admission, PRE_AUTH_MAX_FRAME};
 use crate::core::limits;
 use agent_link_quic::frames::refuse_stream;
@@ -129,12 +128,11 @@ async fn registration_only(
         Err(e) => Err(e.code().unwrap_or(ErrorCode::Malformed)),
     };
     match outcome {
-        Ok(id) => {
-            let ok = frame(&RelayToPeer::Registered { instance_id: &id });
-            if send.write_all(&ok).await.is_err() {
+        Ok(registered) => {
+            if send.write_all(&registered.reply).await.is_err() {
                 return None;
             }
-            Some((id, (send, reader)))
+            Some((registered.instance_id, (send, reader)))
         }
         Err(code) => {
             refuse_stream(&mut send, code).await;

@@ -12,7 +12,7 @@ use tracing::info;
 
 use super::hub::{ConnInfo, Hub};
 use super::writer::frame;
-use crate::core::admission::{self, ControlRequest, Registration};
+use crate::core::admission::{self, ControlRequest, Registration, Via};
 use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
@@ -58,7 +58,7 @@ pub(crate) async fn serve_control(
             Ok(ControlRequest::Status) => status(&hub, &info),
             Ok(ControlRequest::Register(reg)) => register(&hub, &info.conn, &info.key, &reg)
                 .await
-                .map(|id| frame(&RelayToPeer::Registered { instance_id: &id })),
+                .map(|r| r.reply),
             Err(code) => Err(code),
         };
         match reply {
@@ -106,23 +106,72 @@ fn status(hub: &Hub, info: &ConnInfo) -> Result<Bytes, ErrorCode> {
         .map_err(|_| ErrorCode::Internal)
 }
 
-/// Check a registration (id, proof) and record it durably (PROTOCOL.md
-/// §9.2); the instance id on success.
+/// A registration recorded: the id, and the frames that answer it.
+pub(crate) struct Registered {
+    pub(crate) instance_id: String,
+    /// `Registered`, after `FleetSecret` for an invite (whose holder has
+    /// not had the fleet secret so far).
+    pub(crate) reply: Bytes,
+}
+
+/// Check a registration (the id, whether this relay takes it, the proof)
+/// and record it durably (PROTOCOL.md §9.2).
 pub(crate) async fn register(
     hub: &Hub,
     conn: &quinn::Connection,
     key: &PublicKey,
     reg: &Registration<'_>,
-) -> Result<String, ErrorCode> {
-    let exported = agent_link_quic::exporter::register_exporter(conn).ok();
-    admission::check_registration(reg, key, hub.fleet(), exported)?;
-    let new = hub
-        .registry()
-        .register_online(hub.router(), key, reg.instance_id, reg.name)
-        .await?;
+) -> Result<Registered, ErrorCode> {
+    agent_link_proto::check_id(reg.instance_id).map_err(|_| ErrorCode::BadAddress)?;
+    let already = hub.registry().read().key_status(key)
+        == crate::registry::KeyStatus::Active(reg.instance_id.to_string());
+    // Before any proof is checked or anything written: the fleet secret
+    // registers only where the operator opened registration, and every
+    // registry write spends a relay-wide token (each is an fsync).
+    admission::may_register(reg, hub.config().open_registration, already, || {
+        hub.take_registration_token()
+    })?;
+    let exporter = agent_link_quic::exporter::register_exporter(conn)
+        .ok()
+        .ok_or(ErrorCode::Internal)?;
+    let new = match reg.via {
+        Via::Fleet => {
+            admission::check_registration(reg, key, hub.fleet(), Some(exporter))?;
+            hub.registry()
+                .register_online(hub.router(), key, reg.instance_id, reg.name)
+                .await?
+        }
+        Via::Invite => {
+            let (k, id, proof) = (*key, reg.instance_id.to_string(), reg.proof);
+            hub.registry()
+                .redeem_invite_online(hub.router(), key, reg.instance_id, reg.name, move |s| {
+                    let invite = agent_link_crypto::FleetSecret::from_bytes(*s).key();
+                    agent_link_proto::check_invite_proof(&invite, &exporter, &k, &id, &proof)
+                        .is_ok()
+                })
+                .await?
+        }
+    };
     if new {
         hub.stats().registrations.fetch_add(1, Relaxed);
-        info!(instance = %reg.instance_id, "registered");
+        info!(instance = %reg.instance_id, via = ?reg.via, "registered");
     }
-    Ok(reg.instance_id.to_string())
+    let registered = frame(&RelayToPeer::Registered {
+        instance_id: reg.instance_id,
+    });
+    let reply = match reg.via {
+        Via::Fleet => registered,
+        Via::Invite => {
+            // The member has proved its invite: from here on it is one of
+            // the fleet, and this (authenticated, registered) connection
+            // is how it learns the fleet secret.
+            let mut b = hub.fleet_secret_frame().to_vec();
+            b.extend_from_slice(&registered);
+            Bytes::from(b)
+        }
+    };
+    Ok(Registered {
+        instance_id: reg.instance_id.to_string(),
+        reply,
+    })
 }

@@ -7,8 +7,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use agent_link_crypto::{FleetKey, PublicKey};
-use agent_link_proto::ErrorCode;
+use agent_link_crypto::{FleetKey, FleetSecret, PublicKey};
+use agent_link_proto::{ErrorCode, RelayToPeer};
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::writer::Outbound;
@@ -34,23 +35,51 @@ pub(crate) struct Hub {
     registry: LiveRegistry,
     stats: Stats,
     shutdown: CancellationToken,
+    /// `FleetSecret` for registered members (PROTOCOL.md §9.7).
+    fleet_secret_frame: Bytes,
+    /// Registry writes by registration, relay-wide
+    /// (`registrations_per_sec`).
+    registrations: Mutex<TokenBucket>,
 }
 
 impl Hub {
-    pub(crate) fn new(config: RelayConfig, fleet: FleetKey, registry: LiveRegistry) -> Self {
+    pub(crate) fn new(config: RelayConfig, fleet: &FleetSecret, registry: LiveRegistry) -> Self {
         Self {
+            fleet_secret_frame: super::writer::frame(&RelayToPeer::FleetSecret {
+                secret: *fleet.expose(),
+                previous_valid_until_ms: 0,
+            }),
             policy: CheckPolicy {
-                fleet,
+                fleet: fleet.key(),
                 window_ms: config.timestamp_window_secs * 1000,
                 verify_signatures: false,
                 max_payload: config.max_message_size as usize,
             },
-            config,
             router: Router::default(),
             registry,
             stats: Stats::default(),
             shutdown: CancellationToken::new(),
+            registrations: Mutex::new(TokenBucket::new(
+                config.registrations_per_sec,
+                config.registrations_per_sec,
+                std::time::Instant::now(),
+            )),
+            config,
         }
+    }
+
+    /// The `FleetSecret` frame: only for connections of registered,
+    /// unrevoked instances.
+    pub(crate) fn fleet_secret_frame(&self) -> &Bytes {
+        &self.fleet_secret_frame
+    }
+
+    /// Take a token of the relay-wide registration bucket.
+    pub(crate) fn take_registration_token(&self) -> bool {
+        self.registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_take(std::time::Instant::now())
     }
 
     /// The validated configuration (every bound the relay enforces).

@@ -189,7 +189,7 @@ impl Relay {
             addr: config.listen,
             source,
         })?;
-        let hub = Arc::new(Hub::new(config, state.fleet.key(), registry));
+        let hub = Arc::new(Hub::new(config, &state.fleet, registry));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(hub.clone(), endpoint.clone()));
         let watcher = hub.clone();
@@ -239,16 +239,34 @@ impl Relay {
         self.metrics_addr
     }
 
-    /// A join token for this relay at its bound address.
+    /// The open fleet token for this relay at its bound address (accepted
+    /// only with `open_registration` on).
     ///
     /// # Panics
     /// Never in practice: a token of a bound address, a certificate
     /// fingerprint and a fleet secret always encodes.
-    pub fn join_token(&self) -> String {
+    pub fn open_token(&self) -> String {
         self.state
-            .join_token(&crate::state::dial_addr(self.local_addr))
+            .open_token(&crate::state::dial_addr(self.local_addr))
             .encode()
             .expect("a join token of a bound address, fingerprint and secret encodes")
+    }
+
+    /// A single-use invite for `instance_id` to this relay at its bound
+    /// address, valid for `valid_for` (what `agent-link-relay invite
+    /// --instance-id` prints).
+    pub fn invite(
+        &self,
+        instance_id: &str,
+        valid_for: Duration,
+    ) -> Result<String, crate::state::InviteStateError> {
+        let t = self.state.invite(
+            &crate::state::dial_addr(self.local_addr),
+            instance_id,
+            valid_for,
+        )?;
+        Ok(t.encode()
+            .expect("a join token of a bound address, fingerprint and id encodes"))
     }
 
     /// Counters.

@@ -85,7 +85,8 @@ impl RelayChild {
         )
     }
 
-    fn invite(&self) -> String {
+    /// A single-use invite for `id`.
+    fn invite(&self, id: &str) -> String {
         let out = run({
             let mut c = relay_cmd();
             c.args([
@@ -94,6 +95,8 @@ impl RelayChild {
                 self.dir.to_str().unwrap(),
                 "--addr",
                 &self.addr,
+                "--instance-id",
+                id,
             ]);
             c
         });
@@ -122,6 +125,25 @@ impl Drop for RelayChild {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The open fleet token a member could make from its own directory: the
+/// relay's address and fingerprint from its config, the fleet secret from
+/// its `fleet.secret`.
+fn member_fleet_token(dir: &Path) -> String {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("agent-link-config.json")).unwrap())
+            .unwrap();
+    let mut fp = [0u8; 32];
+    hex::decode_to_slice(cfg["relay_fingerprint"].as_str().unwrap(), &mut fp).unwrap();
+    let secret = agent_link_crypto::FleetSecret::read(&dir.join("fleet.secret")).unwrap();
+    agent_link_proto::JoinToken {
+        addr: cfg["relay_url"].as_str().unwrap().to_string(),
+        fingerprint: fp,
+        secret: agent_link_proto::JoinSecret::Fleet(secret),
+    }
+    .encode()
+    .unwrap()
 }
 
 fn init_peer(dir: &Path, id: &str, token: &str) -> String {
@@ -231,12 +253,17 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 #[test]
 fn readme_quickstart_message_and_receipt() {
     let tmp = tempfile::tempdir().unwrap();
-    let (relay, first_token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
-    let token = first_token.expect("first run prints the join token on stdout");
-    assert!(token.starts_with("al1"), "{token}");
+    let (relay, first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    // A first run says how to invite; it prints no secret (its stdout may
+    // be a journal).
+    let first = first.expect("first run prints how to invite the first instance");
+    assert!(
+        first.contains("invite") && !first.contains("al1"),
+        "{first}"
+    );
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    init_peer(&one, "instance-001", &token);
-    init_peer(&two, "instance-002", &relay.invite());
+    init_peer(&one, "instance-001", &relay.invite("instance-001"));
+    init_peer(&two, "instance-002", &relay.invite("instance-002"));
 
     let (mut listen, lines) = listener(&one, "xiaobaozi", 1);
     wait_attached(&relay, "instance-001", "xiaobaozi");
@@ -292,12 +319,11 @@ fn readme_quickstart_message_and_receipt() {
 #[test]
 fn exit_codes_follow_the_contract() {
     let tmp = tempfile::tempdir().unwrap();
-    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
-    let token = token.unwrap();
+    let (relay, _first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
     let one = tmp.path().join("one");
-    init_peer(&one, "inst-1", &token);
+    init_peer(&one, "inst-1", &relay.invite("inst-1"));
     let two = tmp.path().join("two");
-    init_peer(&two, "inst-2", &token);
+    init_peer(&two, "inst-2", &relay.invite("inst-2"));
 
     // 3: unknown instance, and an agent that is not listening.
     assert_eq!(send(&one, "a", "nobody/x", "m").status.code(), Some(3));
@@ -341,23 +367,66 @@ fn exit_codes_follow_the_contract() {
     });
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(!bad.join("agent-link-config.json").exists());
-    // 4: instance id taken by another key.
-    let thief = tmp.path().join("thief");
+    // 4: a member's fleet secret (every member has it) does not register:
+    // neither a free id nor another's. Joining takes an invite.
+    let fleet_token = member_fleet_token(&one);
+    for id in ["inst-1", "inst-9"] {
+        let thief = tmp.path().join(format!("thief-{id}"));
+        let out = run({
+            let mut c = peer_cmd();
+            c.args([
+                "init",
+                "--dir",
+                thief.to_str().unwrap(),
+                "--instance-id",
+                id,
+                "--join",
+                &fleet_token,
+            ]);
+            c
+        });
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("invite"),
+            "says what to do: {}",
+            text(&out.stderr)
+        );
+        assert!(!thief.join("instance.key").exists(), "nothing half-written");
+    }
+    // 4: an invite is used once, and only for its own id.
+    let invite = relay.invite("inst-3");
+    let three = tmp.path().join("three");
+    init_peer(&three, "inst-3", &invite);
+    let again = tmp.path().join("again");
     let out = run({
         let mut c = peer_cmd();
-        c.args([
-            "init",
-            "--dir",
-            thief.to_str().unwrap(),
+        c.args(["init", "--dir", again.to_str().unwrap()]).args([
             "--instance-id",
-            "inst-1",
+            "inst-3",
             "--join",
-            &token,
+            &invite,
         ]);
         c
     });
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-    assert!(!thief.join("instance.key").exists(), "nothing half-written");
+    let other = relay.invite("inst-4");
+    let out = run({
+        let mut c = peer_cmd();
+        c.args(["init", "--dir", again.to_str().unwrap()]).args([
+            "--instance-id",
+            "inst-5",
+            "--join",
+            &other,
+        ]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("inst-4"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!again.join("instance.key").exists(), "nothing half-written");
     // Missing directory: one line, non-zero.
     let out = send(&tmp.path().join("missing"), "a", "inst-2/x", "m");
     assert!(!out.status.success());
@@ -530,9 +599,28 @@ fn relay_admin_commands() {
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["instances"][0]["revoked"], true);
-    let (code, out, _) = ok(&["invite", "--dir", d]);
+    // Invites: one id, not one that is registered or revoked; the open
+    // token only where the config opens registration.
+    let (code, out, _) = ok(&["invite", "--dir", d, "--instance-id", "i9"]);
     assert_eq!(code, Some(0));
-    assert!(agent_link_proto::JoinToken::parse(out.trim()).is_ok());
+    let t = agent_link_proto::JoinToken::parse(out.trim()).unwrap();
+    assert_eq!(t.invited_id(), Some("i9"));
+    let (code, _, err) = ok(&["invite", "--dir", d, "--instance-id", "i1"]);
+    assert_eq!(code, Some(4), "i1 is revoked: {err}");
+    let (code, _, err) = ok(&["invite", "--dir", d, "--reusable"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("open_registration"), "{err}");
+    let (code, out, _) = ok(&["instances", "--dir", d, "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pending_invites"][0]["instance_id"], "i9");
+    let agent_link_proto::JoinSecret::Invite { secret, .. } = &t.secret else {
+        panic!("an invite")
+    };
+    assert!(
+        !out.contains(&hex::encode(secret.expose())),
+        "instances shows no invite secret"
+    );
     // A config with a bad field fails at start, naming the field.
     let cfg = dir.join("relay-config.json");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
@@ -562,12 +650,11 @@ fn relay_admin_commands() {
 fn listener_survives_a_relay_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let rdir = tmp.path().join("relay");
-    let (mut relay, token) = RelayChild::start(&rdir, "127.0.0.1:0");
-    let token = token.unwrap();
+    let (mut relay, _first) = RelayChild::start(&rdir, "127.0.0.1:0");
     let addr = relay.addr.clone();
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    init_peer(&one, "inst-1", &token);
-    init_peer(&two, "inst-2", &token);
+    init_peer(&one, "inst-1", &relay.invite("inst-1"));
+    init_peer(&two, "inst-2", &relay.invite("inst-2"));
     let (mut listen, lines) = listener(&one, "bob", 2);
     wait_attached(&relay, "inst-1", "bob");
     assert_eq!(
@@ -592,11 +679,10 @@ fn listener_survives_a_relay_restart() {
 /// element).
 fn two_peers() -> (tempfile::TempDir, RelayChild, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
-    let token = token.unwrap();
+    let (relay, _first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    init_peer(&one, "inst-1", &token);
-    init_peer(&two, "inst-2", &token);
+    init_peer(&one, "inst-1", &relay.invite("inst-1"));
+    init_peer(&two, "inst-2", &relay.invite("inst-2"));
     (tmp, relay, one, two)
 }
 
@@ -724,9 +810,9 @@ fn a_receipt_means_the_listener_took_the_message() {
 #[test]
 fn send_to_a_relay_that_is_down_honours_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let (mut relay, _first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
     let one = tmp.path().join("one");
-    init_peer(&one, "inst-1", &token.unwrap());
+    init_peer(&one, "inst-1", &relay.invite("inst-1"));
     relay.stop();
     let t0 = Instant::now();
     let out = run({
@@ -749,9 +835,9 @@ fn send_to_a_relay_that_is_down_honours_the_timeout() {
 #[test]
 fn init_reads_the_join_token_from_a_file_or_standard_input() {
     let tmp = tempfile::tempdir().unwrap();
-    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let (relay, _first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
     let token_file = tmp.path().join("token");
-    std::fs::write(&token_file, format!("{}\n", token.unwrap())).unwrap();
+    std::fs::write(&token_file, format!("{}\n", relay.invite("inst-1"))).unwrap();
     let one = tmp.path().join("one");
     let out = run({
         let mut c = peer_cmd();
@@ -784,7 +870,7 @@ fn init_reads_the_join_token_from_a_file_or_standard_input() {
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(relay.invite().as_bytes()).unwrap();
+        stdin.write_all(relay.invite("inst-2").as_bytes()).unwrap();
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -817,9 +903,9 @@ fn init_reads_the_join_token_from_a_file_or_standard_input() {
 #[test]
 fn a_replaced_listener_says_so_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let (relay, token) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
+    let (relay, _first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
     let one = tmp.path().join("one");
-    init_peer(&one, "inst-1", &token.unwrap());
+    init_peer(&one, "inst-1", &relay.invite("inst-1"));
     let (mut old, _, old_err) = ready_listener(&one, "bob", 5);
     wait_attached(&relay, "inst-1", "bob");
     let (mut new, _, _) = ready_listener(&one, "bob", 5);
@@ -934,11 +1020,10 @@ fn trust_pins_a_key_before_first_contact() {
 fn no_payload_in_logs_or_relay_state_even_at_trace_level() {
     let tmp = tempfile::tempdir().unwrap();
     let rdir = tmp.path().join("relay");
-    let (relay, token) = RelayChild::start_logging(&rdir, "127.0.0.1:0", Some("trace"));
-    let token = token.unwrap();
+    let (relay, _first) = RelayChild::start_logging(&rdir, "127.0.0.1:0", Some("trace"));
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    init_peer(&one, "inst-1", &token);
-    init_peer(&two, "inst-2", &token);
+    init_peer(&one, "inst-1", &relay.invite("inst-1"));
+    init_peer(&two, "inst-2", &relay.invite("inst-2"));
     let marker = format!("PAYLOAD-MARKER-{:016x}", rand_u64());
     let mut listen = peer_cmd()
         .args([

@@ -60,7 +60,7 @@ fn join_tokens_malformed_in_each_way_are_refused_with_the_reason() {
     let good = token(1, b"127.0.0.1:8765");
     let parsed = JoinToken::parse(&good).expect("the hand-made token is valid");
     assert_eq!(parsed.addr, "127.0.0.1:8765");
-    assert_eq!(parsed.secret.expose(), &[0x5e; 32]);
+    assert_eq!(parsed.fleet_secret().unwrap().expose(), &[0x5e; 32]);
 
     let body = &good[3..];
     // The last character carries 2 padding bits (80 bytes = 26 groups + 2);
@@ -110,9 +110,14 @@ fn join_tokens_malformed_in_each_way_are_refused_with_the_reason() {
             "unsupported token version",
         ),
         (
-            "version 2",
-            token(2, b"127.0.0.1:8765"),
+            "version 3",
+            token(3, b"127.0.0.1:8765"),
             "unsupported token version",
+        ),
+        (
+            "version 2 (an invite) in the open token's layout",
+            token(2, b"127.0.0.1:8765"),
+            "do not decode",
         ),
         ("address without port", token(1, b"127.0.0.1"), "HOST:PORT"),
         ("empty address", token(1, b""), "HOST:PORT"),
@@ -155,7 +160,7 @@ fn peer_dir(base: &Path) -> std::path::PathBuf {
     let token = JoinToken {
         addr: "127.0.0.1:9".into(),
         fingerprint: [3; 32],
-        secret: FleetSecret::generate(),
+        secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::generate()),
     };
     write_peer_dir(&dir, "inst-x", &Identity::generate(), &token);
     dir
@@ -549,15 +554,15 @@ fn the_peer_cli_refuses_bad_join_tokens_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("p");
     let d = dir.to_str().unwrap();
-    let v2 = token(2, b"127.0.0.1:8765");
+    let v3 = token(3, b"127.0.0.1:8765");
     refused(
         &run(
             "agent-link",
-            &["init", "--dir", d, "--instance-id", "i", "--join", &v2],
+            &["init", "--dir", d, "--instance-id", "i", "--join", &v3],
         ),
         2,
         &["--join", "unsupported token version"],
-        "version 2 token",
+        "version 3 token",
     );
     assert!(
         !dir.join(KEY_FILE).exists() && !dir.join(CONFIG_FILE).exists(),
@@ -648,7 +653,7 @@ fn directories_others_can_change_are_refused() {
     let token = JoinToken {
         addr: "127.0.0.1:9".into(),
         fingerprint: [3; 32],
-        secret: FleetSecret::generate(),
+        secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::generate()),
     }
     .encode()
     .unwrap();

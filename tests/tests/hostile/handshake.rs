@@ -54,7 +54,11 @@ async fn a_relay_with_another_certificate_is_refused_by_the_peer() {
     let r = RawClient::connect_with(
         relay.addr,
         wrong_fp,
-        relay.token.secret.key(),
+        relay
+            .token
+            .fleet_secret()
+            .expect("an open fleet token")
+            .key(),
         id,
         "pinned-wrong",
     )

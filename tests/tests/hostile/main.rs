@@ -13,6 +13,7 @@
 //! | `bounds` | agents per connection, a receiver that stops reading |
 //! | `small_order_keys` | weak Ed25519 client keys in a certificate and in a handshake |
 //! | `files` | join tokens, key, secret, config and registry files, through the library and the binaries |
+//! | `membership` | invites bound to one id, the fleet secret refused without open registration, the registration cap |
 //!
 //! Cases already covered elsewhere are not repeated here: a spoofed sender,
 //! a wrong fleet secret, stale and future timestamps at the relay, a
@@ -29,4 +30,5 @@ mod files;
 mod framing;
 mod handshake;
 mod ids;
+mod membership;
 mod small_order_keys;
