@@ -108,6 +108,11 @@ enum Command {
         /// Stop after N messages
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        /// Deliver only from instances whose key is pinned (`agent-link trust`);
+        /// refuse the others (KeyChanged) instead of pinning on first contact
+        /// (also: `strict_pins: true` in the config)
+        #[arg(long)]
+        strict: bool,
     },
     /// Pin INSTANCE's public KEY out of band, before first contact: its
     /// messages under any other key are then refused (KeyChanged).
@@ -147,12 +152,26 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     // Logs only when asked for: otherwise stderr carries exactly one line,
-    // the error, for scripts and agents to read.
+    // the error, for scripts and agents to read. A listener is the
+    // exception: a sender it refuses for its key (changed, or not pinned
+    // under strict pins) is one warning line, since its operator is the one
+    // who can act on it (`agent-link trust`).
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(filter)
+            .init();
+    } else if matches!(cli.command, Command::Listen { .. }) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+                "{}=warn",
+                agent_link::PINS_LOG_TARGET
+            )))
             .init();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -308,7 +327,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             agent,
             json,
             count,
-        } => listen(dir.path(), &agent, json, count).await,
+            strict,
+        } => listen(dir.path(), &agent, json, count, strict).await,
         Command::Trust { dir, instance, key } => {
             let key: agent_link_crypto::PublicKey = key
                 .parse()
@@ -419,8 +439,18 @@ fn with_target(text: &str, to: &str) -> String {
     }
 }
 
-async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Result<(), Failure> {
-    let link = AgentLink::connect(&dir).await?;
+async fn listen(
+    dir: PathBuf,
+    agent: &str,
+    json: bool,
+    count: Option<u64>,
+    strict: bool,
+) -> Result<(), Failure> {
+    let mut builder = AgentLink::builder(&dir);
+    if strict {
+        builder = builder.strict_pins(true);
+    }
+    let link = builder.connect().await?;
     let mut me = link.attach(agent).await?;
     // Scripts wait for this line before they send.
     eprintln!("listening as {}", me.address());
