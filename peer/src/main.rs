@@ -143,6 +143,10 @@ impl From<LinkError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Before anything reads a key: no core file may hold it.
+    if let Err(e) = agent_link_crypto::process::no_core_dumps() {
+        eprintln!("warning: could not turn core dumps off: {e}");
+    }
     // Every subcommand's --help ends with the exit codes too.
     let matches = <Cli as clap::CommandFactory>::command()
         .mut_subcommands(|c| c.after_help(EXIT_CODES))

@@ -1160,3 +1160,28 @@ fn instances_prints_a_name_with_line_breaks_on_one_line() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["instances"][0]["name"], name, "exact in JSON");
 }
+
+/// "Max core file size" of a running process, soft and hard, from
+/// /proc/PID/limits.
+fn core_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core size line");
+    let mut f = line["Max core file size".len()..].split_whitespace();
+    (f.next().unwrap().into(), f.next().unwrap().into())
+}
+
+/// Both binaries turn core dumps off at start (a core file would hold the
+/// instance key and the fleet secret): a running relay and a running
+/// listener show a core size limit of 0, soft and hard.
+#[test]
+fn core_dumps_are_off_in_both_binaries() {
+    let (_tmp, relay, one, _two) = two_peers();
+    assert_eq!(core_limit(relay.child.id()), ("0".into(), "0".into()));
+    let (mut listen, _out, _err) = ready_listener(&one, "bob", 1);
+    assert_eq!(core_limit(listen.id()), ("0".into(), "0".into()));
+    let _ = listen.kill();
+    let _ = listen.wait();
+}
