@@ -203,23 +203,33 @@ fn main() -> ExitCode {
 }
 
 /// The join token from `--join TOKEN`, `--join -` (standard input) or
-/// `--join-file FILE`.
+/// `--join-file FILE`. Every copy of its text is zeroed when dropped (it
+/// holds the fleet secret); the parsed token keeps it in a `FleetSecret`.
 fn read_join(join: Option<String>, file: Option<PathBuf>) -> Result<JoinToken, Failure> {
+    use zeroize::Zeroizing;
     let usage = |m: String| Failure(Exit::Usage, m);
-    let (flag, text) = match (join.as_deref(), file) {
+    let join = join.map(Zeroizing::new);
+    // A token is well under 1 KiB: room for it up front, so reading does
+    // not reallocate and leave copies behind.
+    let mut text = Zeroizing::new(String::with_capacity(1024));
+    let flag = match (join.as_deref().map(String::as_str), file) {
         (_, Some(path)) => {
             let flag = format!("--join-file {}", path.display());
-            let text = std::fs::read_to_string(&path).map_err(|e| usage(format!("{flag}: {e}")))?;
-            (flag, text)
+            std::fs::File::open(&path)
+                .and_then(|mut f| f.read_to_string(&mut text))
+                .map_err(|e| usage(format!("{flag}: {e}")))?;
+            flag
         }
         (Some("-"), None) => {
-            let mut t = String::new();
             std::io::stdin()
-                .read_to_string(&mut t)
+                .read_to_string(&mut text)
                 .map_err(|e| usage(format!("--join -: reading standard input: {e}")))?;
-            ("--join -".to_string(), t)
+            "--join -".to_string()
         }
-        (Some(t), None) => ("--join".to_string(), t.to_string()),
+        (Some(t), None) => {
+            text.push_str(t);
+            "--join".to_string()
+        }
         (None, None) => {
             return Err(usage(
                 "--join TOKEN, --join - or --join-file FILE is required".into(),
