@@ -935,4 +935,30 @@ mod tests {
         let other = Identity::generate().public_key();
         assert_eq!(f.pins.check("s", &other), PinCheck::Changed);
     }
+
+    /// The check itself touches no file: a first contact comes out as
+    /// `FirstContact`, and only the settle (which the driver runs on a
+    /// blocking thread) locks, merges and writes the pins.
+    #[test]
+    fn a_first_contact_writes_the_pins_only_in_the_settle() {
+        let f = f();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::config::PINS_FILE);
+        let pins = Arc::new(Mutex::new(Pins::load(path.clone()).unwrap()));
+        let mut r = Receiver::new("r", "b", f.fleet.clone(), pins.clone(), false);
+        let e = env(&f, [12; 16], "r/b", 1000);
+        let Verdict::FirstContact(c) = r.check(f.id.public_key().0, &e, 1000, Signed::Unchecked)
+        else {
+            panic!("a first contact")
+        };
+        assert!(!path.exists(), "nothing written by the check");
+        let settled = r.settle(std::iter::once(&c)).run();
+        assert!(path.exists(), "written by the settle");
+        r.install(settled.as_ref().unwrap());
+        assert!(matches!(r.settled(c, &settled, 1000), Verdict::Deliver(_)));
+        assert_eq!(
+            pins.lock().unwrap().check("s", &f.id.public_key()),
+            PinCheck::Known
+        );
+    }
 }
