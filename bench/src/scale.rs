@@ -170,6 +170,7 @@ fn write_peer_dir(dir: &Path, id: &str, identity: &Identity, token: &JoinToken) 
         name: id.to_string(),
         auto_reconnect: true,
         send_timeout_secs: 30,
+        strict_pins: false,
     };
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg)?)?;
     Ok(())

@@ -13,6 +13,7 @@
 //!   client keys extracted for the relay's registry lookup).
 //! - [`files`]: key files written with mode 0600 and refused when others can
 //!   read them.
+//! - `process`: core dumps off (both binaries call it first).
 //!
 //! ```
 //! use agent_link_crypto::{Identity, FleetSecret, Domain, verify};
@@ -29,6 +30,8 @@
 pub mod files;
 mod fleet;
 mod identity;
+#[cfg(unix)]
+pub mod process;
 mod sign;
 pub mod tls;
 

@@ -43,6 +43,12 @@ pub struct PeerConfig {
     /// Default deadline of a send, seconds.
     #[serde(default = "default_timeout")]
     pub send_timeout_secs: u64,
+    /// Strict pins: deliver only from instances whose key is pinned
+    /// already (`agent-link trust`); refuse every other sender with
+    /// `KeyChanged` instead of pinning its key on first contact. Closes the
+    /// relay's one chance to pick a sender's key (SECURITY.md).
+    #[serde(default)]
+    pub strict_pins: bool,
 }
 
 impl PeerConfig {
@@ -123,6 +129,7 @@ mod tests {
             name: "one".into(),
             auto_reconnect: true,
             send_timeout_secs: 30,
+            strict_pins: false,
         }
     }
 

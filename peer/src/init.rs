@@ -94,6 +94,7 @@ pub async fn init(
         name: name.unwrap_or(instance_id).to_string(),
         auto_reconnect: true,
         send_timeout_secs: 30,
+        strict_pins: false,
     };
     let json = serde_json::to_vec_pretty(&config).expect("a PeerConfig always serialises");
     agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;

@@ -50,3 +50,8 @@ pub use error::{CloseReason, LinkError, Phase, SendError};
 pub use init::{init, trust};
 pub use link::{AgentLink, AgentLinkBuilder, StatusReport};
 pub use message::{Message, MessageId, Receipt};
+
+/// The `tracing` target of a receiver's refusals for a sender's key
+/// (changed, or not pinned under strict pins) and of pin-file trouble: the
+/// CLI's `listen` prints these even when `RUST_LOG` is unset.
+pub const PINS_LOG_TARGET: &str = "agent_link::pins";

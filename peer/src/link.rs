@@ -97,6 +97,7 @@ pub struct AgentLinkBuilder {
     dir: PathBuf,
     connect_timeout: Duration,
     setup_timeout: Duration,
+    strict_pins: Option<bool>,
 }
 
 impl AgentLinkBuilder {
@@ -113,11 +114,22 @@ impl AgentLinkBuilder {
         self
     }
 
+    /// Strict pins (default: the config's `strict_pins`): receiving agents
+    /// deliver only from instances whose key is pinned already (`trust`),
+    /// and refuse every other sender with `KeyChanged`.
+    pub fn strict_pins(mut self, strict: bool) -> Self {
+        self.strict_pins = Some(strict);
+        self
+    }
+
     /// Load the peer directory and connect: waits for the first connection
     /// (up to the connect timeout); afterwards the link reconnects by itself.
     pub async fn connect(self) -> Result<AgentLink, LinkError> {
         let dir = &self.dir;
-        let config = PeerConfig::load(dir)?;
+        let mut config = PeerConfig::load(dir)?;
+        if let Some(strict) = self.strict_pins {
+            config.strict_pins = strict;
+        }
         let identity = Identity::read(&dir.join(KEY_FILE))?;
         let fleet = FleetSecret::read(&dir.join(SECRET_FILE))?.key();
         let pins_path = dir.join(PINS_FILE);
@@ -178,6 +190,7 @@ impl AgentLink {
             dir: dir.as_ref().to_path_buf(),
             connect_timeout: SETUP_TIMEOUT,
             setup_timeout: SETUP_TIMEOUT,
+            strict_pins: None,
         }
     }
 
@@ -217,7 +230,13 @@ impl AgentLink {
         let stop = Arc::new(OnceLock::new());
         let closed = st.stop_agents.child_token();
         let instance = &st.config.instance_id;
-        let receiver = Receiver::new(instance, agent, st.keys.fleet.clone(), st.pins.clone());
+        let receiver = Receiver::new(
+            instance,
+            agent,
+            st.keys.fleet.clone(),
+            st.pins.clone(),
+            st.config.strict_pins,
+        );
         let task = AgentTask {
             core: AgentCore::new(
                 instance,

@@ -108,6 +108,11 @@ enum Command {
         /// Stop after N messages
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        /// Deliver only from instances whose key is pinned (`agent-link trust`);
+        /// refuse the others (KeyChanged) instead of pinning on first contact
+        /// (also: `strict_pins: true` in the config)
+        #[arg(long)]
+        strict: bool,
     },
     /// Pin INSTANCE's public KEY out of band, before first contact: its
     /// messages under any other key are then refused (KeyChanged).
@@ -138,6 +143,10 @@ impl From<LinkError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Before anything reads a key: no core file may hold it.
+    if let Err(e) = agent_link_crypto::process::no_core_dumps() {
+        eprintln!("warning: could not turn core dumps off: {e}");
+    }
     // Every subcommand's --help ends with the exit codes too.
     let matches = <Cli as clap::CommandFactory>::command()
         .mut_subcommands(|c| c.after_help(EXIT_CODES))
@@ -147,12 +156,26 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     // Logs only when asked for: otherwise stderr carries exactly one line,
-    // the error, for scripts and agents to read.
+    // the error, for scripts and agents to read. A listener is the
+    // exception: a sender it refuses for its key (changed, or not pinned
+    // under strict pins) is one warning line, since its operator is the one
+    // who can act on it (`agent-link trust`).
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(filter)
+            .init();
+    } else if matches!(cli.command, Command::Listen { .. }) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+                "{}=warn",
+                agent_link::PINS_LOG_TARGET
+            )))
             .init();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -180,23 +203,33 @@ fn main() -> ExitCode {
 }
 
 /// The join token from `--join TOKEN`, `--join -` (standard input) or
-/// `--join-file FILE`.
+/// `--join-file FILE`. Every copy of its text is zeroed when dropped (it
+/// holds the fleet secret); the parsed token keeps it in a `FleetSecret`.
 fn read_join(join: Option<String>, file: Option<PathBuf>) -> Result<JoinToken, Failure> {
+    use zeroize::Zeroizing;
     let usage = |m: String| Failure(Exit::Usage, m);
-    let (flag, text) = match (join.as_deref(), file) {
+    let join = join.map(Zeroizing::new);
+    // A token is well under 1 KiB: room for it up front, so reading does
+    // not reallocate and leave copies behind.
+    let mut text = Zeroizing::new(String::with_capacity(1024));
+    let flag = match (join.as_deref().map(String::as_str), file) {
         (_, Some(path)) => {
             let flag = format!("--join-file {}", path.display());
-            let text = std::fs::read_to_string(&path).map_err(|e| usage(format!("{flag}: {e}")))?;
-            (flag, text)
+            std::fs::File::open(&path)
+                .and_then(|mut f| f.read_to_string(&mut text))
+                .map_err(|e| usage(format!("{flag}: {e}")))?;
+            flag
         }
         (Some("-"), None) => {
-            let mut t = String::new();
             std::io::stdin()
-                .read_to_string(&mut t)
+                .read_to_string(&mut text)
                 .map_err(|e| usage(format!("--join -: reading standard input: {e}")))?;
-            ("--join -".to_string(), t)
+            "--join -".to_string()
         }
-        (Some(t), None) => ("--join".to_string(), t.to_string()),
+        (Some(t), None) => {
+            text.push_str(t);
+            "--join".to_string()
+        }
         (None, None) => {
             return Err(usage(
                 "--join TOKEN, --join - or --join-file FILE is required".into(),
@@ -308,7 +341,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             agent,
             json,
             count,
-        } => listen(dir.path(), &agent, json, count).await,
+            strict,
+        } => listen(dir.path(), &agent, json, count, strict).await,
         Command::Trust { dir, instance, key } => {
             let key: agent_link_crypto::PublicKey = key
                 .parse()
@@ -419,8 +453,18 @@ fn with_target(text: &str, to: &str) -> String {
     }
 }
 
-async fn listen(dir: PathBuf, agent: &str, json: bool, count: Option<u64>) -> Result<(), Failure> {
-    let link = AgentLink::connect(&dir).await?;
+async fn listen(
+    dir: PathBuf,
+    agent: &str,
+    json: bool,
+    count: Option<u64>,
+    strict: bool,
+) -> Result<(), Failure> {
+    let mut builder = AgentLink::builder(&dir);
+    if strict {
+        builder = builder.strict_pins(true);
+    }
+    let link = builder.connect().await?;
     let mut me = link.attach(agent).await?;
     // Scripts wait for this line before they send.
     eprintln!("listening as {}", me.address());

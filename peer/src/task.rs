@@ -235,6 +235,14 @@ impl AgentTask {
                         }
                     }
                     let end = self.core.on_frames(now(), &frames, &mut deliver);
+                    if let Some(settle) = self.core.settle() {
+                        // First contact: the pins file (lock, merge, fsync)
+                        // on a blocking thread, never on this task.
+                        let settled = tokio::task::spawn_blocking(move || settle.run())
+                            .await
+                            .unwrap_or_else(|e| Err(format!("settling pins: {e}")));
+                        self.core.on_settled(now(), settled, &mut deliver);
+                    }
                     for m in deliver.drain(..) {
                         // Backpressure: wait while the application is behind.
                         let gone = match &self.inbox {

@@ -127,7 +127,7 @@ impl ErrorCode {
             Self::NotAttached => "no agent attached on this stream",
             Self::TooManyStreams => "too many agents or streams on this connection",
             Self::Replaced => "this agent attached again elsewhere; the newest attach wins",
-            Self::KeyChanged => "the sender's public key changed since it was first seen; refusing (possible impersonation)",
+            Self::KeyChanged => "the receiver has another key pinned for the sender (possible impersonation), or, with strict pins, none yet; its operator can pin the sender's key with `agent-link trust INSTANCE KEY`",
             Self::BadAddress => "invalid instance or agent id",
             Self::ShuttingDown => "relay is shutting down; the peer will reconnect",
             Self::AuthTimeout => "did not authenticate in time",

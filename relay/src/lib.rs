@@ -17,8 +17,10 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let dir = std::path::Path::new("/tmp/relay-state");
-//! let state = agent_link_relay::state::init(dir, Some("127.0.0.1:0".parse()?))?;
+//! // A directory of your own (not /tmp, where others may plant or read
+//! // files): the per-user default, `~/.local/share/agent-link-relay`.
+//! let dir = agent_link_relay::state::default_dir();
+//! let state = agent_link_relay::state::init(&dir, Some("127.0.0.1:0".parse()?))?;
 //! let relay = agent_link_relay::Relay::spawn(state, Default::default()).await?;
 //! let week = std::time::Duration::from_secs(7 * 24 * 3600);
 //! println!("invite for instance-001: {}", relay.invite("instance-001", week)?);

@@ -148,6 +148,8 @@ impl From<StateError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Before anything reads a key: no core file may hold it.
+    let core_dumps = agent_link_crypto::process::no_core_dumps();
     // Every subcommand's --help ends with the exit codes too.
     let matches = <Cli as clap::CommandFactory>::command()
         .mut_subcommands(|c| c.after_help(EXIT_CODES))
@@ -164,6 +166,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Err(e) = core_dumps {
+        tracing::warn!("could not turn core dumps off: {e}");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {

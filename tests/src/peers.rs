@@ -33,6 +33,7 @@ pub fn write_peer_dir(dir: &Path, instance_id: &str, identity: &Identity, token:
         name: instance_id.to_string(),
         auto_reconnect: true,
         send_timeout_secs: 30,
+        strict_pins: false,
     };
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg).unwrap()).unwrap();
 }

@@ -34,8 +34,9 @@ use tracing::debug;
 
 use crate::error::{CloseReason, SendError};
 use crate::message::{Message, MessageId, Receipt};
+use crate::pins::{Settle, Settled};
 use outbox::{Outbox, Reply, RECONNECT_GRACE};
-use receiver::{Delivered, Receiver, Signed, Verdict};
+use receiver::{Delivered, FirstContact, Receiver, Signed, Verdict};
 
 /// The two clocks the core reads, both passed in: monotonic for deadlines
 /// and retries, wall-clock milliseconds for timestamps and receipts.
@@ -109,6 +110,9 @@ pub(crate) struct AgentCore {
     /// End of the post-reconnect grace (see `outbox`).
     grace_until: Option<Instant>,
     pending: HashMap<agent_link_proto::MessageId, Pending>,
+    /// Verified deliveries from senders with no pinned key, with their
+    /// reply tokens, waiting for [`AgentCore::settle`] to be run.
+    first_contacts: Vec<(u64, FirstContact)>,
     /// Frames to write, in order.
     out: Vec<Bytes>,
 }
@@ -133,6 +137,7 @@ impl AgentCore {
             attached_before: false,
             grace_until: None,
             pending: HashMap::new(),
+            first_contacts: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -221,7 +226,10 @@ impl AgentCore {
     /// Frames read together from the stream. Deliveries that pass every
     /// check are pushed to `deliver` for the application (and wait in
     /// `pending` for [`AgentCore::taken`]); everything else is answered or
-    /// resolved here. Returns how the session ends, if it does.
+    /// resolved here, except deliveries from senders with no pinned key:
+    /// for those [`AgentCore::settle`] hands out file work, to be run off
+    /// the async task and its result given to [`AgentCore::on_settled`].
+    /// Returns how the session ends, if it does.
     pub(crate) fn on_frames(
         &mut self,
         now: Now,
@@ -329,10 +337,44 @@ impl AgentCore {
             self.nack(reply_token, id, code);
             return;
         }
-        match self
+        let verdict = self
             .receiver
-            .check(sender_key, envelope, now.unix_ms, signed)
-        {
+            .check(sender_key, envelope, now.unix_ms, signed);
+        self.apply(reply_token, verdict, deliver);
+    }
+
+    /// The file work that settles the pins of the first contacts waiting
+    /// (none: nothing to do). Blocking: run it on a blocking thread.
+    pub(crate) fn settle(&self) -> Option<Settle> {
+        if self.first_contacts.is_empty() {
+            return None;
+        }
+        Some(
+            self.receiver
+                .settle(self.first_contacts.iter().map(|(_, c)| c)),
+        )
+    }
+
+    /// The settle ran: finish every first contact that waited for it, in
+    /// arrival order (`Err`: the pins file could not be read or written).
+    pub(crate) fn on_settled(
+        &mut self,
+        now: Now,
+        settled: Result<Settled, String>,
+        deliver: &mut Vec<Message>,
+    ) {
+        if let Ok(s) = &settled {
+            self.receiver.install(s);
+        }
+        for (token, contact) in std::mem::take(&mut self.first_contacts) {
+            let verdict = self.receiver.settled(contact, &settled, now.unix_ms);
+            self.apply(token, verdict, deliver);
+        }
+    }
+
+    fn apply(&mut self, reply_token: u64, verdict: Verdict, deliver: &mut Vec<Message>) {
+        match verdict {
+            Verdict::FirstContact(c) => self.first_contacts.push((reply_token, c)),
             Verdict::Deliver(m) => {
                 self.pending.insert(
                     m.id.0,
@@ -385,6 +427,9 @@ impl AgentCore {
     /// (when attached) ask the relay to stop routing to this stream. Returns
     /// whether to wait for `Detached`.
     pub(crate) fn detach(&mut self) -> bool {
+        for (token, c) in std::mem::take(&mut self.first_contacts) {
+            self.nack(token, c.id(), ErrorCode::TargetOffline);
+        }
         for (id, p) in std::mem::take(&mut self.pending) {
             for token in std::iter::once(p.token).chain(p.more) {
                 self.nack(token, id, ErrorCode::TargetOffline);

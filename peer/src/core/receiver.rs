@@ -1,7 +1,10 @@
 //! What a receiving agent does with a delivered envelope (PROTOCOL.md §9.5):
 //! pure checks, no I/O. Order: decode, recipient, fleet tag, pinned sender
 //! key, strict Ed25519, timestamp window, replay window. [`Receiver`] holds
-//! what the checks need across deliveries.
+//! what the checks need across deliveries. A sender with no pinned key
+//! comes out as [`Verdict::FirstContact`]: its pin is settled in the file
+//! off the async task ([`Receiver::settle`], run by the driver), and
+//! [`Receiver::settled`] then finishes its checks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +16,7 @@ use agent_link_proto::{
 use bytes::Bytes;
 
 use crate::message::{Message, MessageId as Id};
-use crate::pins::{PinCheck, Pins};
+use crate::pins::{PinCheck, Pins, Settle, SettleMode, Settled};
 
 /// Sender keys decoded and checked once, reused for every message under
 /// them (decoding a key costs about a fifth of a strict verification).
@@ -61,6 +64,8 @@ pub(crate) struct Receiver {
     replay: ReplayWindow,
     keys: KeyCache,
     window_ms: u64,
+    /// Refuse senders with no pinned key instead of pinning them.
+    strict: bool,
 }
 
 impl Receiver {
@@ -69,6 +74,7 @@ impl Receiver {
         agent: &str,
         fleet: FleetKey,
         pins: Arc<Mutex<Pins>>,
+        strict: bool,
     ) -> Self {
         Self {
             instance: instance.to_string(),
@@ -79,6 +85,7 @@ impl Receiver {
             replay: ReplayWindow::with_total_cap(DEFAULT_WINDOW_MS, REPLAY_CAP, REPLAY_TOTAL_CAP),
             keys: KeyCache::default(),
             window_ms: DEFAULT_WINDOW_MS,
+            strict,
         }
     }
 
@@ -130,6 +137,62 @@ impl Receiver {
         self.replay.record(sender, id.0, sent_at_ms, now_ms);
     }
 
+    /// The file work for these first contacts (one entry per sender key),
+    /// to run on a blocking thread: pin them, or, strict, only re-read the
+    /// pins (`agent-link trust` may have added one since).
+    pub(crate) fn settle<'a>(&self, contacts: impl Iterator<Item = &'a FirstContact>) -> Settle {
+        let mut wanted: Vec<(&str, &PublicKey)> = Vec::new();
+        for c in contacts {
+            if !wanted.iter().any(|(i, k)| *i == c.instance && **k == c.key) {
+                wanted.push((&c.instance, &c.key));
+            }
+        }
+        let mode = if self.strict {
+            SettleMode::Lookup
+        } else {
+            SettleMode::Pin
+        };
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.settle(&wanted, mode)
+    }
+
+    /// Take what a settle found as the link's pins (its agents share them).
+    pub(crate) fn install(&self, settled: &Settled) {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.install(settled);
+    }
+
+    /// Finish a first contact once its settle ran (`Err`: the file could
+    /// not be read or written).
+    pub(crate) fn settled(
+        &mut self,
+        contact: FirstContact,
+        settled: &Result<Settled, String>,
+        now_ms: u64,
+    ) -> Verdict {
+        let outcome = match settled {
+            Ok(s) => Ok(s.check(&contact.instance, &contact.key)),
+            Err(e) => Err(e.as_str()),
+        };
+        let pins_file = self.pins_file();
+        finish_first_contact(
+            contact,
+            outcome,
+            self.strict,
+            &mut self.replay,
+            &pins_file,
+            now_ms,
+        )
+    }
+
+    fn pins_file(&self) -> String {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.path().map_or_else(
+            || crate::config::PINS_FILE.to_string(),
+            |p| p.display().to_string(),
+        )
+    }
+
     /// Signatures of several deliveries in one batch (see [`verify_deliveries`]).
     pub(crate) fn verify_batch(&mut self, items: &[Delivered<'_>]) -> Vec<Signed> {
         verify_deliveries(items, &mut self.keys)
@@ -153,9 +216,97 @@ pub(crate) enum Verdict {
     Duplicate { id: MessageId, delivered_at_ms: u64 },
     /// Refuse with this code (`id` is zero when it could not be decoded).
     Refuse { id: MessageId, code: ErrorCode },
+    /// Every check passed but the sender has no pinned key: settle its pin
+    /// ([`Receiver::settle`]), then finish ([`Receiver::settled`]).
+    FirstContact(FirstContact),
 }
 
-/// Check one delivered envelope for the agent at `me`.
+/// A verified delivery from a sender with no pinned key, waiting for its
+/// pin to be settled in the file (the replay check comes after).
+#[derive(Debug)]
+pub(crate) struct FirstContact {
+    instance: String,
+    key: PublicKey,
+    message: Message,
+}
+
+impl FirstContact {
+    /// The message's id.
+    pub(crate) fn id(&self) -> MessageId {
+        self.message.id.0
+    }
+}
+
+/// The end of a first contact's checks: `outcome` is the sender key's
+/// standing after the settle (`Err`: the pins file failed us).
+fn finish_first_contact(
+    contact: FirstContact,
+    outcome: Result<PinCheck, &str>,
+    strict: bool,
+    replay: &mut ReplayWindow,
+    pins_file: &str,
+    now_ms: u64,
+) -> Verdict {
+    let id = contact.message.id.0;
+    let refuse = |code| Verdict::Refuse { id, code };
+    match outcome {
+        Ok(PinCheck::Known) => {}
+        Ok(PinCheck::Changed) => {
+            warn_key_changed(&contact.instance, pins_file);
+            return refuse(ErrorCode::KeyChanged);
+        }
+        Ok(PinCheck::Unknown) => {
+            // Only a strict receiver gets here (a settle that pins leaves
+            // every key it was given Known or Changed).
+            tracing::warn!(
+                target: crate::PINS_LOG_TARGET,
+                instance = %contact.instance,
+                key = %contact.key,
+                "refused a message from an instance with no pinned key (strict pins); if                  that key is the instance's own (its `agent-link whoami`), pin it with                  `agent-link trust {} {}`",
+                contact.instance,
+                contact.key
+            );
+            return refuse(ErrorCode::KeyChanged);
+        }
+        Err(e) if strict => {
+            tracing::warn!(
+                target: crate::PINS_LOG_TARGET,
+                instance = %contact.instance,
+                "refused a message from an instance with no pinned key: could not read the pins: {e}"
+            );
+            return refuse(ErrorCode::KeyChanged);
+        }
+        Err(e) => {
+            // Unpinned is safe to deliver (the signature verified) but the
+            // pin must not be lost silently; the next message tries again.
+            tracing::warn!(target: crate::PINS_LOG_TARGET, "could not save the pinned key: {e}");
+        }
+    }
+    let m = contact.message;
+    match replay.check(&contact.instance, &id, now_ms) {
+        ReplayVerdict::New => {
+            replay.record(&contact.instance, id, m.sent_at_ms, now_ms);
+            Verdict::Deliver(m)
+        }
+        ReplayVerdict::Duplicate { delivered_at_ms } => Verdict::Duplicate {
+            id,
+            delivered_at_ms,
+        },
+        ReplayVerdict::Full => refuse(ErrorCode::Busy),
+    }
+}
+
+fn warn_key_changed(instance: &str, pins_file: &str) {
+    tracing::warn!(
+                target: crate::PINS_LOG_TARGET,
+        instance,
+        "sender presented a different key than the pinned one; refused (if that \
+         instance was legitimately re-created, remove its entry from {pins_file})"
+    );
+}
+
+/// Check one delivered envelope for the agent at `me`, settling a first
+/// contact's pin at once (blocking; non-strict).
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_delivery(
@@ -168,7 +319,7 @@ pub(crate) fn check_delivery(
     window_ms: u64,
     now_ms: u64,
 ) -> Verdict {
-    check_delivery_with(
+    match check_delivery_with(
         me,
         sender_key,
         envelope,
@@ -179,8 +330,48 @@ pub(crate) fn check_delivery(
         window_ms,
         now_ms,
         Signed::Unchecked,
+    ) {
+        Verdict::FirstContact(c) => settle_now(c, pins, replay, false, now_ms),
+        v => v,
+    }
+}
+
+/// Settle one first contact at once, blocking (tests).
+#[cfg(test)]
+pub(crate) fn settle_now(
+    contact: FirstContact,
+    pins: &mut Pins,
+    replay: &mut ReplayWindow,
+    strict: bool,
+    now_ms: u64,
+) -> Verdict {
+    let mode = if strict {
+        SettleMode::Lookup
+    } else {
+        SettleMode::Pin
+    };
+    let settled = pins
+        .settle(&[(&contact.instance, &contact.key)], mode)
+        .run();
+    if let Ok(s) = &settled {
+        pins.install(s);
+    }
+    let outcome = match &settled {
+        Ok(s) => Ok(s.check(&contact.instance, &contact.key)),
+        Err(e) => Err(e.as_str()),
+    };
+    finish_first_contact(
+        contact,
+        outcome,
+        strict,
+        replay,
+        PINS_FILE_FOR_TESTS,
+        now_ms,
     )
 }
+
+#[cfg(test)]
+const PINS_FILE_FOR_TESTS: &str = crate::config::PINS_FILE;
 
 /// Whether a delivery's signature was already verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,22 +467,17 @@ pub(crate) fn check_delivery_with(
     let Ok(key) = keys.get(sender_key) else {
         return refuse(ErrorCode::BadSignature);
     };
-    let key_changed = |pins: &Pins| {
-        tracing::warn!(
-            instance = env.body.from.instance,
-            "sender presented a different key than the pinned one; refused (if that \
-             instance was legitimately re-created, remove its entry from {})",
-            pins.path().map_or_else(
-                || crate::config::PINS_FILE.to_string(),
-                |p| p.display().to_string()
-            )
-        );
-        refuse(ErrorCode::KeyChanged)
-    };
     let pinned = match pins.check(env.body.from.instance, key.public_key()) {
         PinCheck::Known => true,
         PinCheck::Unknown => false,
-        PinCheck::Changed => return key_changed(pins),
+        PinCheck::Changed => {
+            let file = pins.path().map_or_else(
+                || crate::config::PINS_FILE.to_string(),
+                |p| p.display().to_string(),
+            );
+            warn_key_changed(env.body.from.instance, &file);
+            return refuse(ErrorCode::KeyChanged);
+        }
     };
     // End to end: even a compromised relay cannot forge this. Strict
     // verification unless a batch over these very bytes and key passed.
@@ -303,30 +489,28 @@ pub(crate) fn check_delivery_with(
     if let Err(code) = env.check_time(now_ms, window_ms) {
         return refuse(code);
     }
-    // First contact: pin the key only now that a message under it verified
-    // (a relay offering junk under some key pins nothing).
+    let message = || Message {
+        id: Id(id),
+        from: env.body.from.to_string(),
+        to: env.body.to.to_string(),
+        sent_at_ms: env.body.sent_at_ms,
+        payload: envelope.slice_ref(env.body.payload),
+    };
+    // First contact: the key is pinned (or, strict, looked up) only now
+    // that a message under it verified (a relay offering junk under some
+    // key pins nothing), and off the async task: the replay check follows
+    // in `finish_first_contact`.
     if !pinned {
-        match pins.pin(env.body.from.instance, key.public_key()) {
-            Ok(PinCheck::Known) => {}
-            Ok(_) => return key_changed(pins),
-            Err(e) => {
-                // Unpinned is safe to deliver (the signature verified) but
-                // the pin must not be lost silently.
-                tracing::warn!("could not save the pinned key: {e}");
-            }
-        }
+        return Verdict::FirstContact(FirstContact {
+            instance: env.body.from.instance.to_string(),
+            key: *key.public_key(),
+            message: message(),
+        });
     }
     match replay.check(env.body.from.instance, &id, now_ms) {
         ReplayVerdict::New => {
             replay.record(env.body.from.instance, id, env.body.sent_at_ms, now_ms);
-            let payload = envelope.slice_ref(env.body.payload);
-            Verdict::Deliver(Message {
-                id: Id(id),
-                from: env.body.from.to_string(),
-                to: env.body.to.to_string(),
-                sent_at_ms: env.body.sent_at_ms,
-                payload,
-            })
+            Verdict::Deliver(message())
         }
         ReplayVerdict::Duplicate { delivered_at_ms } => Verdict::Duplicate {
             id,
@@ -477,7 +661,7 @@ mod tests {
         envs.iter()
             .zip(signed)
             .map(|(e, s)| {
-                check_delivery_with(
+                match check_delivery_with(
                     &me,
                     key,
                     e,
@@ -488,7 +672,12 @@ mod tests {
                     60_000,
                     now,
                     s,
-                )
+                ) {
+                    Verdict::FirstContact(c) => {
+                        settle_now(c, &mut f.pins, &mut f.replay, false, now)
+                    }
+                    v => v,
+                }
             })
             .collect()
     }
@@ -644,6 +833,7 @@ mod tests {
             "b",
             f.fleet.clone(),
             Arc::new(Mutex::new(Pins::in_memory())),
+            false,
         );
         r.set_window(u64::MAX, true);
         let now = 10 * MAX_WINDOW_MS;
@@ -658,7 +848,7 @@ mod tests {
         let fresh = env(&f, [8; 16], "r/b", now - MAX_WINDOW_MS / 2);
         assert!(matches!(
             r.check(key, &fresh, now, Signed::Unchecked),
-            Verdict::Deliver(_)
+            Verdict::FirstContact(_)
         ));
     }
 
@@ -696,5 +886,79 @@ mod tests {
             }
         ));
         assert_eq!(g.pins.check("s", &key), PinCheck::Unknown);
+    }
+
+    #[test]
+    fn a_strict_receiver_refuses_an_unpinned_sender_until_it_is_trusted() {
+        let mut f = f();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::config::PINS_FILE);
+        f.pins = Pins::load(path.clone()).unwrap();
+        let key = f.id.public_key();
+        let e = env(&f, [11; 16], "r/b", 1000);
+        let me = Address {
+            instance: "r",
+            agent: "b",
+        };
+        let mut keys = KeyCache::default();
+        let mut strict = |f: &mut F, e: &Bytes, id_sent| match check_delivery_with(
+            &me,
+            key.0,
+            e,
+            &f.fleet,
+            &mut f.pins,
+            &mut f.replay,
+            &mut keys,
+            60_000,
+            id_sent,
+            Signed::Unchecked,
+        ) {
+            Verdict::FirstContact(c) => settle_now(c, &mut f.pins, &mut f.replay, true, id_sent),
+            v => v,
+        };
+        assert!(matches!(
+            strict(&mut f, &e, 1000),
+            Verdict::Refuse {
+                code: ErrorCode::KeyChanged,
+                ..
+            }
+        ));
+        assert_eq!(f.pins.check("s", &key), PinCheck::Unknown, "nothing pinned");
+        assert!(!path.exists(), "a strict receiver writes no pins");
+        // `agent-link trust` in another process: the next message re-reads
+        // the file and is delivered, and the one refused before, re-sent,
+        // is new to the replay window (a refusal records nothing).
+        Pins::load(path.clone()).unwrap().pin("s", &key).unwrap();
+        assert!(matches!(strict(&mut f, &e, 1000), Verdict::Deliver(_)));
+        assert_eq!(f.pins.check("s", &key), PinCheck::Known);
+        // Another key for the same instance stays refused.
+        let other = Identity::generate().public_key();
+        assert_eq!(f.pins.check("s", &other), PinCheck::Changed);
+    }
+
+    /// The check itself touches no file: a first contact comes out as
+    /// `FirstContact`, and only the settle (which the driver runs on a
+    /// blocking thread) locks, merges and writes the pins.
+    #[test]
+    fn a_first_contact_writes_the_pins_only_in_the_settle() {
+        let f = f();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::config::PINS_FILE);
+        let pins = Arc::new(Mutex::new(Pins::load(path.clone()).unwrap()));
+        let mut r = Receiver::new("r", "b", f.fleet.clone(), pins.clone(), false);
+        let e = env(&f, [12; 16], "r/b", 1000);
+        let Verdict::FirstContact(c) = r.check(f.id.public_key().0, &e, 1000, Signed::Unchecked)
+        else {
+            panic!("a first contact")
+        };
+        assert!(!path.exists(), "nothing written by the check");
+        let settled = r.settle(std::iter::once(&c)).run();
+        assert!(path.exists(), "written by the settle");
+        r.install(settled.as_ref().unwrap());
+        assert!(matches!(r.settled(c, &settled, 1000), Verdict::Deliver(_)));
+        assert_eq!(
+            pins.lock().unwrap().check("s", &f.id.public_key()),
+            PinCheck::Known
+        );
     }
 }

@@ -76,6 +76,7 @@ fn peer(fleet: &FleetKey, instance: &'static str, agent: &'static str, receive: 
         agent,
         fleet.clone(),
         Arc::new(Mutex::new(Pins::in_memory())),
+        false,
     );
     Peer {
         core: AgentCore::new(
@@ -312,6 +313,10 @@ impl Pair {
         let mut got = Vec::new();
         if let Some(end) = p.core.on_frames(now, &bodies, &mut got) {
             p.end = Some(end);
+        }
+        // What the driver runs on a blocking thread, run here at once.
+        if let Some(settle) = p.core.settle() {
+            p.core.on_settled(now, settle.run(), &mut got);
         }
         p.inbox.extend(got);
         self.flush(side);

@@ -3,7 +3,7 @@
 //! `agent-link-relay instances`, and the Prometheus metrics endpoint.
 //! Neither exposes message content or secrets.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,11 +33,31 @@ pub(crate) fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
                 "another relay is running on this directory",
             ));
         }
-        std::fs::remove_file(path)?;
     }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    // bind(2) creates the socket with 0777 & ~umask, and a chmod after it
+    // leaves a moment in which that mode holds (with umask 0, anyone who
+    // can traverse DIR could connect; DIR may be 0755). Not umask: it is
+    // process-wide, and the runtime's threads are already creating files
+    // (a registry write under a umask of 0177 would make an unreadable
+    // directory or a too-tight file). Instead the socket is born in a fresh
+    // 0700 directory of our own inside DIR, where no one else can reach it
+    // whatever its mode, gets 0600 there, and only then is renamed into
+    // place (atomically replacing a dead relay's socket). DIR itself is
+    // writable by us alone (checked at start), so no one can plant or
+    // swap the nursery.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let nursery = dir.join(format!(".admin.sock.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&nursery);
+    std::fs::DirBuilder::new().mode(0o700).create(&nursery)?;
+    let bound = (|| {
+        let born = nursery.join("admin.sock");
+        let l = UnixListener::bind(&born)?;
+        std::fs::set_permissions(&born, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&born, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&nursery);
+    bound
 }
 
 /// Local clients served at once, per endpoint; more are turned away (closed
@@ -146,4 +166,36 @@ pub(crate) async fn serve_metrics(hub: Arc<Hub>, listener: TcpListener) {
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    /// The socket ends up at DIR/admin.sock with 0600, replaces a dead
+    /// relay's socket, refuses a live one, and leaves no nursery behind.
+    #[tokio::test]
+    async fn the_admin_socket_is_bound_private_and_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("admin.sock");
+        let dead = bind_socket(&path).unwrap();
+        drop(dead); // its file stays, as after a SIGKILL
+        let l = bind_socket(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let entries: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("admin.sock")]);
+        let client = tokio::net::UnixStream::connect(&path);
+        let (c, a) = tokio::join!(client, l.accept());
+        c.unwrap();
+        a.unwrap();
+        let e = bind_socket(&path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    }
 }

@@ -1012,6 +1012,102 @@ fn trust_pins_a_key_before_first_contact() {
     assert_eq!(trust(&one, "inst-9", "not-a-key").status.code(), Some(2));
 }
 
+/// Strict pins: a receiver refuses an instance it has not pinned (exit 4 at
+/// the sender, a warning line on the listener's stderr naming the `trust`
+/// command), pins nothing, and delivers from it once `agent-link trust` has
+/// pinned its key, without a restart. `strict_pins` in the config does the
+/// same as `listen --strict`.
+#[test]
+fn a_strict_receiver_refuses_an_unpinned_sender_until_trusted() {
+    let (tmp, relay, one, two) = two_peers();
+    let whoami = |dir: &Path| {
+        let out = run({
+            let mut c = peer_cmd();
+            c.args(["whoami", "--dir", dir.to_str().unwrap(), "--json"]);
+            c
+        });
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["public_key"].as_str().unwrap().to_string()
+    };
+    let trust = |dir: &Path, instance: &str, key: &str| {
+        let out = run({
+            let mut c = peer_cmd();
+            c.args(["trust", "--dir", dir.to_str().unwrap(), instance, key]);
+            c
+        });
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    let mut listen = peer_cmd()
+        .args(["listen", "--dir", one.to_str().unwrap(), "--agent", "bob"])
+        .args(["--json", "--count", "1", "--strict"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines_of = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let out_lines = lines_of(Box::new(listen.stdout.take().unwrap()));
+    let err_lines = lines_of(Box::new(listen.stderr.take().unwrap()));
+    let ready = err_lines.recv_timeout(WAIT).unwrap();
+    assert!(ready.starts_with("listening as inst-1/bob"), "{ready}");
+    let out = send(&two, "alice", "inst-1/bob", "first");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("agent-link trust"),
+        "the sender is told what to do: {}",
+        text(&out.stderr)
+    );
+    let key = whoami(&two);
+    let warning = err_lines.recv_timeout(WAIT).expect("a refusal line");
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("no pinned key")
+            && warning.contains(&format!("agent-link trust inst-2 {key}")),
+        "{warning}"
+    );
+    assert!(
+        out_lines.try_recv().is_err(),
+        "nothing delivered while refused"
+    );
+    assert!(
+        !one.join("known_instances.json").exists(),
+        "a strict receiver pins nothing by itself"
+    );
+    // Pinned out of band while the listener runs: delivered.
+    trust(&one, "inst-2", &key);
+    let out = send(&two, "alice", "inst-1/bob", "second");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let line = out_lines.recv_timeout(WAIT).unwrap();
+    assert!(line.contains("second"), "{line}");
+    assert!(wait_exit(&mut listen).success());
+    // The config's `strict_pins` instead of the flag: a third instance,
+    // never pinned, is refused by a plain `listen`.
+    let cfg_path = one.join("agent-link-config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["strict_pins"] = true.into();
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let three = tmp.path().join("three");
+    init_peer(&three, "inst-3", &relay.invite("inst-3"));
+    let (mut listen, lines, _err) = ready_listener(&one, "bob", 1);
+    let out = send(&three, "carol", "inst-1/bob", "third");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    // inst-2, pinned, still gets through.
+    let out = send(&two, "alice", "inst-1/bob", "fourth");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(lines.recv_timeout(WAIT).unwrap().contains("fourth"));
+    assert!(wait_exit(&mut listen).success());
+}
+
 /// "No content at rest, none in logs": with every process at trace level, a
 /// message's payload appears in no log line of the relay, the sender or the
 /// listener (the listener prints it on stdout, its job), and in no file of
@@ -1148,4 +1244,29 @@ fn instances_prints_a_name_with_line_breaks_on_one_line() {
     });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["instances"][0]["name"], name, "exact in JSON");
+}
+
+/// "Max core file size" of a running process, soft and hard, from
+/// /proc/PID/limits.
+fn core_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core size line");
+    let mut f = line["Max core file size".len()..].split_whitespace();
+    (f.next().unwrap().into(), f.next().unwrap().into())
+}
+
+/// Both binaries turn core dumps off at start (a core file would hold the
+/// instance key and the fleet secret): a running relay and a running
+/// listener show a core size limit of 0, soft and hard.
+#[test]
+fn core_dumps_are_off_in_both_binaries() {
+    let (_tmp, relay, one, _two) = two_peers();
+    assert_eq!(core_limit(relay.child.id()), ("0".into(), "0".into()));
+    let (mut listen, _out, _err) = ready_listener(&one, "bob", 1);
+    assert_eq!(core_limit(listen.id()), ("0".into(), "0".into()));
+    let _ = listen.kill();
+    let _ = listen.wait();
 }
