@@ -67,6 +67,29 @@ pub struct InstanceStatus {
     pub agents: Vec<String>,
 }
 
+/// The field of a reserved frame tag: no value exists, and decoding one
+/// fails, so a reserved tag is refused exactly as an unknown one
+/// (PROTOCOL.md §10) until its frame is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {}
+
+impl Encode for Reserved {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        _: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        match *self {}
+    }
+}
+
+impl<'de, C> BorrowDecode<'de, C> for Reserved {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = C>>(
+        _: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Err(bincode::error::DecodeError::Other("reserved frame tag"))
+    }
+}
+
 /// Frames a peer sends to the relay.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, BorrowDecode)]
 pub enum PeerToRelay<'a> {
@@ -102,6 +125,13 @@ pub enum PeerToRelay<'a> {
     /// already queued for it, so the peer can refuse those (`Nack`) instead
     /// of leaving their senders to time out (PROTOCOL.md §9.6).
     Detach,
+    /// 7 — reserved for a frame being added elsewhere: it never decodes
+    /// (refused as an unknown tag is) and cannot be built.
+    #[doc(hidden)]
+    Reserved7(Reserved),
+    /// 8 — control stream: ask for the page of the status that begins at
+    /// instance `start` (PROTOCOL.md §9.2); answered `StatusPage`.
+    StatusPageRequest { start: u32 },
 }
 
 /// Frames the relay sends to a peer.
@@ -137,6 +167,20 @@ pub enum RelayToPeer<'a> {
     Error { code: ErrorCode },
     /// 7 — agent stream: answer to `Detach`; no delivery follows it.
     Detached,
+    /// 8 — reserved for a frame being added elsewhere: it never decodes
+    /// and cannot be built.
+    #[doc(hidden)]
+    Reserved8(Reserved),
+    /// 9 — control stream: answer to `StatusPageRequest`: `instances[start..
+    /// start + instances.len()]` of the `total` in status snapshot
+    /// `snapshot` (pages of one snapshot fit together; PROTOCOL.md §9.2).
+    StatusPage {
+        you: InstanceStatus,
+        snapshot: u64,
+        start: u32,
+        total: u32,
+        instances: Vec<InstanceStatus>,
+    },
 }
 
 #[cfg(test)]

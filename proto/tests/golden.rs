@@ -104,7 +104,7 @@ fn envelope_vector() {
 
 /// Every vector file this test writes; a stray or missing file fails
 /// `vector_files_are_exactly_these`.
-const VECTORS: [&str; 20] = [
+const VECTORS: [&str; 22] = [
     "envelope",
     "envelope_body",
     "public_key",
@@ -125,6 +125,8 @@ const VECTORS: [&str; 20] = [
     "frame_failed",
     "frame_error",
     "frame_detached",
+    "frame_status_page_request",
+    "frame_status_page",
 ];
 
 fn protocol_md() -> String {
@@ -268,6 +270,10 @@ fn peer_frames(env: &[u8]) -> Vec<(&'static str, PeerToRelay<'_>)> {
             },
         ),
         ("frame_detach", PeerToRelay::Detach),
+        (
+            "frame_status_page_request",
+            PeerToRelay::StatusPageRequest { start: 300 },
+        ),
     ]
 }
 
@@ -290,6 +296,16 @@ fn relay_frames(env: &[u8]) -> Vec<(&'static str, RelayToPeer<'_>)> {
             "frame_status",
             RelayToPeer::Status {
                 you: st.clone(),
+                instances: vec![st.clone()],
+            },
+        ),
+        (
+            "frame_status_page",
+            RelayToPeer::StatusPage {
+                you: st.clone(),
+                snapshot: 7,
+                start: 0,
+                total: 1,
                 instances: vec![st],
             },
         ),

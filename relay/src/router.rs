@@ -105,6 +105,9 @@ impl<M> Inner<M> {
 pub struct Router<M> {
     inner: Mutex<Inner<M>>,
     next: AtomicU64,
+    /// Bumped whenever who is online or attached may have changed (for the
+    /// status snapshot, `core::status`).
+    changes: AtomicU64,
 }
 
 impl<M> Default for Router<M> {
@@ -115,11 +118,21 @@ impl<M> Default for Router<M> {
                 streams: HashMap::new(),
             }),
             next: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         }
     }
 }
 
 impl<M> Router<M> {
+    /// Changes so far to who is online or attached.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than stopping the relay would: recover.
@@ -175,7 +188,10 @@ impl<M> Router<M> {
             return None;
         }
         entry.connections.insert(conn_id, conn);
-        Some(entry.rate.clone())
+        let rate = entry.rate.clone();
+        drop(g);
+        self.changed();
+        Some(rate)
     }
 
     /// The control-request bucket of a connected instance, shared by all its
@@ -207,6 +223,8 @@ impl<M> Router<M> {
                 g.instances.remove(instance);
             }
         }
+        drop(g);
+        self.changed();
     }
 
     /// Make a stream reachable by its token (for receipts).
@@ -220,6 +238,8 @@ impl<M> Router<M> {
         g.streams.remove(&token);
         if let Some((instance, agent)) = receiving {
             g.remove_receiver(token, instance, agent);
+            drop(g);
+            self.changed();
         }
     }
 
@@ -227,6 +247,7 @@ impl<M> Router<M> {
     /// `token` (it detached); the stream stays known for its replies.
     pub fn detach_receiver(&self, token: u64, instance: &str, agent: &str) {
         self.lock().remove_receiver(token, instance, agent);
+        self.changed();
     }
 
     /// Make `handle` the receiving stream of `instance/agent`: the newest
@@ -250,10 +271,13 @@ impl<M> Router<M> {
                 return AttachOutcome::Stale;
             }
         }
-        match e.receivers.insert(agent.to_string(), handle) {
+        let outcome = match e.receivers.insert(agent.to_string(), handle) {
             Some(old) => AttachOutcome::Replaced(old),
             None => AttachOutcome::Attached,
-        }
+        };
+        drop(g);
+        self.changed();
+        outcome
     }
 
     /// The receiving stream of `instance/agent`, if attached.

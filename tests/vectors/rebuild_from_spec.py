@@ -49,6 +49,7 @@ want = {
  'frame_ack': varint(4) + varint(300) + receipt_peer,
  'frame_nack': varint(5) + varint(300) + ID + varint(18),
  'frame_detach': varint(6),
+ 'frame_status_page_request': varint(8) + varint(300),
  'frame_registered': varint(0) + s('instance-001'),
  'frame_status': varint(1) + st + varint(1) + st,
  'frame_attached': varint(2) + s('xiaobaozi') + varint(1<<20) + varint(60000),
@@ -57,6 +58,7 @@ want = {
  'frame_failed': varint(5) + ID + varint(10),
  'frame_error': varint(6) + varint(2),
  'frame_detached': varint(7),
+ 'frame_status_page': varint(9) + st + varint(7) + varint(0) + varint(1) + varint(1) + st,
 }
 for k, b in want.items():
     assert frame(b).hex() == h(k), k

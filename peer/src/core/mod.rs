@@ -300,6 +300,8 @@ impl AgentCore {
                 // Control-stream frames have no place here.
                 RelayToPeer::Registered { .. }
                 | RelayToPeer::Status { .. }
+                | RelayToPeer::StatusPage { .. }
+                | RelayToPeer::Reserved8(_)
                 | RelayToPeer::Attached { .. } => return Some(SessionEnd::Lost),
             }
         }

@@ -71,7 +71,11 @@ pub fn first_frame(body: &[u8]) -> FirstFrame<'_> {
             Ok(()) => FirstFrame::Agent { agent, receive },
             Err(_) => FirstFrame::Refuse(ErrorCode::BadAddress),
         },
-        Ok(PeerToRelay::StatusRequest | PeerToRelay::Register { .. }) => FirstFrame::Control,
+        Ok(
+            PeerToRelay::StatusRequest
+            | PeerToRelay::StatusPageRequest { .. }
+            | PeerToRelay::Register { .. },
+        ) => FirstFrame::Control,
         Ok(_) => FirstFrame::Refuse(ErrorCode::NotAttached),
         Err(_) => FirstFrame::Refuse(ErrorCode::Malformed),
     }
@@ -111,6 +115,11 @@ pub fn registration(body: &[u8]) -> Result<Registration<'_>, ErrorCode> {
 pub enum ControlRequest<'f> {
     /// `StatusRequest`.
     Status,
+    /// `StatusPageRequest{start}`.
+    StatusPage {
+        /// The first instance of the page.
+        start: u32,
+    },
     /// `Register` for the connection's own instance (idempotent).
     Register(Registration<'f>),
 }
@@ -124,6 +133,7 @@ pub fn control_request<'f>(
 ) -> Result<ControlRequest<'f>, ErrorCode> {
     match codec::decode::<PeerToRelay>(body) {
         Ok(PeerToRelay::StatusRequest) => Ok(ControlRequest::Status),
+        Ok(PeerToRelay::StatusPageRequest { start }) => Ok(ControlRequest::StatusPage { start }),
         Ok(PeerToRelay::Register {
             instance_id,
             name,
@@ -319,6 +329,14 @@ mod tests {
     fn a_control_stream_takes_status_and_its_own_registration_only() {
         let status = body(&PeerToRelay::StatusRequest);
         assert_eq!(control_request(&status, "i1"), Ok(ControlRequest::Status));
+        let page = body(&PeerToRelay::StatusPageRequest { start: 7 });
+        assert_eq!(
+            control_request(&page, "i1"),
+            Ok(ControlRequest::StatusPage { start: 7 })
+        );
+        assert_eq!(first_frame(&page), FirstFrame::Control);
+        // A reserved tag does not decode.
+        assert_eq!(first_frame(&[7]), FirstFrame::Refuse(ErrorCode::Malformed));
         let own = body(&PeerToRelay::Register {
             instance_id: "i1",
             name: "n",

@@ -16,6 +16,8 @@
 //!   out.
 //! - [`deliveries`]: a receiving stream's queued and unanswered deliveries:
 //!   bounds, each sender's share, and which replies are genuine.
+//! - [`status`]: Status and StatusPage answers from a cached, pre-encoded
+//!   snapshot, and when to rebuild it.
 
 pub mod admission;
 pub mod agent_stream;
@@ -23,3 +25,4 @@ pub mod checks;
 pub mod deliveries;
 pub mod limits;
 pub mod rate;
+pub mod status;

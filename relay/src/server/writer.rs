@@ -55,8 +55,9 @@ impl Outbound {
 ///
 /// # Panics
 /// If `f` does not encode, which only a frame over the hard size limit
-/// could do: the relay's own frames are small (`Status` lists at most the
-/// registry, far under 16 MiB).
+/// could do: the relay's own frames built here are small (`Status` and
+/// `StatusPage`, which grow with the registry, are built by
+/// `core::status`, which refuses what would not fit).
 pub(crate) fn frame(f: &RelayToPeer<'_>) -> Bytes {
     agent_link_quic::frames::encode(f)
 }
