@@ -287,7 +287,17 @@ fn route_lookup(c: &mut Criterion) {
         let handle = StreamHandle {
             token: router.next_id(),
             tx,
-            queued_bytes: Default::default(),
+            ledger: std::sync::Arc::new(std::sync::Mutex::new(
+                agent_link_relay::core::deliveries::Ledger::new(
+                    agent_link_relay::core::deliveries::LedgerLimits {
+                        queue_len: 1024,
+                        queue_bytes: 4 << 20,
+                        outstanding: 4096,
+                        instance_bytes: 32 << 20,
+                    },
+                    router.instance_queue(&instance),
+                ),
+            )),
             opened: (0, 0),
             cancel: tokio_util::sync::CancellationToken::new(),
         };
@@ -345,7 +355,10 @@ fn route_lookup(c: &mut Criterion) {
     });
     // The same work the way the relay does it since issue 4: the envelope
     // stays a slice of the received frame behind a Deliver head (no frame
-    // encoding, no allocation), queued with try_send under the router lock.
+    // encoding, no allocation), queued with try_send under the router lock;
+    // since issue 14 admitted to the target's ledger (bounds, the sender's
+    // share, a reply token) and answered once, as the receiver's Ack does.
+    let sender_name: std::sync::Arc<str> = std::sync::Arc::from("inst-1");
     let body = bytes::Bytes::from(f.send_frame[codec::FRAME_HEADER_LEN..].to_vec());
     g.bench_function("relay_per_message_256B_deliver_head", |b| {
         b.iter(|| {
@@ -356,17 +369,32 @@ fn route_lookup(c: &mut Criterion) {
             };
             let env = check_send(envelope, &ctx, &no_sig, SENT_AT_MS + 5).expect("check");
             let envelope = body.slice_ref(env.bytes);
-            let head = agent_link_proto::DeliverHead::new(token, f.key.as_bytes(), envelope.len())
-                .expect("head");
-            router
+            let id = env.body.id;
+            let ledger = router
                 .with_route(env.body.to.instance, env.body.to.agent, |target| {
+                    let mut l = target.ledger.lock().expect("ledger");
+                    let t = l
+                        .admit(&sender_name, token, id, envelope.len() + 64)
+                        .expect("admit");
+                    let head =
+                        agent_link_proto::DeliverHead::new(t, f.key.as_bytes(), envelope.len())
+                            .expect("head");
                     target
                         .tx
-                        .try_send(agent_link_relay::Outbound::Deliver { head, envelope })
-                        .expect("queue")
+                        .try_send(agent_link_relay::Outbound::Deliver {
+                            head,
+                            envelope,
+                            token: t,
+                        })
+                        .expect("queue");
+                    (target.ledger.clone(), t)
                 })
                 .expect("route");
-            rx.try_recv().expect("drain")
+            let out = rx.try_recv().expect("drain");
+            let mut l = ledger.0.lock().expect("ledger");
+            l.unqueue(ledger.1);
+            l.reply(ledger.1, &id).expect("one reply");
+            out
         })
     });
     g.finish();

@@ -305,22 +305,29 @@ impl AgentLink {
         }
     }
 
-    /// Ask the relay who is online.
+    /// Ask the relay who is online: every page of one status snapshot
+    /// (PROTOCOL.md §9.2), so the report lists the whole fleet however
+    /// large; a relay that predates pages is asked for the one `Status`.
     pub async fn status(&self) -> Result<StatusReport, LinkError> {
         let conn = self.connection()?;
         let t0 = Instant::now();
-        let (you, instances) = transport::request(
-            &conn,
-            &self.state.config.relay_url,
-            &PeerToRelay::StatusRequest,
-            Phase::Status,
-            self.state.setup_timeout,
-            |f| match f {
-                RelayToPeer::Status { you, instances } => Some(Ok((you, instances))),
-                _ => None,
-            },
-        )
-        .await?;
+        let (you, instances) = match self.status_pages(&conn).await {
+            Err(LinkError::Refused(agent_link_proto::ErrorCode::Malformed)) => {
+                transport::request(
+                    &conn,
+                    &self.state.config.relay_url,
+                    &PeerToRelay::StatusRequest,
+                    Phase::Status,
+                    self.state.setup_timeout,
+                    |f| match f {
+                        RelayToPeer::Status { you, instances } => Some(Ok((you, instances))),
+                        _ => None,
+                    },
+                )
+                .await?
+            }
+            other => other?,
+        };
         Ok(StatusReport {
             relay: self.state.config.relay_url.clone(),
             rtt: t0.elapsed(),
@@ -328,6 +335,56 @@ impl AgentLink {
             you,
             instances,
         })
+    }
+
+    /// Fetch `StatusPage`s from 0 until `total`; start again when the
+    /// snapshot changes between pages, so the list is one snapshot's; on
+    /// the fourth walk accept pages of several snapshots rather than never
+    /// answering while the fleet keeps changing.
+    async fn status_pages(
+        &self,
+        conn: &quinn::Connection,
+    ) -> Result<(InstanceStatus, Vec<InstanceStatus>), LinkError> {
+        let mut walks = 0;
+        loop {
+            walks += 1;
+            let mut list: Vec<InstanceStatus> = Vec::new();
+            let mut snap = None;
+            loop {
+                let start =
+                    u32::try_from(list.len()).map_err(|_| LinkError::Protocol(Phase::Status))?;
+                let (you, snapshot, at, total, page) = transport::request(
+                    conn,
+                    &self.state.config.relay_url,
+                    &PeerToRelay::StatusPageRequest { start },
+                    Phase::Status,
+                    self.state.setup_timeout,
+                    |f| match f {
+                        RelayToPeer::StatusPage {
+                            you,
+                            snapshot,
+                            start,
+                            total,
+                            instances,
+                        } => Some(Ok((you, snapshot, start, total, instances))),
+                        _ => None,
+                    },
+                )
+                .await?;
+                if at != start {
+                    return Err(LinkError::Protocol(Phase::Status));
+                }
+                if walks < 4 && snap.is_some_and(|s| s != snapshot) {
+                    break;
+                }
+                snap = Some(snapshot);
+                let done = page.is_empty() || list.len() + page.len() >= total as usize;
+                list.extend(page);
+                if done {
+                    return Ok((you, list));
+                }
+            }
+        }
     }
 
     /// Close the connection for every clone and agent, with a code the

@@ -111,6 +111,9 @@ pub enum PeerToRelay<'a> {
         name: &'a str,
         proof: [u8; 32],
     },
+    /// 8 — control stream: ask for the page of the status that begins at
+    /// instance `start` (PROTOCOL.md §9.2); answered `StatusPage`.
+    StatusPageRequest { start: u32 },
 }
 
 /// Frames the relay sends to a peer.
@@ -154,6 +157,16 @@ pub enum RelayToPeer<'a> {
     FleetSecret {
         secret: [u8; 32],
         previous_valid_until_ms: u64,
+    },
+    /// 9 — control stream: answer to `StatusPageRequest`: `instances[start..
+    /// start + instances.len()]` of the `total` in status snapshot
+    /// `snapshot` (pages of one snapshot fit together; PROTOCOL.md §9.2).
+    StatusPage {
+        you: InstanceStatus,
+        snapshot: u64,
+        start: u32,
+        total: u32,
+        instances: Vec<InstanceStatus>,
     },
 }
 

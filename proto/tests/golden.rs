@@ -104,7 +104,7 @@ fn envelope_vector() {
 
 /// Every vector file this test writes; a stray or missing file fails
 /// `vector_files_are_exactly_these`.
-const VECTORS: [&str; 24] = [
+const VECTORS: [&str; 26] = [
     "envelope",
     "envelope_body",
     "public_key",
@@ -129,6 +129,8 @@ const VECTORS: [&str; 24] = [
     "invite_proof",
     "frame_register_invite",
     "frame_fleet_secret",
+    "frame_status_page_request",
+    "frame_status_page",
 ];
 
 fn protocol_md() -> String {
@@ -310,6 +312,10 @@ fn peer_frames(env: &[u8]) -> Vec<(&'static str, PeerToRelay<'_>)> {
                 proof: [5; 32],
             },
         ),
+        (
+            "frame_status_page_request",
+            PeerToRelay::StatusPageRequest { start: 300 },
+        ),
     ]
 }
 
@@ -332,6 +338,16 @@ fn relay_frames(env: &[u8]) -> Vec<(&'static str, RelayToPeer<'_>)> {
             "frame_status",
             RelayToPeer::Status {
                 you: st.clone(),
+                instances: vec![st.clone()],
+            },
+        ),
+        (
+            "frame_status_page",
+            RelayToPeer::StatusPage {
+                you: st.clone(),
+                snapshot: 7,
+                start: 0,
+                total: 1,
                 instances: vec![st],
             },
         ),

@@ -86,6 +86,7 @@ enum OwnedPeer {
     Send(Vec<u8>),
     Ack(u64, OwnedReceipt),
     Nack(u64, [u8; 16], ErrorCode),
+    StatusPageRequest(u32),
 }
 
 impl OwnedPeer {
@@ -116,6 +117,7 @@ impl OwnedPeer {
                 id: *id,
                 code: *c,
             },
+            Self::StatusPageRequest(start) => PeerToRelay::StatusPageRequest { start: *start },
         }
     }
 }
@@ -132,6 +134,7 @@ fn peer_strategy() -> impl Strategy<Value = OwnedPeer> {
         (varint_u64(), receipt_strategy()).prop_map(|(t, r)| OwnedPeer::Ack(t, r)),
         (varint_u64(), any::<[u8; 16]>(), code_strategy())
             .prop_map(|(t, id, c)| OwnedPeer::Nack(t, id, c)),
+        any::<u32>().prop_map(OwnedPeer::StatusPageRequest),
     ]
 }
 
@@ -292,7 +295,10 @@ fn peer_borrows<'a>(f: &PeerToRelay<'a>) -> Vec<&'a [u8]> {
         | PeerToRelay::RegisterInvite {
             instance_id, name, ..
         } => vec![instance_id.as_bytes(), name.as_bytes()],
-        PeerToRelay::StatusRequest | PeerToRelay::Nack { .. } | PeerToRelay::Detach => vec![],
+        PeerToRelay::StatusRequest
+        | PeerToRelay::Nack { .. }
+        | PeerToRelay::Detach
+        | PeerToRelay::StatusPageRequest { .. } => vec![],
         PeerToRelay::Attach { agent, .. } => vec![agent.as_bytes()],
         PeerToRelay::Send { envelope } => vec![envelope],
         PeerToRelay::Ack { receipt, .. } => {

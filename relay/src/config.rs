@@ -55,6 +55,11 @@ pub struct RelayConfig {
     /// Bytes of deliveries queued for one agent stream before senders get
     /// `Busy` (bounds memory when messages are large; at least one frame).
     pub agent_queue_bytes: u32,
+    /// Bytes of deliveries queued for all of one instance's agent streams
+    /// together (over all its connections) before senders get `Busy`: the
+    /// memory one member can make the relay hold for it, however many
+    /// agents it attaches. At least `agent_queue_bytes`.
+    pub instance_queue_bytes: u64,
     /// QUIC per-stream receive window, bytes.
     pub stream_receive_window: u32,
     /// QUIC per-connection receive window, bytes.
@@ -105,6 +110,7 @@ impl Default for RelayConfig {
             verify_signatures: false,
             agent_queue_len: 1024,
             agent_queue_bytes: 4 << 20,
+            instance_queue_bytes: 32 << 20,
             stream_receive_window: (1 << 20) + (64 << 10),
             receive_window: 8 << 20,
             send_window: 8 << 20,
@@ -234,6 +240,12 @@ impl RelayConfig {
                 "must hold one whole frame (max_message_size + 1028 bytes)",
             ));
         }
+        if self.instance_queue_bytes < u64::from(self.agent_queue_bytes) {
+            return Err(bad(
+                "instance_queue_bytes",
+                "must be at least agent_queue_bytes",
+            ));
+        }
         if (self.stream_receive_window as usize) < self.max_frame() + 4 {
             return Err(bad(
                 "stream_receive_window",
@@ -294,6 +306,13 @@ mod tests {
                 ..d()
             },
             "max_message_size",
+        );
+        refused_naming(
+            RelayConfig {
+                instance_queue_bytes: 1024,
+                ..d()
+            },
+            "instance_queue_bytes",
         );
         refused_naming(
             RelayConfig {

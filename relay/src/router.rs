@@ -2,8 +2,10 @@
 //!
 //! One `std::sync::Mutex` guards the table; it is never held across an
 //! `.await` (every method is synchronous and short). Routing decisions are
-//! plain lookups: `(instance, agent)` to the receiving stream's queue, and a
-//! reply token to the stream that sent a message (for its receipt).
+//! plain lookups: `(instance, agent)` to the receiving stream's queue and
+//! ledger (`core::deliveries`), and a stream token to the stream that sent
+//! a message (for its receipt, once the receiving stream's ledger has
+//! accepted the reply).
 //!
 //! The table is generic over the item `M` a stream's writer queue carries,
 //! so it knows nothing of wire encoding or of the writer: the relay routes
@@ -17,7 +19,12 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::deliveries::Ledger;
 use crate::core::rate::TokenBucket;
+
+/// A stream's deliveries, named by sending instance (see
+/// [`crate::core::deliveries`]).
+pub type StreamLedger = Arc<Mutex<Ledger<Arc<str>>>>;
 
 /// What [`Router::attach_receiver`] did.
 #[derive(Debug)]
@@ -35,13 +42,13 @@ pub enum AttachOutcome<M> {
 /// The sending side of one agent stream.
 #[derive(Debug)]
 pub struct StreamHandle<M> {
-    /// Relay-unique stream token (also the reply token of its messages).
+    /// Relay-unique stream token: where replies to its sends are routed.
     pub token: u64,
     /// Its writer queue (bounded: `agent_queue_len` frames).
     pub tx: mpsc::Sender<M>,
-    /// Bytes of deliveries queued and not yet written (bounded:
-    /// `agent_queue_bytes`).
-    pub queued_bytes: Arc<AtomicUsize>,
+    /// Deliveries queued for it and not yet answered: admitted under the
+    /// table's lock, taken off by its writer, answered by its own replies.
+    pub ledger: StreamLedger,
     /// Connection id and QUIC stream index: streams of one connection were
     /// opened in index order, whatever order the relay processes them in.
     pub opened: (u64, u64),
@@ -56,7 +63,7 @@ impl<M> Clone for StreamHandle<M> {
         Self {
             token: self.token,
             tx: self.tx.clone(),
-            queued_bytes: self.queued_bytes.clone(),
+            ledger: self.ledger.clone(),
             opened: self.opened,
             cancel: self.cancel.clone(),
         }
@@ -71,6 +78,8 @@ struct InstanceEntry<M> {
     /// The instance's bucket for control requests (see
     /// `core::limits::CONTROL_PER_SEC`).
     control: Arc<Mutex<TokenBucket>>,
+    /// Bytes queued for delivery to its streams (`instance_queue_bytes`).
+    queued: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -96,6 +105,9 @@ impl<M> Inner<M> {
 pub struct Router<M> {
     inner: Mutex<Inner<M>>,
     next: AtomicU64,
+    /// Bumped whenever who is online or attached may have changed (for the
+    /// status snapshot, `core::status`).
+    changes: AtomicU64,
 }
 
 impl<M> Default for Router<M> {
@@ -106,11 +118,21 @@ impl<M> Default for Router<M> {
                 streams: HashMap::new(),
             }),
             next: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         }
     }
 }
 
 impl<M> Router<M> {
+    /// Changes so far to who is online or attached.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than stopping the relay would: recover.
@@ -160,12 +182,16 @@ impl<M> Router<M> {
                     crate::core::limits::CONTROL_BURST,
                     Instant::now(),
                 ))),
+                queued: Arc::default(),
             });
         if entry.connections.len() >= max_per_instance {
             return None;
         }
         entry.connections.insert(conn_id, conn);
-        Some(entry.rate.clone())
+        let rate = entry.rate.clone();
+        drop(g);
+        self.changed();
+        Some(rate)
     }
 
     /// The control-request bucket of a connected instance, shared by all its
@@ -177,6 +203,17 @@ impl<M> Router<M> {
             .map(|e| e.control.clone())
     }
 
+    /// The counter of bytes queued for `instance`'s streams, shared by
+    /// their ledgers (a fresh one if it has no connection: nothing can be
+    /// routed to it then anyway).
+    pub fn instance_queue(&self, instance: &str) -> Arc<AtomicUsize> {
+        self.lock()
+            .instances
+            .get(instance)
+            .map(|e| e.queued.clone())
+            .unwrap_or_default()
+    }
+
     /// Remove a connection; the instance goes offline with its last one.
     pub fn remove_connection(&self, instance: &str, conn_id: u64) {
         let mut g = self.lock();
@@ -186,6 +223,8 @@ impl<M> Router<M> {
                 g.instances.remove(instance);
             }
         }
+        drop(g);
+        self.changed();
     }
 
     /// Make a stream reachable by its token (for receipts).
@@ -199,6 +238,8 @@ impl<M> Router<M> {
         g.streams.remove(&token);
         if let Some((instance, agent)) = receiving {
             g.remove_receiver(token, instance, agent);
+            drop(g);
+            self.changed();
         }
     }
 
@@ -206,6 +247,7 @@ impl<M> Router<M> {
     /// `token` (it detached); the stream stays known for its replies.
     pub fn detach_receiver(&self, token: u64, instance: &str, agent: &str) {
         self.lock().remove_receiver(token, instance, agent);
+        self.changed();
     }
 
     /// Make `handle` the receiving stream of `instance/agent`: the newest
@@ -229,10 +271,13 @@ impl<M> Router<M> {
                 return AttachOutcome::Stale;
             }
         }
-        match e.receivers.insert(agent.to_string(), handle) {
+        let outcome = match e.receivers.insert(agent.to_string(), handle) {
             Some(old) => AttachOutcome::Replaced(old),
             None => AttachOutcome::Attached,
-        }
+        };
+        drop(g);
+        self.changed();
+        outcome
     }
 
     /// The receiving stream of `instance/agent`, if attached.
@@ -299,11 +344,12 @@ mod tests {
 
     fn handle(token: u64) -> (StreamHandle<()>, mpsc::Receiver<()>) {
         let (tx, rx) = mpsc::channel(4);
+        let limits = crate::core::deliveries::LedgerLimits::of(&Default::default());
         (
             StreamHandle {
                 token,
                 tx,
-                queued_bytes: Default::default(),
+                ledger: Arc::new(Mutex::new(Ledger::new(limits, Default::default()))),
                 opened: (7, token),
                 cancel: CancellationToken::new(),
             },
@@ -328,6 +374,7 @@ mod tests {
                 receivers: HashMap::new(),
                 rate: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
                 control: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
+                queued: Arc::default(),
             },
         );
         assert!(matches!(

@@ -24,6 +24,12 @@ pub struct Stats {
     pub receipts_orphaned: AtomicU64,
     /// Registrations accepted.
     pub registrations: AtomicU64,
+    /// `Ack`/`Nack` frames dropped: no delivery outstanding on the replying
+    /// stream under that token and id (a forged, repeated or stray reply).
+    pub replies_dropped: AtomicU64,
+    /// Deliveries failed `TargetOffline` because their target stream ended
+    /// before they were answered.
+    pub deliveries_failed_unanswered: AtomicU64,
     refused: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -38,6 +44,8 @@ impl Default for Stats {
             receipts_routed: AtomicU64::new(0),
             receipts_orphaned: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
+            replies_dropped: AtomicU64::new(0),
+            deliveries_failed_unanswered: AtomicU64::new(0),
             refused: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -105,6 +113,16 @@ impl Stats {
             "registrations_total",
             "Registrations accepted.",
             self.registrations.load(Relaxed),
+        );
+        line(
+            "replies_dropped_total",
+            "Acks and Nacks for no delivery outstanding on their stream.",
+            self.replies_dropped.load(Relaxed),
+        );
+        line(
+            "deliveries_failed_unanswered_total",
+            "Deliveries failed TargetOffline: their target stream ended unanswered.",
+            self.deliveries_failed_unanswered.load(Relaxed),
         );
         out.push_str("# HELP agent_link_refused_total Frames and messages refused, by code.\n# TYPE agent_link_refused_total counter\n");
         for code in ErrorCode::ALL {

@@ -50,6 +50,7 @@ want = {
  'frame_nack': varint(5) + varint(300) + ID + varint(18),
  'frame_detach': varint(6),
  'frame_register_invite': varint(7) + s('instance-001') + s('one') + bytes([5]*32),
+ 'frame_status_page_request': varint(8) + varint(300),
  'frame_registered': varint(0) + s('instance-001'),
  'frame_status': varint(1) + st + varint(1) + st,
  'frame_attached': varint(2) + s('xiaobaozi') + varint(1<<20) + varint(60000),
@@ -59,6 +60,7 @@ want = {
  'frame_error': varint(6) + varint(2),
  'frame_detached': varint(7),
  'frame_fleet_secret': varint(8) + fleet + varint(T + 86_400_000),
+ 'frame_status_page': varint(9) + st + varint(7) + varint(0) + varint(1) + varint(1) + st,
 }
 for k, b in want.items():
     assert frame(b).hex() == h(k), k

@@ -308,8 +308,9 @@ impl AgentCore {
                 // Control-stream frames have no place here.
                 RelayToPeer::Registered { .. }
                 | RelayToPeer::Status { .. }
-                | RelayToPeer::Attached { .. }
-                | RelayToPeer::FleetSecret { .. } => return Some(SessionEnd::Lost),
+                | RelayToPeer::StatusPage { .. }
+                | RelayToPeer::FleetSecret { .. }
+                | RelayToPeer::Attached { .. } => return Some(SessionEnd::Lost),
             }
         }
         None
@@ -450,8 +451,11 @@ impl AgentCore {
     }
 
     /// The stream broke. Waiting sends stay for the next attach; deliveries
-    /// not taken stay too (their receipts can go out on the next stream:
-    /// the relay routes them by reply token).
+    /// not taken stay too, but their receipts cannot reach their senders any
+    /// more: the relay accepts a reply only on the stream the delivery was
+    /// written to, and has told their senders `TargetOffline` (PROTOCOL.md
+    /// §9.5). An `Ack` sent on the next stream is dropped there; a sender
+    /// that re-sends gets the duplicate's receipt.
     pub(crate) fn lost(&mut self) {
         if self.phase != Phase::Detached {
             self.phase = Phase::Idle;

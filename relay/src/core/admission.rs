@@ -73,6 +73,7 @@ pub fn first_frame(body: &[u8]) -> FirstFrame<'_> {
         },
         Ok(
             PeerToRelay::StatusRequest
+            | PeerToRelay::StatusPageRequest { .. }
             | PeerToRelay::Register { .. }
             | PeerToRelay::RegisterInvite { .. },
         ) => FirstFrame::Control,
@@ -169,6 +170,11 @@ pub fn may_register(
 pub enum ControlRequest<'f> {
     /// `StatusRequest`.
     Status,
+    /// `StatusPageRequest{start}`.
+    StatusPage {
+        /// The first instance of the page.
+        start: u32,
+    },
     /// `Register` for the connection's own instance (idempotent).
     Register(Registration<'f>),
 }
@@ -182,6 +188,7 @@ pub fn control_request<'f>(
 ) -> Result<ControlRequest<'f>, ErrorCode> {
     match codec::decode::<PeerToRelay>(body) {
         Ok(PeerToRelay::StatusRequest) => Ok(ControlRequest::Status),
+        Ok(PeerToRelay::StatusPageRequest { start }) => Ok(ControlRequest::StatusPage { start }),
         Ok(f) => match as_registration(&f) {
             Some(reg) if reg.instance_id != instance => Err(ErrorCode::InstanceIdTaken),
             Some(reg) => Ok(ControlRequest::Register(reg)),
@@ -423,6 +430,14 @@ mod tests {
     fn a_control_stream_takes_status_and_its_own_registration_only() {
         let status = body(&PeerToRelay::StatusRequest);
         assert_eq!(control_request(&status, "i1"), Ok(ControlRequest::Status));
+        let page = body(&PeerToRelay::StatusPageRequest { start: 7 });
+        assert_eq!(
+            control_request(&page, "i1"),
+            Ok(ControlRequest::StatusPage { start: 7 })
+        );
+        assert_eq!(first_frame(&page), FirstFrame::Control);
+        // A reserved tag does not decode.
+        assert_eq!(first_frame(&[7]), FirstFrame::Refuse(ErrorCode::Malformed));
         let own = body(&PeerToRelay::Register {
             instance_id: "i1",
             name: "n",

@@ -18,6 +18,7 @@
 //! Refusals and `Detached` are answers on this stream; the task queues
 //! them and writes them after the batch's forwards, before a `Close`.
 
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -27,6 +28,7 @@ use agent_link_proto::{
 use bytes::Bytes;
 
 use super::checks::{check_send, verify_batch, CheckPolicy, SenderContext};
+use super::deliveries::Ledger;
 use super::rate::TokenBucket;
 use crate::registry::InstanceRecord;
 
@@ -50,9 +52,9 @@ pub enum Action<'f> {
         id: MessageId,
         /// The target agent.
         to: Address<'f>,
-        /// The `Deliver` frame's head, with this stream's reply token.
-        head: DeliverHead,
         /// The envelope's original bytes: a slice of the received frame.
+        /// Its `Deliver` frame fits the hard frame limit whatever reply
+        /// token the target's ledger gives it (checked here).
         envelope: Bytes,
     },
     /// Answer `Failed{id, code}` on this stream (a refusal; counted).
@@ -63,9 +65,11 @@ pub enum Action<'f> {
         code: ErrorCode,
     },
     /// Route `Receipt{receipt}` to the stream with `token` (the message's
-    /// sender), waiting a bounded time for room in its queue.
+    /// sender), waiting a bounded time for room in its queue. The reply
+    /// was checked against this stream's ledger: one reply per delivery,
+    /// from the stream it was delivered to.
     RouteReceipt {
-        /// The sending stream's reply token.
+        /// The sending stream's token.
         token: u64,
         /// The receiver's receipt, as it sent it.
         receipt: Receipt<'f>,
@@ -73,12 +77,19 @@ pub enum Action<'f> {
     /// Route `Failed{id, code}` (the receiver's `Nack`) to the stream with
     /// `token`, as for a receipt.
     RouteFailed {
-        /// The sending stream's reply token.
+        /// The sending stream's token.
         token: u64,
         /// The refused message.
         id: MessageId,
         /// The receiver's reason.
         code: ErrorCode,
+    },
+    /// An `Ack` or `Nack` for no delivery outstanding on this stream (a
+    /// token never delivered here or already answered, or another id):
+    /// dropped without an answer (PROTOCOL.md §9.5), counted.
+    DropReply {
+        /// The id the reply named.
+        id: MessageId,
     },
     /// The peer detaches (PROTOCOL.md §9.6): when `unroute`, remove this
     /// stream's receiving route now; then answer `Detached`, behind every
@@ -98,11 +109,10 @@ pub struct AgentStream<'a> {
     policy: &'a CheckPolicy,
     verify_signatures: bool,
     receive: bool,
-    token: u64,
 }
 
 impl<'a> AgentStream<'a> {
-    /// The stream `token` of `sender`, checked by `policy` (whose own
+    /// A stream of `sender`, checked by `policy` (whose own
     /// `verify_signatures` should be off: with `verify_signatures` here the
     /// signatures of a batch are verified together instead).
     pub fn new(
@@ -110,26 +120,33 @@ impl<'a> AgentStream<'a> {
         policy: &'a CheckPolicy,
         verify_signatures: bool,
         receive: bool,
-        token: u64,
     ) -> Self {
         Self {
             sender,
             policy,
             verify_signatures,
             receive,
-            token,
         }
     }
 
     /// Decide on one batch of frame bodies read from the stream. `rate` is
     /// the sender instance's bucket, shared by its connections: taken once
     /// per checked message, locked only for that.
-    pub fn on_frames<'f>(
+    /// `ledger` is this stream's own: the deliveries written to it, which
+    /// its replies must name.
+    pub fn on_frames<'f, S: Clone + Eq + Hash>(
         &self,
         now: Now,
         frames: &'f [Bytes],
         rate: &Mutex<TokenBucket>,
+        ledger: &Mutex<Ledger<S>>,
     ) -> Vec<Action<'f>> {
+        let reply = |token: u64, id: &MessageId| {
+            ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reply(token, id)
+        };
         let mut out = Vec::with_capacity(frames.len() + 1);
         // Checked envelopes with the frame each came in (its bytes are
         // forwarded as a slice of that frame, never copied or re-encoded).
@@ -172,9 +189,9 @@ impl<'a> AgentStream<'a> {
                             code: ErrorCode::SenderMismatch,
                         });
                     } else {
-                        out.push(Action::RouteReceipt {
-                            token: reply_token,
-                            receipt,
+                        out.push(match reply(reply_token, &receipt.id) {
+                            Some(token) => Action::RouteReceipt { token, receipt },
+                            None => Action::DropReply { id: receipt.id },
                         });
                     }
                 }
@@ -182,10 +199,9 @@ impl<'a> AgentStream<'a> {
                     reply_token,
                     id,
                     code,
-                }) => out.push(Action::RouteFailed {
-                    token: reply_token,
-                    id,
-                    code,
+                }) => out.push(match reply(reply_token, &id) {
+                    Some(token) => Action::RouteFailed { token, id, code },
+                    None => Action::DropReply { id },
                 }),
                 Ok(PeerToRelay::Detach) => out.push(Action::Detach {
                     unroute: self.receive,
@@ -238,13 +254,13 @@ impl<'a> AgentStream<'a> {
         }
         // The envelope's bytes go out exactly as they came in (never
         // re-encoded): a slice of the received frame behind a Deliver head.
+        // The longest reply token (a 9-byte varint) must fit as well.
         let envelope = body.slice_ref(env.bytes);
-        let head = DeliverHead::new(self.token, self.sender.key.as_bytes(), envelope.len())
+        DeliverHead::new(u64::MAX, self.sender.key.as_bytes(), envelope.len())
             .ok_or(ErrorCode::TooLarge)?;
         Ok(Action::Forward {
             id: env.body.id,
             to: env.body.to,
-            head,
             envelope,
         })
     }
@@ -268,7 +284,21 @@ mod tests {
     use std::time::Duration;
 
     const NOW_MS: u64 = 1_700_000_000_000;
-    const TOKEN: u64 = 77;
+
+    /// A ledger with two deliveries written to this stream: token 1 (from
+    /// stream 50) and token 2 (from stream 60), both of message `[4; 16]`.
+    fn ledger() -> Mutex<Ledger<&'static str>> {
+        let limits = crate::core::deliveries::LedgerLimits {
+            queue_len: 8,
+            queue_bytes: 1 << 20,
+            outstanding: 8,
+            instance_bytes: 1 << 20,
+        };
+        let mut l = Ledger::new(limits, Default::default());
+        assert_eq!(l.admit(&"i9", 50, [4; 16], 100), Ok(1));
+        assert_eq!(l.admit(&"i8", 60, [4; 16], 100), Ok(2));
+        Mutex::new(l)
+    }
 
     /// A stream of `i1/alice`, its key, the fleet, and a manual clock.
     struct Fixture {
@@ -303,7 +333,7 @@ mod tests {
                 agent: "alice",
                 key: &self.key,
             };
-            AgentStream::new(sender, &self.policy, verify, receive, TOKEN)
+            AgentStream::new(sender, &self.policy, verify, receive)
         }
 
         fn now(&self, ms: u64) -> Now {
@@ -369,6 +399,7 @@ mod tests {
         Refuse(u8, ErrorCode),
         RouteReceipt(u64),
         RouteFailed(u64, ErrorCode),
+        DropReply(u8),
         Detach(bool),
         Close(ErrorCode),
     }
@@ -381,6 +412,7 @@ mod tests {
                 Action::Refuse { id, code } => Short::Refuse(id[0], *code),
                 Action::RouteReceipt { token, .. } => Short::RouteReceipt(*token),
                 Action::RouteFailed { token, code, .. } => Short::RouteFailed(*token, *code),
+                Action::DropReply { id } => Short::DropReply(id[0]),
                 Action::Detach { unroute } => Short::Detach(*unroute),
                 Action::Close(code) => Short::Close(*code),
             })
@@ -391,16 +423,10 @@ mod tests {
     fn a_good_send_is_forwarded_as_its_own_bytes() {
         let f = fixture();
         let frames = [f.send(1)];
-        let actions = f
-            .stream(true, false)
-            .on_frames(f.now(0), &frames, &bucket(&f, 10));
-        let [Action::Forward {
-            id,
-            to,
-            head,
-            envelope,
-        }] = &actions[..]
-        else {
+        let actions =
+            f.stream(true, false)
+                .on_frames(f.now(0), &frames, &bucket(&f, 10), &ledger());
+        let [Action::Forward { id, to, envelope }] = &actions[..] else {
             panic!("{actions:?}");
         };
         assert_eq!(*id, [1; 16]);
@@ -408,15 +434,6 @@ mod tests {
         assert_eq!(&envelope[..], &f.envelope(1, ("i1", "alice"))[..]);
         // A slice of the received frame, not a copy.
         assert!(frames[0].as_ptr_range().contains(&envelope.as_ptr()));
-        let mut deliver = head.as_bytes().to_vec();
-        deliver.extend_from_slice(envelope);
-        let want = codec::frame(&agent_link_proto::RelayToPeer::Deliver {
-            reply_token: TOKEN,
-            sender_key: *f.key.as_bytes(),
-            envelope,
-        })
-        .unwrap();
-        assert_eq!(deliver, want);
     }
 
     #[test]
@@ -429,19 +446,21 @@ mod tests {
         let mut bad_address = f.envelope(3, ("i1", "alice"));
         let at = bad_address.windows(3).position(|w| w == b"bob").unwrap();
         bad_address[at + 1] = b'/'; // "b/b": not a valid agent id
-        let own_ack = frame(&PeerToRelay::Ack {
-            reply_token: 5,
-            receipt: receipt(("i1", "alice")),
-        });
-        let foreign_ack = frame(&PeerToRelay::Ack {
-            reply_token: 5,
-            receipt: receipt(("i1", "bob")),
-        });
-        let nack = frame(&PeerToRelay::Nack {
-            reply_token: 6,
-            id: [4; 16],
-            code: ErrorCode::TargetOffline,
-        });
+        let ack = |reply_token, from| {
+            frame(&PeerToRelay::Ack {
+                reply_token,
+                receipt: receipt(from),
+            })
+        };
+        let own_ack = ack(1, ("i1", "alice"));
+        let foreign_ack = ack(1, ("i1", "bob"));
+        let nack = |reply_token, id| {
+            frame(&PeerToRelay::Nack {
+                reply_token,
+                id,
+                code: ErrorCode::TargetOffline,
+            })
+        };
         let detach = frame(&PeerToRelay::Detach);
         let attach = frame(&PeerToRelay::Attach {
             agent: "alice",
@@ -505,10 +524,28 @@ mod tests {
                 vec![Close(BadAddress)],
             ),
             (
-                "own ack is routed",
+                "own ack is routed to the delivery's sender",
                 false,
-                vec![own_ack],
-                vec![RouteReceipt(5)],
+                vec![own_ack.clone()],
+                vec![RouteReceipt(50)],
+            ),
+            (
+                "a second reply for the same delivery is dropped",
+                false,
+                vec![own_ack.clone(), own_ack.clone(), nack(1, [4; 16])],
+                vec![RouteReceipt(50), DropReply(4), DropReply(4)],
+            ),
+            (
+                "a token not delivered to this stream is dropped",
+                false,
+                vec![ack(3, ("i1", "alice")), ack(50, ("i1", "alice"))],
+                vec![DropReply(4), DropReply(4)],
+            ),
+            (
+                "a reply naming another id than the delivery's is dropped",
+                false,
+                vec![nack(2, [5; 16]), nack(2, [4; 16])],
+                vec![DropReply(5), RouteFailed(60, TargetOffline)],
             ),
             (
                 "someone else's ack is refused to the acker",
@@ -517,10 +554,10 @@ mod tests {
                 vec![Refuse(4, SenderMismatch)],
             ),
             (
-                "nack is routed",
+                "nack is routed to the delivery's sender",
                 false,
-                vec![nack],
-                vec![RouteFailed(6, TargetOffline)],
+                vec![nack(2, [4; 16])],
+                vec![RouteFailed(60, TargetOffline)],
             ),
             (
                 "detach on a receiving stream unroutes before later forwards",
@@ -536,9 +573,10 @@ mod tests {
             ),
         ];
         for (case, receive, frames, want) in &cases {
-            let actions = f
-                .stream(false, *receive)
-                .on_frames(f.now(0), frames, &bucket(&f, 10));
+            // A fresh ledger per case: deliveries 1 and 2 outstanding.
+            let actions =
+                f.stream(false, *receive)
+                    .on_frames(f.now(0), frames, &bucket(&f, 10), &ledger());
             assert_eq!(&short(&actions), want, "{case}");
         }
     }
@@ -551,7 +589,7 @@ mod tests {
         forged[n - 1] ^= 1; // last byte of the signature
         let frames = [f.send(1), f.send_envelope(&forged), f.send(3)];
         let verifying = f.stream(true, false);
-        let actions = verifying.on_frames(f.now(0), &frames, &bucket(&f, 10));
+        let actions = verifying.on_frames(f.now(0), &frames, &bucket(&f, 10), &ledger());
         use Short::*;
         assert_eq!(
             short(&actions),
@@ -559,12 +597,12 @@ mod tests {
         );
         // Without verification at the relay, the receiver is the one to
         // refuse it.
-        let actions = f
-            .stream(false, false)
-            .on_frames(f.now(0), &frames, &bucket(&f, 10));
+        let actions =
+            f.stream(false, false)
+                .on_frames(f.now(0), &frames, &bucket(&f, 10), &ledger());
         assert_eq!(short(&actions), [Forward(1), Forward(2), Forward(3)]);
         let late = f.now(60_001);
-        let actions = verifying.on_frames(late, &frames[..1], &bucket(&f, 10));
+        let actions = verifying.on_frames(late, &frames[..1], &bucket(&f, 10), &ledger());
         assert_eq!(short(&actions), [Refuse(1, ErrorCode::StaleTimestamp)]);
     }
 
@@ -575,7 +613,9 @@ mod tests {
         let spoofed = f.send_envelope(&f.envelope(2, ("i9", "alice")));
         let frames = [f.send(1), spoofed, f.send(3), f.send(4)];
         use Short::*;
-        let actions = f.stream(false, false).on_frames(f.now(0), &frames, &rate);
+        let actions = f
+            .stream(false, false)
+            .on_frames(f.now(0), &frames, &rate, &ledger());
         assert_eq!(
             short(&actions),
             [
@@ -589,7 +629,7 @@ mod tests {
         let frames = [f.send(5), f.send(6)];
         let actions = f
             .stream(false, false)
-            .on_frames(f.now(1000), &frames, &rate);
+            .on_frames(f.now(1000), &frames, &rate, &ledger());
         assert_eq!(
             short(&actions),
             [Forward(5), Refuse(6, ErrorCode::RateLimited)]

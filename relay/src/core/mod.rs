@@ -14,9 +14,15 @@
 //!   which control requests and registrations are acceptable.
 //! - [`agent_stream`]: an agent stream's frames in, [`agent_stream::Action`]s
 //!   out.
+//! - [`deliveries`]: a receiving stream's queued and unanswered deliveries:
+//!   bounds, each sender's share, and which replies are genuine.
+//! - [`status`]: Status and StatusPage answers from a cached, pre-encoded
+//!   snapshot, and when to rebuild it.
 
 pub mod admission;
 pub mod agent_stream;
 pub mod checks;
+pub mod deliveries;
 pub mod limits;
 pub mod rate;
+pub mod status;

@@ -61,6 +61,11 @@ impl LiveRegistry {
         })
     }
 
+    /// Installs so far: changes whenever the live registry may have.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Acquire)
+    }
+
     /// The registry as last loaded (a short read lock: never hold it across
     /// an `.await`).
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Registry> {

@@ -9,8 +9,8 @@
 //! messages behind one slow receiver. Receipts wait (bounded) for room in
 //! the sender's queue, since the sender is waiting for them.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_link_proto::{Address, DeliverHead, ErrorCode, MessageId, RelayToPeer};
@@ -23,7 +23,8 @@ use super::hub::{ConnInfo, Hub};
 use super::writer::{error_frame, frame, write_loop, FrameArena, Outbound};
 use crate::core::agent_stream::{self, Action, AgentStream, Now};
 use crate::core::checks::SenderContext;
-use crate::router::{AttachOutcome, StreamHandle};
+use crate::core::deliveries::{Ledger, LedgerLimits};
+use crate::router::{AttachOutcome, StreamHandle, StreamLedger};
 use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
@@ -60,11 +61,14 @@ pub(crate) async fn serve_agent(
     let token = router.new_token();
     let (tx, rx) = mpsc::channel(cfg.agent_queue_len as usize);
     let cancel = hub.shutdown().child_token();
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let ledger: StreamLedger = Arc::new(Mutex::new(Ledger::new(
+        LedgerLimits::of(cfg),
+        router.instance_queue(&info.instance),
+    )));
     let handle = StreamHandle {
         token,
         tx: tx.clone(),
-        queued_bytes: queued_bytes.clone(),
+        ledger: ledger.clone(),
         opened: (info.conn_id, send.id().index()),
         cancel: cancel.clone(),
     };
@@ -108,26 +112,32 @@ pub(crate) async fn serve_agent(
         info: &info,
         token,
         agent: receive.then_some(agent.as_str()),
+        ledger: &ledger,
     };
-    let writer = write_loop(send, rx, cancel.clone(), queued_bytes);
+    let writer = write_loop(send, rx, cancel.clone(), ledger.clone());
     tokio::pin!(writer);
     let sender = SenderContext {
         instance: &info.instance,
         agent: &agent,
         key: &info.key,
     };
-    let core = AgentStream::new(sender, hub.policy(), cfg.verify_signatures, receive, token);
+    let core = AgentStream::new(sender, hub.policy(), cfg.verify_signatures, receive);
     let task = AgentTask {
         hub: &hub,
         info: &info,
         agent: &agent,
+        sender_name: Arc::from(info.instance.as_str()),
         token,
         tx,
+        ledger: &ledger,
     };
     let reading = task.read_loop(&core, reader, &cancel);
     tokio::select! {
         _ = reading => {
             router.remove_stream(token, receive.then_some((info.instance.as_str(), agent.as_str())));
+            // Unroutable now: its unanswered deliveries are failed at once
+            // (and those still queued are not written).
+            fail_outstanding(&hub, &ledger);
             // Let queued receipts and errors drain, bounded.
             if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
                 cancel.cancel();
@@ -142,13 +152,42 @@ struct StreamGuard<'a> {
     info: &'a ConnInfo,
     token: u64,
     agent: Option<&'a str>,
+    ledger: &'a StreamLedger,
 }
 
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         let receiving = self.agent.map(|a| (self.info.instance.as_str(), a));
         self.hub.router().remove_stream(self.token, receiving);
+        fail_outstanding(self.hub, self.ledger);
         self.info.agents.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The stream ended (it is no longer routable): close its ledger and tell
+/// the sender of every delivery it never answered `Failed{id,
+/// TargetOffline}` (PROTOCOL.md §9.5), so none waits for its deadline. Runs
+/// in `Drop` too, so it does not wait: a sender whose queue is full misses
+/// it (counted as orphaned) and ends at its deadline. Idempotent.
+fn fail_outstanding(hub: &Hub, ledger: &StreamLedger) {
+    let owed = ledger.lock().unwrap_or_else(|e| e.into_inner()).close();
+    if owed.is_empty() {
+        return;
+    }
+    let stats = hub.stats();
+    let mut arena = FrameArena::default();
+    for (reply_to, id) in owed {
+        stats.deliveries_failed_unanswered.fetch_add(1, Relaxed);
+        let f = arena.frame(&RelayToPeer::Failed {
+            id,
+            code: ErrorCode::TargetOffline,
+        });
+        let sent = hub
+            .router()
+            .with_stream(reply_to, |s| s.tx.try_send(Outbound::Frame(f)).is_ok());
+        if sent != Some(true) {
+            stats.receipts_orphaned.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -157,9 +196,13 @@ struct AgentTask<'a> {
     hub: &'a Hub,
     info: &'a ConnInfo,
     agent: &'a str,
+    /// The sending instance, as the targets' ledgers name it.
+    sender_name: Arc<str>,
     token: u64,
     /// This stream's own writer queue.
     tx: mpsc::Sender<Outbound>,
+    /// This stream's deliveries (which its replies must name).
+    ledger: &'a StreamLedger,
 }
 
 impl AgentTask<'_> {
@@ -212,15 +255,10 @@ impl AgentTask<'_> {
                 instant: Instant::now(),
             };
             let mut close = None;
-            for action in core.on_frames(now, &frames, &self.info.rate) {
+            for action in core.on_frames(now, &frames, &self.info.rate, self.ledger) {
                 match action {
-                    Action::Forward {
-                        id,
-                        to,
-                        head,
-                        envelope,
-                    } => {
-                        if let Err(code) = self.forward(id, to, head, envelope) {
+                    Action::Forward { id, to, envelope } => {
+                        if let Err(code) = self.forward(id, to, envelope) {
                             self.refuse(&mut replies, &mut arena, id, code);
                         }
                     }
@@ -234,6 +272,10 @@ impl AgentTask<'_> {
                     Action::RouteFailed { token, id, code } => {
                         let f = arena.frame(&RelayToPeer::Failed { id, code });
                         self.route_reply(token, f).await;
+                    }
+                    Action::DropReply { id } => {
+                        self.hub.stats().replies_dropped.fetch_add(1, Relaxed);
+                        debug!(id = %hex::encode(id), "reply for no outstanding delivery dropped");
                     }
                     Action::Detach { unroute } => {
                         // Unroutable first, then `Detached` behind every
@@ -293,33 +335,40 @@ impl AgentTask<'_> {
 
     /// Queue one checked envelope on its target's stream, under the
     /// router's lock and without waiting.
-    fn forward(
-        &self,
-        id: MessageId,
-        to: Address<'_>,
-        head: DeliverHead,
-        envelope: Bytes,
-    ) -> Result<(), ErrorCode> {
+    fn forward(&self, id: MessageId, to: Address<'_>, envelope: Bytes) -> Result<(), ErrorCode> {
         let size = envelope.len();
-        let len = head.as_bytes().len() + size;
-        let budget = self.hub.config().agent_queue_bytes as usize;
+        let key = self.info.key.as_bytes();
+        // Counted at the longest head (any token fits: the core checked).
+        let len = DeliverHead::new(u64::MAX, key, size)
+            .ok_or(ErrorCode::TooLarge)?
+            .as_bytes()
+            .len()
+            + size;
         let queued = self
             .hub
             .router()
             .with_route(to.instance, to.agent, |target| {
-                // Memory bound: a receiver that reads slowly holds at most
-                // `agent_queue_bytes` of deliveries (and `agent_queue_len`
-                // frames) at the relay; beyond that its senders get `Busy`,
-                // nothing is dropped.
-                if target.queued_bytes.fetch_add(len, Relaxed) + len > budget {
-                    target.queued_bytes.fetch_sub(len, Relaxed);
-                    return Err(ErrorCode::Busy);
-                }
+                // Memory and fairness bounds (`core::deliveries`): a
+                // receiver that reads or answers slowly holds at most its
+                // queue's frames and bytes, its outstanding bound and its
+                // instance's byte budget at the relay, each sender at most
+                // a share of them; beyond that senders get `Busy`, nothing
+                // is dropped.
+                let mut ledger = target.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                let token = ledger.admit(&self.sender_name, self.token, id, len)?;
+                let Some(head) = DeliverHead::new(token, key, size) else {
+                    ledger.cancel(token);
+                    return Err(ErrorCode::TooLarge);
+                };
                 // Never blocks: the router's lock is not held across a wait.
-                match target.tx.try_send(Outbound::Deliver { head, envelope }) {
+                match target.tx.try_send(Outbound::Deliver {
+                    head,
+                    envelope,
+                    token,
+                }) {
                     Ok(()) => Ok(()),
                     Err(e) => {
-                        target.queued_bytes.fetch_sub(len, Relaxed);
+                        ledger.cancel(token);
                         Err(match e {
                             TrySendError::Full(_) => ErrorCode::Busy,
                             TrySendError::Closed(_) => ErrorCode::TargetOffline,

@@ -6,13 +6,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use agent_link_crypto::PublicKey;
-use agent_link_proto::{codec, ErrorCode, InstanceStatus, RelayToPeer};
+use agent_link_proto::{ErrorCode, RelayToPeer};
 use bytes::Bytes;
 use tracing::info;
 
 use super::hub::{ConnInfo, Hub};
 use super::writer::frame;
 use crate::core::admission::{self, ControlRequest, Registration, Via};
+use crate::core::status::STATUS_PAGE_BYTES;
 use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
@@ -55,7 +56,11 @@ pub(crate) async fn serve_control(
             return;
         }
         let reply = match admission::control_request(&body, &info.instance) {
-            Ok(ControlRequest::Status) => status(&hub, &info),
+            Ok(ControlRequest::Status) => hub.status(&info.instance).status_frame(&info.instance),
+            Ok(ControlRequest::StatusPage { start }) => {
+                hub.status(&info.instance)
+                    .page_frame(&info.instance, start, STATUS_PAGE_BYTES)
+            }
             Ok(ControlRequest::Register(reg)) => register(&hub, &info.conn, &info.key, &reg)
                 .await
                 .map(|r| r.reply),
@@ -74,36 +79,6 @@ pub(crate) async fn serve_control(
             }
         }
     }
-}
-
-fn status(hub: &Hub, info: &ConnInfo) -> Result<Bytes, ErrorCode> {
-    let online = hub.router().snapshot();
-    let reg = hub.registry().read();
-    let mut instances = Vec::new();
-    let mut you = None;
-    for rec in reg.records().iter().filter(|r| !r.revoked) {
-        let Ok(pk) = rec.public_key.parse::<agent_link_crypto::PublicKey>() else {
-            continue;
-        };
-        let st = InstanceStatus {
-            instance_id: rec.instance_id.clone(),
-            name: rec.name.clone(),
-            public_key: pk.0,
-            online: online.contains_key(&rec.instance_id),
-            agents: online.get(&rec.instance_id).cloned().unwrap_or_default(),
-        };
-        if rec.instance_id == info.instance {
-            you = Some(st.clone());
-        }
-        instances.push(st);
-    }
-    let you = you.ok_or(ErrorCode::NotRegistered)?;
-    // The one frame whose size grows with the registry: past the hard frame
-    // limit (some 100,000 instances) it cannot be sent, and the peer hears
-    // why instead of an empty frame.
-    codec::frame(&RelayToPeer::Status { you, instances })
-        .map(Bytes::from)
-        .map_err(|_| ErrorCode::Internal)
 }
 
 /// A registration recorded: the id, and the frames that answer it.

@@ -16,6 +16,7 @@ use super::writer::Outbound;
 use crate::config::RelayConfig;
 use crate::core::checks::CheckPolicy;
 use crate::core::rate::TokenBucket;
+use crate::core::status::{StatusCache, StatusSnapshot};
 use crate::registry::live::LiveRegistry;
 use crate::router::Router;
 use crate::stats::Stats;
@@ -35,11 +36,13 @@ pub(crate) struct Hub {
     registry: LiveRegistry,
     stats: Stats,
     shutdown: CancellationToken,
-    /// `FleetSecret` for registered members (PROTOCOL.md §9.7).
+    /// `FleetSecret` for members who registered with an invite.
     fleet_secret_frame: Bytes,
     /// Registry writes by registration, relay-wide
     /// (`registrations_per_sec`).
     registrations: Mutex<TokenBucket>,
+    /// The status snapshot and when to rebuild it.
+    status: Mutex<StatusCache>,
 }
 
 impl Hub {
@@ -64,6 +67,7 @@ impl Hub {
                 config.registrations_per_sec,
                 std::time::Instant::now(),
             )),
+            status: Mutex::default(),
             config,
         }
     }
@@ -115,6 +119,36 @@ impl Hub {
     /// Cancelled when the relay shuts down.
     pub(crate) fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// The status snapshot to answer `you` from (PROTOCOL.md §9.2): cached,
+    /// rebuilt when the registry or the routing table changed, at most once
+    /// per `core::status::STATUS_REFRESH`. Building runs under the cache's
+    /// lock, so concurrent requests wait for one build instead of each
+    /// making its own.
+    pub(crate) fn status(&self, you: &str) -> Arc<StatusSnapshot> {
+        let version = (self.registry.generation(), self.router.changes());
+        let mut cache = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(std::time::Instant::now(), version, you, |id| {
+            let online = self.router.snapshot();
+            let reg = self.registry.read();
+            let entries = reg
+                .records()
+                .iter()
+                .filter(|r| !r.revoked)
+                .filter_map(|rec| {
+                    let pk = rec.public_key.parse::<PublicKey>().ok()?;
+                    Some(agent_link_proto::InstanceStatus {
+                        instance_id: rec.instance_id.clone(),
+                        name: rec.name.clone(),
+                        public_key: pk.0,
+                        online: online.contains_key(&rec.instance_id),
+                        agents: online.get(&rec.instance_id).cloned().unwrap_or_default(),
+                    })
+                })
+                .collect::<Vec<_>>();
+            StatusSnapshot::build(id, entries)
+        })
     }
 
     /// Count a refusal by its code.

@@ -5,14 +5,14 @@
 //! interleaved and a slow reader costs a bounded queue, never a blocked
 //! sender.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::Duration;
 
 use agent_link_proto::{codec, DeliverHead, ErrorCode, RelayToPeer};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::router::StreamLedger;
 
 /// An item for a stream's writer task.
 #[derive(Debug)]
@@ -28,6 +28,9 @@ pub enum Outbound {
         head: DeliverHead,
         /// The envelope, exactly as received.
         envelope: Bytes,
+        /// Its reply token in the stream's ledger: a delivery no longer
+        /// outstanding there (the stream ended) is not written.
+        token: u64,
     },
     /// Write this last frame, then finish the stream.
     Close(Bytes),
@@ -38,7 +41,7 @@ impl Outbound {
     pub fn len(&self) -> usize {
         match self {
             Outbound::Frame(b) | Outbound::Close(b) => b.len(),
-            Outbound::Deliver { head, envelope } => head.as_bytes().len() + envelope.len(),
+            Outbound::Deliver { head, envelope, .. } => head.as_bytes().len() + envelope.len(),
         }
     }
 
@@ -52,8 +55,9 @@ impl Outbound {
 ///
 /// # Panics
 /// If `f` does not encode, which only a frame over the hard size limit
-/// could do: the relay's own frames are small (`Status` lists at most the
-/// registry, far under 16 MiB).
+/// could do: the relay's own frames built here are small (`Status` and
+/// `StatusPage`, which grow with the registry, are built by
+/// `core::status`, which refuses what would not fit).
 pub(crate) fn frame(f: &RelayToPeer<'_>) -> Bytes {
     agent_link_quic::frames::encode(f)
 }
@@ -132,10 +136,11 @@ pub(crate) async fn write_loop(
     mut send: quinn::SendStream,
     mut rx: mpsc::Receiver<Outbound>,
     cancel: CancellationToken,
-    queued_bytes: Arc<AtomicUsize>,
+    ledger: StreamLedger,
 ) {
     let mut batch: Vec<Outbound> = Vec::new();
     let mut w = WriteBatch::new();
+    let mut written: Vec<u64> = Vec::new();
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
@@ -146,13 +151,21 @@ pub(crate) async fn write_loop(
             return;
         }
         let mut close = false;
-        let mut delivered = 0;
+        // Deliveries failed meanwhile (the stream ended, its senders were
+        // told `TargetOffline`) are not written after all.
+        {
+            let l = ledger.lock().unwrap_or_else(|e| e.into_inner());
+            batch.retain(|o| match o {
+                Outbound::Deliver { token, .. } => l.is_outstanding(*token),
+                _ => true,
+            });
+        }
         // Room for the copied part up front: at most one allocation per
         // write, none while the current buffer has room.
         let copied: usize = batch
             .iter()
             .map(|o| match o {
-                Outbound::Deliver { head, envelope } if envelope.len() > COPY_MAX => {
+                Outbound::Deliver { head, envelope, .. } if envelope.len() > COPY_MAX => {
                     head.as_bytes().len()
                 }
                 o if o.len() > COPY_MAX => 0,
@@ -163,8 +176,12 @@ pub(crate) async fn write_loop(
         for item in batch.drain(..) {
             match item {
                 Outbound::Frame(b) => w.bytes(b),
-                Outbound::Deliver { head, envelope } => {
-                    delivered += head.as_bytes().len() + envelope.len();
+                Outbound::Deliver {
+                    head,
+                    envelope,
+                    token,
+                } => {
+                    written.push(token);
                     w.copy(head.as_bytes());
                     w.bytes(envelope);
                 }
@@ -182,7 +199,14 @@ pub(crate) async fn write_loop(
             return;
         }
         w.chunks.clear();
-        queued_bytes.fetch_sub(delivered, Relaxed);
+        // Written: off the queue (its bytes no longer count), outstanding
+        // until answered.
+        if !written.is_empty() {
+            let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
+            for token in written.drain(..) {
+                l.unqueue(token);
+            }
+        }
         if close {
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;

@@ -698,12 +698,15 @@ async fn a_revocation_holds_while_another_member_keeps_registering() {
     }
 }
 
-/// Reply tokens are random, not a counter: a member that sees its own
-/// stream's token learns nothing about another stream's, so it cannot aim
-/// forged receipts or refusals at a stranger's stream. And the relay offers
-/// no QUIC DATAGRAM frames (none are used; unread ones would park memory).
+/// A reply token names one delivery on its receiving stream: four messages
+/// from four streams get four tokens, and what a token is worth elsewhere
+/// (nothing: the relay accepts a reply only on the stream the delivery was
+/// written to) is `hostile/replies.rs`. Before issue 14 the token named the
+/// sending stream, and a guessed one let a member push forged replies into
+/// a stranger's stream. And the relay offers no QUIC DATAGRAM frames (none
+/// are used; unread ones would park memory).
 #[tokio::test]
-async fn reply_tokens_cannot_be_guessed_and_datagrams_are_off() {
+async fn reply_tokens_name_deliveries_and_datagrams_are_off() {
     let relay = TestRelay::start(|_| {}).await;
     let (a, b) = two_instances(&relay).await;
     let mut bob = b.attach("bob", true).await;
@@ -717,14 +720,14 @@ async fn reply_tokens_cannot_be_guessed_and_datagrams_are_off() {
             other => panic!("{other:?}"),
         }
     }
-    for (i, x) in tokens.iter().enumerate() {
-        for y in &tokens[i + 1..] {
-            assert!(
-                x.abs_diff(*y) > 1 << 32,
-                "streams opened one after another got nearby tokens: {tokens:?}"
-            );
-        }
-    }
+    let mut distinct = tokens.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        tokens.len(),
+        "one token per delivery: {tokens:?}"
+    );
     assert_eq!(a.conn.max_datagram_size(), None, "DATAGRAM frames offered");
 }
 
@@ -804,4 +807,57 @@ async fn status_requests_are_rate_limited_per_instance() {
         s.read().await.unwrap().get(),
         RelayToPeer::Status { .. }
     ));
+}
+
+/// A fleet whose Status would pass the 16 MiB frame limit (75,000 instances
+/// with 64-byte ids and 128-byte names, about 17 MiB) is listed complete by the peer's `status`, in
+/// pages of one snapshot; the unpaged `StatusRequest` is refused `TooLarge`,
+/// never left unanswered. Before issue 14 the relay answered
+/// `Error{Internal}` and nobody could list the fleet.
+#[tokio::test]
+async fn a_status_past_the_frame_limit_arrives_complete_in_pages() {
+    let relay = TestRelay::start(|_| {}).await;
+    let one = peer(&relay, "inst-one").await;
+    let raw_id = Identity::generate();
+    relay.register("inst-raw", &raw_id);
+    let raw = RawClient::connect(&relay, raw_id, "inst-raw")
+        .await
+        .unwrap();
+    let name = "n".repeat(128);
+    agent_link_relay::registry::RegistryStore::new(&relay.state_dir())
+        .update(|r| {
+            for i in 0..75_000u32 {
+                let mut seed = [7u8; 32];
+                seed[..4].copy_from_slice(&i.to_be_bytes());
+                let key = Identity::from_seed(&seed).public_key();
+                r.register(&format!("many-{i:05}-{}", "x".repeat(53)), &key, &name)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        })
+        .unwrap()
+        .unwrap();
+    // The relay polls its registry file.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let st = loop {
+        let st = one.status().await.expect("status");
+        if st.instances.len() > 1 || tokio::time::Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(st.instances.len(), 75_002, "every instance listed");
+    assert_eq!(st.instances[0].instance_id, "inst-one");
+    assert!(st.instances[75_001].instance_id.starts_with("many-74999-"));
+    assert!(st.instances.iter().skip(2).all(|i| i.name == name));
+    assert_eq!(st.you.instance_id, "inst-one");
+    // The one-frame Status says why it cannot come.
+    let mut s = raw.open().await;
+    s.write(&PeerToRelay::StatusRequest).await;
+    assert_eq!(
+        s.read().await.expect("an answer").get(),
+        RelayToPeer::Error {
+            code: ErrorCode::TooLarge
+        }
+    );
 }

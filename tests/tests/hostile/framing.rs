@@ -279,9 +279,10 @@ async fn trailing_bytes_after_a_valid_body_are_malformed_and_never_delivered() {
 #[tokio::test]
 async fn unknown_enum_tags_are_malformed_on_every_stream() {
     let mut net = net(|_| {}).await;
-    // PeerToRelay has 7 variants (0..=6).
+    // PeerToRelay has 9 variants (0..=8).
     for (case, body) in [
-        ("variant 7", vec![7u8]),
+        ("variant 7 without its fields", vec![7u8]),
+        ("variant 9", vec![9u8]),
         ("variant 250", vec![250]),
         ("variant 256 (varint)", vec![0xfb, 0x00, 0x01]),
         (
@@ -333,7 +334,7 @@ async fn unknown_enum_tags_are_malformed_on_every_stream() {
     .await;
     refused_before_registration(
         &net.relay,
-        Case::new("variant 7", &raw_frame(&[7]), ErrorCode::Malformed),
+        Case::new("variant 9", &raw_frame(&[9]), ErrorCode::Malformed),
     )
     .await;
     others_unaffected(&mut net).await;

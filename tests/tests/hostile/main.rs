@@ -11,6 +11,7 @@
 //! | `ids` | invalid UTF-8 and invalid ids in attach, register and addresses |
 //! | `deadlines` | the auth deadline, the first-frame and frame deadlines, trickled frames, idle streams |
 //! | `bounds` | agents per connection, a receiver that stops reading |
+//! | `replies` | forged, repeated and stray `Ack`/`Nack`; a target stream ending unanswered; one sender flooding an agent |
 //! | `small_order_keys` | weak Ed25519 client keys in a certificate and in a handshake |
 //! | `files` | join tokens, key, secret, config and registry files, through the library and the binaries |
 //! | `membership` | invites bound to one id, the fleet secret refused without open registration, the registration cap |
@@ -31,4 +32,5 @@ mod framing;
 mod handshake;
 mod ids;
 mod membership;
+mod replies;
 mod small_order_keys;
