@@ -10,6 +10,7 @@
 //! | `framing` | length prefixes, the frame limit, truncation, trailing bytes, unknown tags, frames in the wrong place |
 //! | `ids` | invalid UTF-8 and invalid ids in attach, register and addresses |
 //! | `deadlines` | the auth deadline, the first-frame and frame deadlines, trickled frames, idle streams |
+//! | `flood` | forged QUIC Initials while members connect, the stranger slot pool, the pre-admission window |
 //! | `bounds` | agents per connection, a receiver that stops reading |
 //! | `small_order_keys` | weak Ed25519 client keys in a certificate and in a handshake |
 //! | `files` | join tokens, key, secret, config and registry files, through the library and the binaries |
@@ -26,6 +27,7 @@ mod common;
 mod deadlines;
 mod envelope;
 mod files;
+mod flood;
 mod framing;
 mod handshake;
 mod ids;
