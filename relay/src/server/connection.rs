@@ -1,5 +1,6 @@
 //! One QUIC connection: handshake, mapping its key to a registered instance
-//! (or admitting an unknown key for registration only), then one task per
+//! (or admitting an unknown key for registration only, in one of the
+//! `max_stranger_connections` slots), then one task per
 //! stream until the connection ends.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
