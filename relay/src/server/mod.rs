@@ -320,9 +320,11 @@ async fn accept_loop(hub: Arc<Hub>, endpoint: quinn::Endpoint) {
                 // Stateless: the token proves the address when it comes
                 // back. Only an Initial that already carried a token may
                 // not be retried, and that one counts as validated.
-                hub.stats().retries_sent.fetch_add(1, Relaxed);
-                if let Err(e) = incoming.retry() {
-                    e.into_incoming().refuse();
+                match incoming.retry() {
+                    Ok(()) => {
+                        hub.stats().retries_sent.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => e.into_incoming().refuse(),
                 }
                 continue;
             }
