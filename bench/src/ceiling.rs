@@ -81,6 +81,7 @@ pub fn bench_relay_config(cfg: &RunCfg) -> serde_json::Value {
         "rate_per_instance": 10_000_000u64,
         "rate_burst": 1_000_000u64,
         "handshakes_per_sec": 100_000u64,
+        "handshakes_per_sec_per_ip": 100_000u64,
         "max_agents_per_connection": (cfg.topo.senders.agents.max(cfg.topo.receivers.agents) as u64).max(64),
     });
     if let Some(m) = cfg.max_udp_payload {

@@ -20,6 +20,7 @@ mod ceiling;
 mod cli;
 mod direct;
 mod e2e;
+mod flood;
 mod load;
 mod nats;
 mod progress;
@@ -85,6 +86,10 @@ enum Cmd {
     /// Time the peer CLI as scripts call it: whole `agent-link send` and
     /// `status` processes against a relay on loopback (min/median/max)
     Cli(cli::CliArgs),
+    /// Flood the relay with forged QUIC Initials (default 26,000/s) while
+    /// registered members connect; report each member's connect time and
+    /// the relay's peak memory
+    Flood(flood::FloodArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,6 +167,15 @@ fn main() -> std::process::ExitCode {
     };
     if let Some(Cmd::Cli(args)) = cli.cmd {
         return match cli::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(Cmd::Flood(args)) = cli.cmd {
+        return match rt.block_on(flood::run(args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -7,12 +7,15 @@
 //!   process that can be SIGKILLed and started again on the same address;
 //! - [`netns::LossyNamespace`]: random packet loss by nftables on a veth into
 //!   a network namespace that holds the relay;
+//! - [`initials`]: forged QUIC Initial packets at a set rate, as a
+//!   connection flood from spoofed addresses sends them;
 //! - [`soak`]: runs agents through the `agent-link` library under those
 //!   faults and reconciles every message id at the end.
 //!
 //! This is a test-support crate: its setup functions return `anyhow` errors
 //! because callers only report them.
 
+pub mod initials;
 pub mod netns;
 pub mod proc_watch;
 pub mod proxy;

@@ -35,6 +35,24 @@ pub struct RelayConfig {
     /// New connections accepted per second, relay-wide (token bucket with a
     /// burst of the same size); more are refused before any cryptography.
     pub handshakes_per_sec: u32,
+    /// New connections accepted per second from one source address (an
+    /// IPv4 address or an IPv6 /64; bucket of the same size). Only
+    /// addresses QUIC has validated (by a Retry or NEW_TOKEN round trip)
+    /// are counted, so forged Initials cannot spend a member's share; see
+    /// `retry_threshold`.
+    pub handshakes_per_sec_per_ip: u32,
+    /// From how many handshakes in progress, or unvalidated connection
+    /// attempts in about a second, the relay answers an attempt from an
+    /// address not yet validated with a stateless QUIC Retry instead of a
+    /// handshake. A real client comes back at once with the token (one
+    /// round trip more); a spoofed source never does, so a flood of forged
+    /// Initials costs one small packet each and no state. 0: always Retry.
+    pub retry_threshold: u32,
+    /// Connections of unregistered keys (which may only register) held at
+    /// once; more are closed at once with `TooManyConnections`. Each holds
+    /// its slot for at most `auth_timeout_secs`. Registered keys never
+    /// wait for these slots.
+    pub max_stranger_connections: u32,
     /// Time an unregistered key has to register, and any stream to send its
     /// first frame.
     pub auth_timeout_secs: u64,
@@ -102,6 +120,9 @@ impl Default for RelayConfig {
             keep_alive_secs: 10,
             handshake_timeout_secs: 10,
             handshakes_per_sec: 2_000,
+            handshakes_per_sec_per_ip: 100,
+            retry_threshold: 64,
+            max_stranger_connections: 64,
             auth_timeout_secs: 10,
             frame_timeout_secs: 30,
             rate_per_instance: 200_000,
@@ -198,7 +219,7 @@ impl RelayConfig {
                 &format!("must be between 1 and {max_payload}"),
             ));
         }
-        let nonzero: [(&'static str, u64); 14] = [
+        let nonzero: [(&'static str, u64); 16] = [
             ("max_connections", self.max_connections.into()),
             (
                 "max_connections_per_instance",
@@ -212,6 +233,14 @@ impl RelayConfig {
             ("keep_alive_secs", self.keep_alive_secs),
             ("handshake_timeout_secs", self.handshake_timeout_secs),
             ("handshakes_per_sec", self.handshakes_per_sec.into()),
+            (
+                "handshakes_per_sec_per_ip",
+                self.handshakes_per_sec_per_ip.into(),
+            ),
+            (
+                "max_stranger_connections",
+                self.max_stranger_connections.into(),
+            ),
             ("auth_timeout_secs", self.auth_timeout_secs),
             ("frame_timeout_secs", self.frame_timeout_secs),
             ("rate_per_instance", self.rate_per_instance.into()),
@@ -229,6 +258,15 @@ impl RelayConfig {
             return Err(bad(
                 "keep_alive_secs",
                 "must be less than idle_timeout_secs",
+            ));
+        }
+        // Unvalidated attempts reach the relay-wide bucket at up to
+        // `retry_threshold` a second; below `handshakes_per_sec`, a flood of
+        // forged Initials can never spend the whole relay-wide rate.
+        if self.retry_threshold >= self.handshakes_per_sec {
+            return Err(bad(
+                "retry_threshold",
+                "must be less than handshakes_per_sec",
             ));
         }
         if self.timestamp_window_secs > 3600 {
@@ -327,6 +365,27 @@ mod tests {
                 ..d()
             },
             "frame_timeout_secs",
+        );
+        refused_naming(
+            RelayConfig {
+                handshakes_per_sec_per_ip: 0,
+                ..d()
+            },
+            "handshakes_per_sec_per_ip",
+        );
+        refused_naming(
+            RelayConfig {
+                retry_threshold: 2_000,
+                ..d()
+            },
+            "retry_threshold",
+        );
+        refused_naming(
+            RelayConfig {
+                max_stranger_connections: 0,
+                ..d()
+            },
+            "max_stranger_connections",
         );
         refused_naming(
             RelayConfig {

@@ -14,6 +14,9 @@ pub struct Stats {
     pub connections_refused: AtomicU64,
     /// Handshakes that failed (bad certificate, wrong ALPN, timeout).
     pub handshakes_failed: AtomicU64,
+    /// Connection attempts answered with a QUIC Retry (unvalidated
+    /// addresses under load, `retry_threshold`).
+    pub retries_sent: AtomicU64,
     /// Envelopes forwarded to a target stream.
     pub messages_forwarded: AtomicU64,
     /// Payload-carrying bytes forwarded (envelope sizes).
@@ -39,6 +42,7 @@ impl Default for Stats {
             connections_accepted: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
+            retries_sent: AtomicU64::new(0),
             messages_forwarded: AtomicU64::new(0),
             bytes_forwarded: AtomicU64::new(0),
             receipts_routed: AtomicU64::new(0),
@@ -88,6 +92,11 @@ impl Stats {
             "handshakes_failed_total",
             "Failed QUIC/TLS handshakes.",
             self.handshakes_failed.load(Relaxed),
+        );
+        line(
+            "retries_sent_total",
+            "Connection attempts answered with a QUIC Retry.",
+            self.retries_sent.load(Relaxed),
         );
         line(
             "messages_forwarded_total",

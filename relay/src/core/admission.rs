@@ -12,6 +12,15 @@ use crate::registry::KeyStatus;
 /// can make the relay buffer (PROTOCOL.md §9.1).
 pub const PRE_AUTH_MAX_FRAME: usize = 1024;
 
+/// QUIC connection receive window until a connection is admitted as a
+/// member (PROTOCOL.md §9.1): room for a `Register` frame and then some,
+/// so an unknown key can make the relay buffer at most this much over all
+/// its streams. Admission raises it to `receive_window`.
+/// (The per-stream window, `stream_receive_window`, goes out in the
+/// handshake's transport parameters before the key is known and quinn
+/// cannot change it afterwards; the connection window bounds the total.)
+pub const PRE_ADMISSION_RECEIVE_WINDOW: u32 = 16 << 10;
+
 /// What a connection whose handshake presented a key may do (PROTOCOL.md
 /// §9.1).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,6 +8,8 @@
 //! - [`checks`]: the per-message checks (size, sender binding, fleet HMAC,
 //!   timestamp, Ed25519) and batch signature verification.
 //! - [`rate`]: the token bucket behind per-instance and handshake rates.
+//! - [`handshake`]: which connection attempts get a handshake, a QUIC
+//!   Retry or a refusal (per-source and relay-wide rates).
 //! - [`limits`]: how many streams a connection may open, and when to raise
 //!   the limit.
 //! - [`admission`]: what a key may do, what a stream's first frame makes it,
@@ -23,6 +25,7 @@ pub mod admission;
 pub mod agent_stream;
 pub mod checks;
 pub mod deliveries;
+pub mod handshake;
 pub mod limits;
 pub mod rate;
 pub mod status;

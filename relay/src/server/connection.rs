@@ -1,5 +1,6 @@
 //! One QUIC connection: handshake, mapping its key to a registered instance
-//! (or admitting an unknown key for registration only), then one task per
+//! (or admitting an unknown key for registration only, in one of the
+//! `max_stranger_connections` slots), then one task per
 //! stream until the connection ends.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use agent_link_crypto::PublicKey;
 use agent_link_proto::ErrorCode;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, Instrument};
 
@@ -18,13 +19,42 @@ use crate::core::limits;
 use agent_link_quic::frames::refuse_stream;
 use agent_link_quic::frames::FrameReader;
 
-/// Serve one incoming connection until it ends; `_permit` holds its place
-/// under `max_connections`.
-pub(crate) async fn serve_connection(
-    hub: Arc<Hub>,
-    incoming: quinn::Incoming,
-    _permit: OwnedSemaphorePermit,
-) {
+/// What a connection holds from the accept loop.
+pub(crate) struct Place {
+    /// Its place under `max_connections`, for its whole life.
+    pub(crate) _slot: OwnedSemaphorePermit,
+    /// Counted as a handshake in progress until its handshake ends.
+    pub(crate) handshaking: Handshaking,
+    /// The pool of `max_stranger_connections`, taken from only if the key
+    /// turns out to be unknown.
+    pub(crate) strangers: Arc<Semaphore>,
+}
+
+/// One handshake in progress, counted in the accept loop's tally (the load
+/// that decides on QUIC Retry, `core::handshake`) until dropped.
+pub(crate) struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    /// Count one more handshake in `tally`.
+    pub(crate) fn start(tally: Arc<AtomicUsize>) -> Self {
+        tally.fetch_add(1, Relaxed);
+        Self(tally)
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serve one incoming connection until it ends, holding its [`Place`].
+pub(crate) async fn serve_connection(hub: Arc<Hub>, incoming: quinn::Incoming, place: Place) {
+    let Place {
+        _slot,
+        handshaking,
+        strangers,
+    } = place;
     let remote = incoming.remote_address();
     let handshake = Duration::from_secs(hub.config().handshake_timeout_secs);
     let conn = match incoming.accept() {
@@ -48,6 +78,7 @@ pub(crate) async fn serve_connection(
             return;
         }
     };
+    drop(handshaking);
     let Some(key) = peer_key(&conn) else {
         // The verifier only admits Ed25519 certificates, so this is a bug or
         // an exotic client; refuse clearly.
@@ -76,10 +107,20 @@ pub(crate) async fn serve_connection(
                     }
                     reloaded = true;
                 }
-                Admission::RegisterOnly => match registration_only(&hub, &conn, &key).await {
-                    Some((id, stream)) => break (id, Some(stream)),
-                    None => return,
-                },
+                Admission::RegisterOnly => {
+                    // A stranger: one of `max_stranger_connections` slots
+                    // for at most `auth_timeout_secs`, or out at once.
+                    // Members never take from this pool.
+                    let Ok(_stranger) = strangers.try_acquire() else {
+                        debug!("unregistered key refused: stranger slots full");
+                        hub.refuse_connection(&conn, ErrorCode::TooManyConnections);
+                        return;
+                    };
+                    match registration_only(&hub, &conn, &key).await {
+                        Some((id, stream)) => break (id, Some(stream)),
+                        None => return,
+                    }
+                }
             }
         };
         serve_registered(hub, conn, conn_id, instance, key, control).await;
@@ -153,6 +194,9 @@ async fn serve_registered(
     control: Option<ControlStream>,
 ) {
     let cfg = hub.config();
+    // Admitted: the full connection window (it was small while the key was
+    // unknown, `PRE_ADMISSION_RECEIVE_WINDOW`).
+    conn.set_receive_window(cfg.receive_window.into());
     let Some(rate) = hub.router().add_connection(
         &instance,
         conn_id,

@@ -12,16 +12,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_link_proto::ErrorCode;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::info;
+use tracing::{debug, info};
 
+use crate::core::admission::PRE_ADMISSION_RECEIVE_WINDOW;
+use crate::core::handshake::{Attempt, HandshakeGate, HandshakeLimits};
 use crate::core::limits;
-use crate::core::rate::TokenBucket;
 use crate::registry::live::LiveRegistry;
 use crate::registry::{RegistryStore, StoreError};
 use crate::state::RelayState;
@@ -122,7 +124,10 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     // ones would park memory per connection (a stranger's too).
     t.datagram_receive_buffer_size(None);
     t.stream_receive_window(cfg.stream_receive_window.into());
-    t.receive_window(cfg.receive_window.into());
+    // Small until the key is known to be a member's (an unknown key may
+    // only register); `connection::serve_registered` raises it to
+    // `receive_window`.
+    t.receive_window(PRE_ADMISSION_RECEIVE_WINDOW.into());
     t.send_window(cfg.send_window);
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(cfg.idle_timeout_secs)).map_err(|e| {
@@ -146,9 +151,9 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     )));
     server.transport_config(Arc::new(t));
     // quinn sends an unvalidated address at most 3x what it received from it
-    // (anti-amplification). The relay sends no Retry packets; the
-    // relay-wide handshake rate (`handshakes_per_sec`) bounds the work a
-    // flood can cause.
+    // (anti-amplification). Under load the accept loop answers unvalidated
+    // addresses with a Retry (`core::handshake`); its tokens are sealed
+    // with this config's random key and expire after quinn's default 15 s.
     Ok(server)
 }
 
@@ -303,10 +308,15 @@ impl Relay {
 async fn accept_loop(hub: Arc<Hub>, endpoint: quinn::Endpoint) {
     let cfg = hub.config();
     let slots = Arc::new(Semaphore::new(cfg.max_connections as usize));
+    let strangers = Arc::new(Semaphore::new(cfg.max_stranger_connections as usize));
+    let handshaking = Arc::new(AtomicUsize::new(0));
     let mut conns = JoinSet::new();
-    let mut handshakes = TokenBucket::new(
-        cfg.handshakes_per_sec,
-        cfg.handshakes_per_sec,
+    let mut gate = HandshakeGate::new(
+        HandshakeLimits {
+            per_sec: cfg.handshakes_per_sec,
+            per_source_per_sec: cfg.handshakes_per_sec_per_ip,
+            retry_threshold: cfg.retry_threshold,
+        },
         std::time::Instant::now(),
     );
     loop {
@@ -316,16 +326,43 @@ async fn accept_loop(hub: Arc<Hub>, endpoint: quinn::Endpoint) {
         };
         let Some(incoming) = incoming else { break };
         while conns.try_join_next().is_some() {}
-        if !handshakes.try_take(std::time::Instant::now()) {
-            // A connection flood: refuse at the QUIC level before spending
-            // any cryptography on it; peers retry with backoff.
-            hub.refused(ErrorCode::TooManyConnections);
-            incoming.refuse();
-            continue;
+        let attempt = gate.decide(
+            std::time::Instant::now(),
+            incoming.remote_address().ip(),
+            incoming.remote_address_validated(),
+            handshaking.load(Relaxed),
+        );
+        match attempt {
+            Attempt::Accept => {}
+            Attempt::Retry => {
+                // Stateless: the token proves the address when it comes
+                // back. Only an Initial that already carried a token may
+                // not be retried, and that one counts as validated.
+                match incoming.retry() {
+                    Ok(()) => {
+                        hub.stats().retries_sent.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => e.into_incoming().refuse(),
+                }
+                continue;
+            }
+            Attempt::Refuse(why) => {
+                // A connection flood: refuse at the QUIC level before
+                // spending any cryptography on it; peers retry with backoff.
+                debug!(remote = %incoming.remote_address(), ?why, "connection attempt refused");
+                hub.refused(ErrorCode::TooManyConnections);
+                incoming.refuse();
+                continue;
+            }
         }
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                conns.spawn(connection::serve_connection(hub.clone(), incoming, permit));
+                let place = connection::Place {
+                    _slot: permit,
+                    handshaking: connection::Handshaking::start(handshaking.clone()),
+                    strangers: strangers.clone(),
+                };
+                conns.spawn(connection::serve_connection(hub.clone(), incoming, place));
             }
             Err(_) => {
                 // Over max_connections: refuse at the QUIC level, cheaply.

@@ -10,6 +10,7 @@
 //! | `framing` | length prefixes, the frame limit, truncation, trailing bytes, unknown tags, frames in the wrong place |
 //! | `ids` | invalid UTF-8 and invalid ids in attach, register and addresses |
 //! | `deadlines` | the auth deadline, the first-frame and frame deadlines, trickled frames, idle streams |
+//! | `flood` | forged QUIC Initials while members connect, the stranger slot pool, the pre-admission window |
 //! | `bounds` | agents per connection, a receiver that stops reading |
 //! | `replies` | forged, repeated and stray `Ack`/`Nack`; a target stream ending unanswered; one sender flooding an agent |
 //! | `small_order_keys` | weak Ed25519 client keys in a certificate and in a handshake |
@@ -28,6 +29,7 @@ mod common;
 mod deadlines;
 mod envelope;
 mod files;
+mod flood;
 mod framing;
 mod handshake;
 mod ids;
