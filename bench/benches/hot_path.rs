@@ -75,7 +75,7 @@ fn fixture() -> Fixture {
 
 fn policy(f: &Fixture, verify_signatures: bool) -> CheckPolicy {
     CheckPolicy {
-        fleet: f.fleet.clone(),
+        fleet: f.fleet.clone().into(),
         window_ms: 60_000,
         verify_signatures,
         max_payload: 1 << 20,

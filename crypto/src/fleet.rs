@@ -59,6 +59,14 @@ impl FleetSecret {
         files::write_private_new(path, text.as_bytes())
     }
 
+    /// Replace the file at `path` with this secret (hex, 0600; written to a
+    /// temporary file, fsynced and renamed, so a crash leaves the old or the
+    /// new secret, never half): a rotation.
+    pub fn write_replace(&self, path: &Path) -> Result<(), CryptoError> {
+        let text = Zeroizing::new(hex::encode(self.0.as_ref()));
+        files::write_atomic(path, text.as_bytes(), 0o600)
+    }
+
     /// Read a file written by [`FleetSecret::write_new`], refusing loose
     /// permissions.
     pub fn read(path: &Path) -> Result<Self, CryptoError> {
@@ -116,6 +124,98 @@ impl FleetKey {
     }
 }
 
+/// The fleet keys in force: the current secret's, and for the grace period
+/// of a rotation the one it replaced, until `until_ms` (Unix ms). Tags are
+/// made with the current key only; checks accept either while the grace
+/// period lasts, so members that have not heard of the rotation yet are not
+/// cut off, and nobody is after it.
+#[derive(Clone, Debug)]
+pub struct FleetKeys {
+    current: FleetKey,
+    previous: Option<(FleetKey, u64)>,
+}
+
+impl FleetKeys {
+    /// No rotation in progress.
+    pub fn new(current: FleetKey) -> Self {
+        Self {
+            current,
+            previous: None,
+        }
+    }
+
+    /// `current`, and `previous` accepted until `until_ms`.
+    pub fn with_previous(current: FleetKey, previous: FleetKey, until_ms: u64) -> Self {
+        Self {
+            current,
+            previous: Some((previous, until_ms)),
+        }
+    }
+
+    /// The key to tag with.
+    pub fn current(&self) -> &FleetKey {
+        &self.current
+    }
+
+    /// Until when the previous key is accepted (0: there is none).
+    pub fn previous_until_ms(&self) -> u64 {
+        self.previous.as_ref().map_or(0, |p| p.1)
+    }
+
+    /// Check a tag under the current key, else under the previous one while
+    /// `now_ms` is before its deadline (constant time each).
+    pub fn check(
+        &self,
+        domain: Domain,
+        parts: &[&[u8]],
+        tag: &[u8],
+        now_ms: u64,
+    ) -> Result<(), CryptoError> {
+        match self.current.check(domain, parts, tag) {
+            Ok(()) => Ok(()),
+            Err(e) => match &self.previous {
+                Some((key, until)) if now_ms < *until => key.check(domain, parts, tag),
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+impl From<FleetKey> for FleetKeys {
+    fn from(current: FleetKey) -> Self {
+        Self::new(current)
+    }
+}
+
+/// The secret a rotation replaced and until when it is accepted, as kept
+/// beside `fleet.secret` (`fleet.previous`: `HEX UNTIL_MS`, 0600).
+pub fn read_previous(path: &Path) -> Result<Option<(FleetSecret, u64)>, CryptoError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = files::read_private(path)?;
+    let malformed = || CryptoError::MalformedFile {
+        path: path.display().to_string(),
+        what: "previous fleet secret",
+    };
+    let s = std::str::from_utf8(&text).map_err(|_| malformed())?;
+    let mut fields = s.split_whitespace();
+    let (Some(hex_secret), Some(until), None) = (fields.next(), fields.next(), fields.next())
+    else {
+        return Err(malformed());
+    };
+    let mut b = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(hex_secret, b.as_mut()).map_err(|_| malformed())?;
+    let until = until.parse::<u64>().map_err(|_| malformed())?;
+    Ok(Some((FleetSecret(b), until)))
+}
+
+/// Write `fleet.previous` (see [`read_previous`]) atomically with mode 0600.
+pub fn write_previous(path: &Path, secret: &FleetSecret, until_ms: u64) -> Result<(), CryptoError> {
+    let text = Zeroizing::new(format!("{} {until_ms}\n", hex::encode(secret.0.as_ref())));
+    files::write_atomic(path, text.as_bytes(), 0o600)
+}
+
 /// Plain HMAC-SHA256 with no domain, for RFC 4231 test vectors only.
 #[cfg(test)]
 fn hmac_raw(key: &[u8], data: &[u8]) -> Tag {
@@ -127,6 +227,37 @@ fn hmac_raw(key: &[u8], data: &[u8]) -> Tag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_previous_key_is_accepted_only_until_its_deadline() {
+        let (old, new) = (FleetSecret::generate(), FleetSecret::generate());
+        let parts: &[&[u8]] = &[b"m"];
+        let old_tag = old.key().tag(Domain::EnvelopeTag, parts);
+        let new_tag = new.key().tag(Domain::EnvelopeTag, parts);
+        let k = FleetKeys::with_previous(new.key(), old.key(), 1_000);
+        assert!(k.check(Domain::EnvelopeTag, parts, &new_tag, 5_000).is_ok());
+        assert!(k.check(Domain::EnvelopeTag, parts, &old_tag, 999).is_ok());
+        assert!(k
+            .check(Domain::EnvelopeTag, parts, &old_tag, 1_000)
+            .is_err());
+        let only = FleetKeys::new(new.key());
+        assert!(only.check(Domain::EnvelopeTag, parts, &old_tag, 0).is_err());
+        assert_eq!(only.previous_until_ms(), 0);
+        assert_eq!(k.previous_until_ms(), 1_000);
+    }
+
+    #[test]
+    fn the_previous_secret_file_round_trips_and_is_refused_when_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fleet.previous");
+        assert!(read_previous(&p).unwrap().is_none());
+        let s = FleetSecret::generate();
+        write_previous(&p, &s, 42).unwrap();
+        let (back, until) = read_previous(&p).unwrap().unwrap();
+        assert_eq!((back.expose(), until), (s.expose(), 42));
+        files::write_atomic(&p, b"zz 1", 0o600).unwrap();
+        assert!(read_previous(&p).is_err());
+    }
 
     /// RFC 4231 §4.2–4.7 (test cases 1, 2, 3, 4, 6, 7; case 5 is truncated output).
     #[test]

@@ -35,7 +35,7 @@ pub mod process;
 mod sign;
 pub mod tls;
 
-pub use fleet::{FleetKey, FleetSecret, Tag, TAG_LEN};
+pub use fleet::{read_previous, write_previous, FleetKey, FleetKeys, FleetSecret, Tag, TAG_LEN};
 pub use identity::{Identity, PublicKey, PUBLIC_KEY_LEN};
 pub use sign::{
     verify, verify_batch, verify_batch_checked, verify_checked, CheckedKey, Domain, Signature,

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let policy = CheckPolicy {
-        fleet,
+        fleet: fleet.clone().into(),
         window_ms: 60_000,
         verify_signatures: true,
         max_payload: 1 << 20,

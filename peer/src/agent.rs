@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use agent_link_crypto::{FleetKey, Identity};
+use agent_link_crypto::Identity;
 use agent_link_proto::{codec, Address, EnvelopeBody, ErrorCode, PeerToRelay, VERSION};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +31,7 @@ pub(crate) struct AgentHandles {
 /// The keys a handle seals with.
 pub(crate) struct SealKeys {
     pub(crate) identity: Identity,
-    pub(crate) fleet: FleetKey,
+    pub(crate) fleet: Arc<crate::fleet::FleetRing>,
 }
 
 /// The sending half of an [`Agent`] ([`Agent::sender`]): cheap to clone, so
@@ -205,7 +205,7 @@ impl AgentSender {
         // Sealing fails only for a payload bincode cannot frame (over the
         // hard frame limit), which is a message too large.
         let frame = body
-            .seal(&self.keys.identity, &self.keys.fleet)
+            .seal(&self.keys.identity, &self.keys.fleet.current_key())
             .and_then(|env| codec::frame(&PeerToRelay::Send { envelope: &env }))
             .map_err(|_| SendError::TooLarge {
                 len: payload.len(),

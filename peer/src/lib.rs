@@ -36,6 +36,7 @@ mod agent;
 pub mod config;
 mod core;
 mod error;
+mod fleet;
 mod init;
 mod link;
 mod message;

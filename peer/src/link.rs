@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use agent_link_crypto::{FleetSecret, Identity, PublicKey};
+use agent_link_crypto::{Identity, PublicKey};
 use agent_link_proto::{InstanceStatus, PeerToRelay, RelayToPeer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -17,7 +17,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::info;
 
 use crate::agent::{Agent, AgentHandles, SealKeys};
-use crate::config::{PeerConfig, KEY_FILE, PINS_FILE, SECRET_FILE};
+use crate::config::{PeerConfig, KEY_FILE, PINS_FILE};
 use crate::core::receiver::Receiver;
 use crate::core::AgentCore;
 use crate::error::{CloseReason, LinkError, Phase};
@@ -131,7 +131,7 @@ impl AgentLinkBuilder {
             config.strict_pins = strict;
         }
         let identity = Identity::read(&dir.join(KEY_FILE))?;
-        let fleet = FleetSecret::read(&dir.join(SECRET_FILE))?.key();
+        let fleet = Arc::new(crate::fleet::FleetRing::load(dir)?);
         let pins_path = dir.join(PINS_FILE);
         let pins = Pins::load(pins_path.clone())
             .map_err(|reason| LinkError::config(pins_path, None, reason))?;
@@ -160,6 +160,7 @@ impl AgentLinkBuilder {
             conn,
             tx,
             shutdown.clone(),
+            fleet.clone(),
         ));
         Ok(AgentLink {
             state: Arc::new(LinkState {
@@ -233,7 +234,7 @@ impl AgentLink {
         let receiver = Receiver::new(
             instance,
             agent,
-            st.keys.fleet.clone(),
+            st.keys.fleet.keys(),
             st.pins.clone(),
             st.config.strict_pins,
         );
@@ -255,6 +256,7 @@ impl AgentLink {
             ready: Some(ready_tx),
             stop: stop.clone(),
             closed: closed.clone(),
+            fleet: st.keys.fleet.clone(),
             _link: self.state.clone(),
         };
         let handle = st.agents.spawn(task.run());

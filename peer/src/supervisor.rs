@@ -4,6 +4,7 @@
 //! follows.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agent_link_proto::ErrorCode;
@@ -72,8 +73,11 @@ pub(crate) async fn supervise(
     mut conn: quinn::Connection,
     state: watch::Sender<ConnState>,
     shutdown: CancellationToken,
+    fleet: Arc<crate::fleet::FleetRing>,
 ) {
     loop {
+        // The relay pushes the fleet secret in force on every connection.
+        tokio::spawn(crate::fleet::take_pushes(conn.clone(), fleet.clone()));
         let reason = tokio::select! {
             r = conn.closed() => r,
             _ = shutdown.cancelled() => {

@@ -78,11 +78,21 @@ pub(crate) struct AgentTask {
     pub(crate) stop: Arc<OnceLock<ErrorCode>>,
     /// Cancelled when the agent's handle is closed or dropped.
     pub(crate) closed: CancellationToken,
+    /// The link's fleet secret: a rotation is picked up between batches.
+    pub(crate) fleet: Arc<crate::fleet::FleetRing>,
     /// Keeps the link (its supervisor) alive while this agent lives.
     pub(crate) _link: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl AgentTask {
+    /// After a rotation, check deliveries under the new keys.
+    fn refresh_fleet(&mut self) {
+        let g = self.fleet.generation();
+        if g != self.core.fleet_generation() {
+            self.core.set_fleet(g, self.fleet.keys());
+        }
+    }
+
     pub(crate) async fn run(mut self) {
         let mut conn_rx = self.conn.clone();
         let mut tick = tokio::time::interval(TICK);
@@ -234,6 +244,7 @@ impl AgentTask {
                             return SessionEnd::Lost;
                         }
                     }
+                    self.refresh_fleet();
                     let end = self.core.on_frames(now(), &frames, &mut deliver);
                     if let Some(settle) = self.core.settle() {
                         // First contact: the pins file (lock, merge, fsync)

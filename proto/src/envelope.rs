@@ -12,7 +12,7 @@
 //! signed body, so a message cannot be redirected to another agent.
 
 use agent_link_crypto::{
-    verify, verify_checked, CheckedKey, Domain, FleetKey, Identity, PublicKey, Signature,
+    verify, verify_checked, CheckedKey, Domain, FleetKey, FleetKeys, Identity, PublicKey, Signature,
 };
 use bincode::{BorrowDecode, Encode};
 
@@ -94,6 +94,19 @@ impl<'a> OpenedEnvelope<'a> {
     pub fn check_tag(&self, fleet: &FleetKey) -> Result<(), ErrorCode> {
         fleet
             .check(Domain::EnvelopeTag, &[self.outer.body], &self.outer.tag)
+            .map_err(|_| ErrorCode::BadTag)
+    }
+
+    /// Fleet membership under the keys in force at `now_ms`: the current
+    /// key, or during a rotation's grace period the one it replaced.
+    pub fn check_tag_in(&self, fleet: &FleetKeys, now_ms: u64) -> Result<(), ErrorCode> {
+        fleet
+            .check(
+                Domain::EnvelopeTag,
+                &[self.outer.body],
+                &self.outer.tag,
+                now_ms,
+            )
             .map_err(|_| ErrorCode::BadTag)
     }
 

@@ -149,11 +149,12 @@ pub enum RelayToPeer<'a> {
     Error { code: ErrorCode },
     /// 7 — agent stream: answer to `Detach`; no delivery follows it.
     Detached,
-    /// 8 — control stream: the fleet secret, to a key that has just
-    /// registered with an invite, right before `Registered` (PROTOCOL.md
-    /// §9.2). `previous_valid_until_ms` is reserved for secret rotation (the
-    /// time until which tags under the secret this one replaced are still
-    /// accepted); 0 today.
+    /// 8 — the fleet secret, to registered instances only: on the control
+    /// stream right before `Registered` for an invite (PROTOCOL.md §9.2),
+    /// and alone on a relay-opened unidirectional stream at the start of
+    /// every registered connection and after each rotation (§9.7).
+    /// `previous_valid_until_ms`: until then (Unix ms) tags under the secret
+    /// this one replaced are still accepted; 0 when there is none.
     FleetSecret {
         secret: [u8; 32],
         previous_valid_until_ms: u64,

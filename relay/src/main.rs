@@ -83,6 +83,17 @@ enum Command {
         #[arg(long, conflicts_with = "instance_id")]
         reusable: bool,
     },
+    /// New fleet secret: a running relay pushes it to registered members over their authenticated
+    /// connections within a second; the old one is refused after the grace period; revoked members
+    /// never get it.
+    RotateSecret {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Seconds the old secret stays accepted (members offline longer pick up the new one when
+        /// they reconnect; until then their messages are refused with a bad tag)
+        #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600)]
+        grace: u64,
+    },
     /// Register an instance's public key (works whether the relay runs or not).
     Register {
         #[command(flatten)]
@@ -300,6 +311,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Instances { dir, json } => instances(&dir.path(), json),
+        Command::RotateSecret { dir, grace } => {
+            let dir = dir.path();
+            state::load(&dir)?;
+            let until = state::rotate_secret(&dir, std::time::Duration::from_secs(grace))?;
+            let left = until.saturating_sub(agent_link_proto::clock::unix_ms(
+                std::time::SystemTime::now(),
+            )) / 1000;
+            println!("rotated the fleet secret; the old one is accepted for {left} s more");
+            Ok(())
+        }
     }
 }
 

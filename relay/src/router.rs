@@ -310,6 +310,16 @@ impl<M> Router<M> {
         self.lock().streams.get(&token).map(f)
     }
 
+    /// Every open connection of a registered instance (to push a rotated
+    /// fleet secret).
+    pub fn all_connections(&self) -> Vec<quinn::Connection> {
+        self.lock()
+            .instances
+            .values()
+            .flat_map(|e| e.connections.values().cloned())
+            .collect()
+    }
+
     /// Connections of `instance` (to close them on revocation).
     pub fn connections_of(&self, instance: &str) -> Vec<quinn::Connection> {
         self.lock()

@@ -6,6 +6,8 @@
 //! DIR/relay.key           Ed25519 key of the relay's certificate (0600)
 //! DIR/relay.crt           its self-signed certificate, DER
 //! DIR/fleet.secret        32-byte fleet secret, hex (0600)
+//! DIR/fleet.previous      after `rotate-secret`: the secret it replaced and
+//!                         until when it is accepted, `HEX UNTIL_MS` (0600)
 //! DIR/registry.json       registered instances (ids, names, public keys)
 //! DIR/admin.sock          local admin socket while the relay runs (0600)
 //! ```
@@ -24,7 +26,8 @@ use crate::registry::{RegistryStore, StoreError};
 pub const CONFIG_FILE: &str = "relay-config.json";
 const KEY_FILE: &str = "relay.key";
 const CERT_FILE: &str = "relay.crt";
-const SECRET_FILE: &str = "fleet.secret";
+pub(crate) const SECRET_FILE: &str = "fleet.secret";
+pub(crate) const PREVIOUS_FILE: &str = "fleet.previous";
 
 /// Errors loading or creating the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,9 @@ pub struct RelayState {
     pub tls: TlsIdentity,
     /// Fleet secret.
     pub fleet: FleetSecret,
+    /// The secret the last rotation replaced, and until when (Unix ms) it
+    /// is still accepted.
+    pub previous: Option<(FleetSecret, u64)>,
     /// Key of QUIC stateless resets, derived from the relay's key so that it
     /// is the same after a restart (see `server::endpoint`).
     pub(crate) reset_key: ring::hmac::Key,
@@ -159,6 +165,7 @@ pub fn init(dir: &Path, listen: Option<SocketAddr>) -> Result<RelayState, StateE
         config,
         tls,
         fleet,
+        previous: None,
         reset_key: reset_key(&identity),
         cid_key: cid_key(&identity),
     })
@@ -178,13 +185,14 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
         path: cert_path.display().to_string(),
         source: std::io::Error::other(e),
     })?;
-    let fleet = FleetSecret::read(&dir.join(SECRET_FILE))?;
+    let (fleet, previous) = read_fleet(dir)?;
     RegistryStore::new(dir).load()?;
     Ok(RelayState {
         dir: dir.to_path_buf(),
         config,
         tls,
         fleet,
+        previous,
         reset_key: reset_key(&identity),
         cid_key: cid_key(&identity),
     })
@@ -239,6 +247,39 @@ pub enum InviteStateError {
     /// The id cannot be invited (registered, revoked, invalid).
     #[error(transparent)]
     Refused(crate::registry::InviteError),
+}
+
+/// The fleet secret in force in `dir`, and the one the last rotation
+/// replaced with its deadline.
+pub(crate) fn read_fleet(
+    dir: &Path,
+) -> Result<(FleetSecret, Option<(FleetSecret, u64)>), StateError> {
+    let fleet = FleetSecret::read(&dir.join(SECRET_FILE))?;
+    let previous = agent_link_crypto::read_previous(&dir.join(PREVIOUS_FILE))?;
+    Ok((fleet, previous))
+}
+
+/// `rotate-secret`: a new fleet secret for `dir`; the one it replaces stays
+/// accepted for `grace`, so members that are offline now or have not heard
+/// yet are not cut off. A running relay notices within a second and pushes
+/// the new secret to every registered, unrevoked member's connections (a
+/// revoked member never learns it). Rotating again before the grace period
+/// ends drops the older secret at once. Returns the new deadline.
+pub fn rotate_secret(dir: &Path, grace: std::time::Duration) -> Result<u64, StateError> {
+    if !is_initialised(dir) {
+        return Err(StateError::NotInitialised(dir.display().to_string()));
+    }
+    agent_link_crypto::files::check_private_dir(dir)?;
+    let old = FleetSecret::read(&dir.join(SECRET_FILE))?;
+    let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
+    let until = now.saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+    // The old secret goes to `fleet.previous` first: a crash between the
+    // two writes leaves the old secret in force and also in grace, which
+    // is harmless; the other order could lose it while members still use
+    // it.
+    agent_link_crypto::write_previous(&dir.join(PREVIOUS_FILE), &old, until)?;
+    FleetSecret::generate().write_replace(&dir.join(SECRET_FILE))?;
+    Ok(until)
 }
 
 /// The address to put in a join token for a relay listening on `listen`:

@@ -115,9 +115,23 @@ pub(crate) struct AgentCore {
     first_contacts: Vec<(u64, FirstContact)>,
     /// Frames to write, in order.
     out: Vec<Bytes>,
+    /// Which fleet-key change the receiver's keys are from.
+    fleet_generation: u64,
 }
 
 impl AgentCore {
+    /// Which fleet-key change deliveries are checked under.
+    pub(crate) fn fleet_generation(&self) -> u64 {
+        self.fleet_generation
+    }
+
+    /// Check deliveries under `keys` from now on (a rotated fleet secret),
+    /// change `generation` of the link's.
+    pub(crate) fn set_fleet(&mut self, generation: u64, keys: agent_link_crypto::FleetKeys) {
+        self.fleet_generation = generation;
+        self.receiver.set_fleet(keys);
+    }
+
     pub(crate) fn new(
         instance: &str,
         agent: &str,
@@ -138,6 +152,7 @@ impl AgentCore {
             grace_until: None,
             pending: HashMap::new(),
             first_contacts: Vec::new(),
+            fleet_generation: 0,
             out: Vec::new(),
         }
     }

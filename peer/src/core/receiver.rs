@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use agent_link_crypto::{CheckedKey, FleetKey, PublicKey};
+use agent_link_crypto::{CheckedKey, FleetKeys, PublicKey};
 use agent_link_proto::{
     Address, ErrorCode, MessageId, OpenedEnvelope, ReplayVerdict, ReplayWindow,
 };
@@ -59,7 +59,7 @@ pub(crate) const REPLAY_TOTAL_CAP: usize = 1_000_000;
 pub(crate) struct Receiver {
     instance: String,
     agent: String,
-    fleet: FleetKey,
+    fleet: FleetKeys,
     pins: Arc<Mutex<Pins>>,
     replay: ReplayWindow,
     keys: KeyCache,
@@ -72,14 +72,14 @@ impl Receiver {
     pub(crate) fn new(
         instance: &str,
         agent: &str,
-        fleet: FleetKey,
+        fleet: impl Into<FleetKeys>,
         pins: Arc<Mutex<Pins>>,
         strict: bool,
     ) -> Self {
         Self {
             instance: instance.to_string(),
             agent: agent.to_string(),
-            fleet,
+            fleet: fleet.into(),
             pins,
             // Until the relay says otherwise (its `Attached` frame).
             replay: ReplayWindow::with_total_cap(DEFAULT_WINDOW_MS, REPLAY_CAP, REPLAY_TOTAL_CAP),
@@ -87,6 +87,11 @@ impl Receiver {
             window_ms: DEFAULT_WINDOW_MS,
             strict,
         }
+    }
+
+    /// The fleet keys after a rotation (the relay pushed a new secret).
+    pub(crate) fn set_fleet(&mut self, fleet: FleetKeys) {
+        self.fleet = fleet;
     }
 
     /// The relay's timestamp window (from `Attached`). The replay window is
@@ -313,7 +318,7 @@ pub(crate) fn check_delivery(
     me: &Address<'_>,
     sender_key: [u8; 32],
     envelope: &Bytes,
-    fleet: &FleetKey,
+    fleet: &agent_link_crypto::FleetKey,
     pins: &mut Pins,
     replay: &mut ReplayWindow,
     window_ms: u64,
@@ -323,7 +328,7 @@ pub(crate) fn check_delivery(
         me,
         sender_key,
         envelope,
-        fleet,
+        &FleetKeys::new(fleet.clone()),
         pins,
         replay,
         &mut KeyCache::default(),
@@ -442,7 +447,7 @@ pub(crate) fn check_delivery_with(
     me: &Address<'_>,
     sender_key: [u8; 32],
     envelope: &Bytes,
-    fleet: &FleetKey,
+    fleet: &FleetKeys,
     pins: &mut Pins,
     replay: &mut ReplayWindow,
     keys: &mut KeyCache,
@@ -461,7 +466,8 @@ pub(crate) fn check_delivery_with(
     if env.body.to != *me {
         return refuse(ErrorCode::BadAddress);
     }
-    if let Err(code) = env.check_tag(fleet) {
+    // The current fleet key, or during a rotation's grace the previous.
+    if let Err(code) = env.check_tag_in(fleet, now_ms) {
         return refuse(code);
     }
     let Ok(key) = keys.get(sender_key) else {
@@ -528,7 +534,7 @@ mod tests {
 
     struct F {
         id: Identity,
-        fleet: FleetKey,
+        fleet: agent_link_crypto::FleetKey,
         pins: Pins,
         replay: ReplayWindow,
     }
@@ -665,7 +671,7 @@ mod tests {
                     &me,
                     key,
                     e,
-                    &f.fleet,
+                    &FleetKeys::new(f.fleet.clone()),
                     &mut f.pins,
                     &mut f.replay,
                     &mut keys,
@@ -905,7 +911,7 @@ mod tests {
             &me,
             key.0,
             e,
-            &f.fleet,
+            &FleetKeys::new(f.fleet.clone()),
             &mut f.pins,
             &mut f.replay,
             &mut keys,

@@ -106,24 +106,16 @@ pub enum Action<'f> {
 #[derive(Debug)]
 pub struct AgentStream<'a> {
     sender: SenderContext<'a>,
-    policy: &'a CheckPolicy,
     verify_signatures: bool,
     receive: bool,
 }
 
 impl<'a> AgentStream<'a> {
-    /// A stream of `sender`, checked by `policy` (whose own
-    /// `verify_signatures` should be off: with `verify_signatures` here the
-    /// signatures of a batch are verified together instead).
-    pub fn new(
-        sender: SenderContext<'a>,
-        policy: &'a CheckPolicy,
-        verify_signatures: bool,
-        receive: bool,
-    ) -> Self {
+    /// A stream of `sender`. With `verify_signatures` the signatures of a
+    /// batch are verified together (the policy's own flag should be off).
+    pub fn new(sender: SenderContext<'a>, verify_signatures: bool, receive: bool) -> Self {
         Self {
             sender,
-            policy,
             verify_signatures,
             receive,
         }
@@ -134,9 +126,12 @@ impl<'a> AgentStream<'a> {
     /// per checked message, locked only for that.
     /// `ledger` is this stream's own: the deliveries written to it, which
     /// its replies must name.
+    /// `policy` is the relay's as it stands for this batch (a fleet secret
+    /// rotation replaces it while streams stay open).
     pub fn on_frames<'f, S: Clone + Eq + Hash>(
         &self,
         now: Now,
+        policy: &CheckPolicy,
         frames: &'f [Bytes],
         rate: &Mutex<TokenBucket>,
         ledger: &Mutex<Ledger<S>>,
@@ -158,7 +153,7 @@ impl<'a> AgentStream<'a> {
                     // Every check (size at the reader; decode, sender
                     // binding, fleet HMAC, timestamp here) runs on every
                     // message, batched or not.
-                    match check_send(envelope, &self.sender, self.policy, now.unix_ms) {
+                    match check_send(envelope, &self.sender, policy, now.unix_ms) {
                         Ok(env) => passed.push((env, body)),
                         Err(refusal) => match refusal.id {
                             Some(id) => out.push(Action::Refuse {
@@ -279,7 +274,7 @@ pub fn unrouted(target: Option<&InstanceRecord>) -> ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_link_crypto::{FleetKey, FleetSecret, Identity, PublicKey};
+    use agent_link_crypto::{FleetKey, FleetKeys, FleetSecret, Identity, PublicKey};
     use agent_link_proto::{EnvelopeBody, VERSION};
     use std::time::Duration;
 
@@ -316,7 +311,7 @@ mod tests {
             key: id.public_key(),
             id,
             policy: CheckPolicy {
-                fleet: fleet.clone(),
+                fleet: FleetKeys::new(fleet.clone()),
                 window_ms: 60_000,
                 verify_signatures: false,
                 max_payload: 1024,
@@ -333,7 +328,7 @@ mod tests {
                 agent: "alice",
                 key: &self.key,
             };
-            AgentStream::new(sender, &self.policy, verify, receive)
+            AgentStream::new(sender, verify, receive)
         }
 
         fn now(&self, ms: u64) -> Now {
@@ -423,9 +418,13 @@ mod tests {
     fn a_good_send_is_forwarded_as_its_own_bytes() {
         let f = fixture();
         let frames = [f.send(1)];
-        let actions =
-            f.stream(true, false)
-                .on_frames(f.now(0), &frames, &bucket(&f, 10), &ledger());
+        let actions = f.stream(true, false).on_frames(
+            f.now(0),
+            &f.policy,
+            &frames,
+            &bucket(&f, 10),
+            &ledger(),
+        );
         let [Action::Forward { id, to, envelope }] = &actions[..] else {
             panic!("{actions:?}");
         };
@@ -574,9 +573,13 @@ mod tests {
         ];
         for (case, receive, frames, want) in &cases {
             // A fresh ledger per case: deliveries 1 and 2 outstanding.
-            let actions =
-                f.stream(false, *receive)
-                    .on_frames(f.now(0), frames, &bucket(&f, 10), &ledger());
+            let actions = f.stream(false, *receive).on_frames(
+                f.now(0),
+                &f.policy,
+                frames,
+                &bucket(&f, 10),
+                &ledger(),
+            );
             assert_eq!(&short(&actions), want, "{case}");
         }
     }
@@ -589,7 +592,7 @@ mod tests {
         forged[n - 1] ^= 1; // last byte of the signature
         let frames = [f.send(1), f.send_envelope(&forged), f.send(3)];
         let verifying = f.stream(true, false);
-        let actions = verifying.on_frames(f.now(0), &frames, &bucket(&f, 10), &ledger());
+        let actions = verifying.on_frames(f.now(0), &f.policy, &frames, &bucket(&f, 10), &ledger());
         use Short::*;
         assert_eq!(
             short(&actions),
@@ -597,12 +600,17 @@ mod tests {
         );
         // Without verification at the relay, the receiver is the one to
         // refuse it.
-        let actions =
-            f.stream(false, false)
-                .on_frames(f.now(0), &frames, &bucket(&f, 10), &ledger());
+        let actions = f.stream(false, false).on_frames(
+            f.now(0),
+            &f.policy,
+            &frames,
+            &bucket(&f, 10),
+            &ledger(),
+        );
         assert_eq!(short(&actions), [Forward(1), Forward(2), Forward(3)]);
         let late = f.now(60_001);
-        let actions = verifying.on_frames(late, &frames[..1], &bucket(&f, 10), &ledger());
+        let actions =
+            verifying.on_frames(late, &f.policy, &frames[..1], &bucket(&f, 10), &ledger());
         assert_eq!(short(&actions), [Refuse(1, ErrorCode::StaleTimestamp)]);
     }
 
@@ -613,9 +621,9 @@ mod tests {
         let spoofed = f.send_envelope(&f.envelope(2, ("i9", "alice")));
         let frames = [f.send(1), spoofed, f.send(3), f.send(4)];
         use Short::*;
-        let actions = f
-            .stream(false, false)
-            .on_frames(f.now(0), &frames, &rate, &ledger());
+        let actions =
+            f.stream(false, false)
+                .on_frames(f.now(0), &f.policy, &frames, &rate, &ledger());
         assert_eq!(
             short(&actions),
             [
@@ -627,9 +635,9 @@ mod tests {
         );
         // One token a second: a second later, one more message.
         let frames = [f.send(5), f.send(6)];
-        let actions = f
-            .stream(false, false)
-            .on_frames(f.now(1000), &frames, &rate, &ledger());
+        let actions =
+            f.stream(false, false)
+                .on_frames(f.now(1000), &f.policy, &frames, &rate, &ledger());
         assert_eq!(
             short(&actions),
             [Forward(5), Refuse(6, ErrorCode::RateLimited)]

@@ -5,7 +5,7 @@
 //! Order matters: cheap checks that need no secret first (decode, sender
 //! binding), then the HMAC, then the timestamp, then the optional Ed25519.
 
-use agent_link_crypto::{FleetKey, PublicKey};
+use agent_link_crypto::{FleetKeys, PublicKey};
 use agent_link_proto::{ErrorCode, MessageId, OpenedEnvelope};
 
 /// What the stream knows about its sender.
@@ -22,8 +22,9 @@ pub struct SenderContext<'a> {
 /// Relay-wide check settings.
 #[derive(Debug, Clone)]
 pub struct CheckPolicy {
-    /// Fleet HMAC key.
-    pub fleet: FleetKey,
+    /// Fleet HMAC keys: the current one, and during a rotation's grace
+    /// period the one it replaced.
+    pub fleet: FleetKeys,
     /// Accepted clock distance, milliseconds.
     pub window_ms: u64,
     /// Verify Ed25519 at the relay too.
@@ -68,7 +69,7 @@ pub fn check_send<'a>(
     env.check_sender(sender.instance, sender.agent)
         .map_err(refuse)?;
     // Fleet membership, constant time.
-    env.check_tag(&policy.fleet).map_err(refuse)?;
+    env.check_tag_in(&policy.fleet, now_ms).map_err(refuse)?;
     // Replay bound: old captures are refused (receivers also de-duplicate).
     env.check_time(now_ms, policy.window_ms).map_err(refuse)?;
     if policy.verify_signatures {
@@ -108,8 +109,34 @@ pub fn verify_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_link_crypto::{FleetSecret, Identity};
+    use agent_link_crypto::{FleetKey, FleetSecret, Identity};
     use agent_link_proto::{Address, EnvelopeBody, VERSION};
+
+    #[test]
+    fn after_a_rotation_the_old_secret_passes_only_until_the_grace_ends() {
+        let f = fixture();
+        let ctx = SenderContext {
+            instance: "i1",
+            agent: "a",
+            key: &f.key,
+        };
+        let old_tagged = seal(&f, ("i1", "a"), 1_000_000);
+        let rotated = CheckPolicy {
+            fleet: FleetKeys::with_previous(
+                FleetSecret::generate().key(),
+                f.fleet.clone(),
+                1_000_030,
+            ),
+            ..policy(&f, false)
+        };
+        assert!(check_send(&old_tagged, &ctx, &rotated, 1_000_029).is_ok());
+        assert_eq!(
+            check_send(&old_tagged, &ctx, &rotated, 1_000_030)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadTag
+        );
+    }
 
     struct Fixture {
         id: Identity,
@@ -148,7 +175,7 @@ mod tests {
 
     fn policy(f: &Fixture, verify_signatures: bool) -> CheckPolicy {
         CheckPolicy {
-            fleet: f.fleet.clone(),
+            fleet: FleetKeys::new(f.fleet.clone()),
             window_ms: 60_000,
             verify_signatures,
             max_payload: 1024,
@@ -221,7 +248,7 @@ mod tests {
             ErrorCode::StaleTimestamp
         );
         let other_fleet = CheckPolicy {
-            fleet: FleetSecret::generate().key(),
+            fleet: FleetKeys::new(FleetSecret::generate().key()),
             ..p.clone()
         };
         assert_eq!(

@@ -121,7 +121,7 @@ pub(crate) async fn serve_agent(
         agent: &agent,
         key: &info.key,
     };
-    let core = AgentStream::new(sender, hub.policy(), cfg.verify_signatures, receive);
+    let core = AgentStream::new(sender, cfg.verify_signatures, receive);
     let task = AgentTask {
         hub: &hub,
         info: &info,
@@ -255,7 +255,8 @@ impl AgentTask<'_> {
                 instant: Instant::now(),
             };
             let mut close = None;
-            for action in core.on_frames(now, &frames, &self.info.rate, self.ledger) {
+            let policy = self.hub.policy();
+            for action in core.on_frames(now, &policy, &frames, &self.info.rate, self.ledger) {
                 match action {
                     Action::Forward { id, to, envelope } => {
                         if let Err(code) = self.forward(id, to, envelope) {

@@ -215,6 +215,9 @@ async fn serve_registered(
     };
     hub.stats().connections_accepted.fetch_add(1, Relaxed);
     info!(%instance, "connected");
+    // A registered, unrevoked instance: it gets the fleet secret in force
+    // (it may have been offline through a rotation).
+    super::fleet::push(&conn, hub.fleet_secret_frame());
     let info = Arc::new(ConnInfo {
         conn_id,
         instance: instance.clone(),

@@ -111,7 +111,7 @@ pub(crate) async fn register(
         .ok_or(ErrorCode::Internal)?;
     let new = match reg.via {
         Via::Fleet => {
-            admission::check_registration(reg, key, hub.fleet(), Some(exporter))?;
+            admission::check_registration(reg, key, &hub.fleet(), Some(exporter))?;
             hub.registry()
                 .register_online(hub.router(), key, reg.instance_id, reg.name)
                 .await?

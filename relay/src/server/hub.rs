@@ -5,9 +5,9 @@
 //! about it.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use agent_link_crypto::{FleetKey, FleetSecret, PublicKey};
+use agent_link_crypto::{FleetKey, FleetKeys, FleetSecret, PublicKey};
 use agent_link_proto::{ErrorCode, RelayToPeer};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -28,16 +28,14 @@ pub(crate) type Routes = Router<Outbound>;
 #[derive(Debug)]
 pub(crate) struct Hub {
     config: RelayConfig,
-    /// Checks run per message as it is read (Ed25519 left out: when
-    /// `config.verify_signatures` is on it runs batched, see
-    /// `core::agent_stream`).
-    policy: CheckPolicy,
+    /// The fleet secret in force, and the checks run per message as it is
+    /// read (Ed25519 left out: when `config.verify_signatures` is on it runs
+    /// batched, see `core::agent_stream`). Replaced whole by a rotation.
+    fleet: RwLock<FleetState>,
     router: Routes,
     registry: LiveRegistry,
     stats: Stats,
     shutdown: CancellationToken,
-    /// `FleetSecret` for members who registered with an invite.
-    fleet_secret_frame: Bytes,
     /// Registry writes by registration, relay-wide
     /// (`registrations_per_sec`).
     registrations: Mutex<TokenBucket>,
@@ -46,18 +44,14 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    pub(crate) fn new(config: RelayConfig, fleet: &FleetSecret, registry: LiveRegistry) -> Self {
+    pub(crate) fn new(
+        config: RelayConfig,
+        fleet: &FleetSecret,
+        previous: Option<&(FleetSecret, u64)>,
+        registry: LiveRegistry,
+    ) -> Self {
         Self {
-            fleet_secret_frame: super::writer::frame(&RelayToPeer::FleetSecret {
-                secret: *fleet.expose(),
-                previous_valid_until_ms: 0,
-            }),
-            policy: CheckPolicy {
-                fleet: fleet.key(),
-                window_ms: config.timestamp_window_secs * 1000,
-                verify_signatures: false,
-                max_payload: config.max_message_size as usize,
-            },
+            fleet: RwLock::new(FleetState::new(&config, fleet, previous)),
             router: Router::default(),
             registry,
             stats: Stats::default(),
@@ -74,8 +68,26 @@ impl Hub {
 
     /// The `FleetSecret` frame: only for connections of registered,
     /// unrevoked instances.
-    pub(crate) fn fleet_secret_frame(&self) -> &Bytes {
-        &self.fleet_secret_frame
+    pub(crate) fn fleet_secret_frame(&self) -> Bytes {
+        self.fleet_state().frame.clone()
+    }
+
+    fn fleet_state(&self) -> std::sync::RwLockReadGuard<'_, FleetState> {
+        self.fleet.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Put a rotated fleet secret in force: new messages are checked under
+    /// `fleet`, or `previous` until its deadline. Returns the `FleetSecret`
+    /// frame to push to every registered connection.
+    pub(crate) fn install_fleet(
+        &self,
+        fleet: &FleetSecret,
+        previous: Option<&(FleetSecret, u64)>,
+    ) -> Bytes {
+        let state = FleetState::new(&self.config, fleet, previous);
+        let frame = state.frame.clone();
+        *self.fleet.write().unwrap_or_else(|e| e.into_inner()) = state;
+        frame
     }
 
     /// Take a token of the relay-wide registration bucket.
@@ -91,14 +103,16 @@ impl Hub {
         &self.config
     }
 
-    /// The per-message checks.
-    pub(crate) fn policy(&self) -> &CheckPolicy {
-        &self.policy
+    /// The per-message checks as they stand now (a rotation replaces them:
+    /// take them once per batch, not once per stream).
+    pub(crate) fn policy(&self) -> Arc<CheckPolicy> {
+        self.fleet_state().policy.clone()
     }
 
-    /// The fleet key (message tags, registration proofs).
-    pub(crate) fn fleet(&self) -> &FleetKey {
-        &self.policy.fleet
+    /// The current fleet key (registration proofs by fleet secret: only
+    /// the current secret registers, never one a rotation replaced).
+    pub(crate) fn fleet(&self) -> FleetKey {
+        self.fleet_state().policy.fleet.current().clone()
     }
 
     /// Who is connected, and where deliveries and receipts go.
@@ -161,6 +175,39 @@ impl Hub {
         self.stats.connections_refused.fetch_add(1, Relaxed);
         self.stats.refused(code);
         conn.close(code.as_u32().into(), code.describe().as_bytes());
+    }
+}
+
+/// The fleet secret in force, as the checks and the `FleetSecret` frame
+/// need it.
+#[derive(Debug)]
+struct FleetState {
+    policy: Arc<CheckPolicy>,
+    frame: Bytes,
+}
+
+impl FleetState {
+    fn new(
+        config: &RelayConfig,
+        fleet: &FleetSecret,
+        previous: Option<&(FleetSecret, u64)>,
+    ) -> Self {
+        let keys = match previous {
+            Some((old, until)) => FleetKeys::with_previous(fleet.key(), old.key(), *until),
+            None => FleetKeys::new(fleet.key()),
+        };
+        Self {
+            frame: super::writer::frame(&RelayToPeer::FleetSecret {
+                secret: *fleet.expose(),
+                previous_valid_until_ms: keys.previous_until_ms(),
+            }),
+            policy: Arc::new(CheckPolicy {
+                fleet: keys,
+                window_ms: config.timestamp_window_secs * 1000,
+                verify_signatures: false,
+                max_payload: config.max_message_size as usize,
+            }),
+        }
     }
 }
 

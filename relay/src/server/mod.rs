@@ -34,6 +34,7 @@ pub(crate) mod admin;
 mod agent;
 mod connection;
 mod control;
+mod fleet;
 mod hub;
 mod stream;
 pub(crate) mod writer;
@@ -194,7 +195,12 @@ impl Relay {
             addr: config.listen,
             source,
         })?;
-        let hub = Arc::new(Hub::new(config, &state.fleet, registry));
+        let hub = Arc::new(Hub::new(
+            config,
+            &state.fleet,
+            state.previous.as_ref(),
+            registry,
+        ));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(hub.clone(), endpoint.clone()));
         let watcher = hub.clone();
@@ -204,6 +210,7 @@ impl Relay {
                 .watch(watcher.router(), watcher.shutdown())
                 .await
         });
+        tasks.spawn(fleet::watch(hub.clone(), state.dir.clone()));
         let mut metrics_addr = None;
         if let Some(addr) = opts.metrics {
             let listener = tokio::net::TcpListener::bind(addr)

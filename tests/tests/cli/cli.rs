@@ -491,7 +491,15 @@ fn every_command_has_help() {
     for (b, cmds) in [
         (
             "agent-link-relay",
-            &["run", "init", "invite", "register", "revoke", "instances"][..],
+            &[
+                "run",
+                "init",
+                "invite",
+                "rotate-secret",
+                "register",
+                "revoke",
+                "instances",
+            ][..],
         ),
         (
             "agent-link",
@@ -610,6 +618,20 @@ fn relay_admin_commands() {
     let (code, _, err) = ok(&["invite", "--dir", d, "--reusable"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("open_registration"), "{err}");
+    // A rotation: a new secret, the old one kept (0600) with its deadline.
+    let before = std::fs::read(dir.join("fleet.secret")).unwrap();
+    let (code, out, err) = ok(&["rotate-secret", "--dir", d, "--grace", "60"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("60 s") || out.contains("59 s"), "{out}");
+    assert_ne!(std::fs::read(dir.join("fleet.secret")).unwrap(), before);
+    let prev = dir.join("fleet.previous");
+    let (old, _) = agent_link_crypto::read_previous(&prev).unwrap().unwrap();
+    assert_eq!(hex::encode(old.expose()).as_bytes(), before.trim_ascii());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&prev).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     let (code, out, _) = ok(&["instances", "--dir", d, "--json"]);
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -6,6 +6,7 @@
 //! | `peer` | the peer library: messages both ways with receipts, explicit errors, signatures, replays, reconnection, status, close |
 //! | `peer_faults` | the peer's delivery rules while the relay is down or an attach is replaced |
 //! | `relay_protocol` | the relay frame by frame through raw clients: routing, receipts, every refusal code, registration, revocation |
+//! | `rotation` | fleet secret rotation: pushed to live members, to offline ones at connect, never to a revoked one; the grace period |
 //! | `limits` | connection limits, idle and handshake timeouts |
 //! | `stream_limit` | the QUIC stream limit growing to every allowed agent |
 //! | `datagram_size` | how far path MTU discovery grows a connection's datagrams |
@@ -16,5 +17,6 @@ mod limits;
 mod peer;
 mod peer_faults;
 mod relay_protocol;
+mod rotation;
 mod storm;
 mod stream_limit;
