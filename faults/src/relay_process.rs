@@ -50,8 +50,12 @@ impl RelayProcess {
         edit_config(dir, |c| {
             if let (Some(c), Some(o)) = (c.as_object_mut(), config.as_object()) {
                 // Harnesses join with the open fleet token (`invite`
-                // below); a config that says otherwise wins.
-                c.insert("open_registration".into(), true.into());
+                // below); a config that says otherwise wins. Only where the
+                // relay knows the field (an older build, run for an A/B
+                // comparison, would refuse it).
+                if c.contains_key("open_registration") {
+                    c.insert("open_registration".into(), true.into());
+                }
                 for (k, v) in o {
                     c.insert(k.clone(), v.clone());
                 }
@@ -135,19 +139,20 @@ impl RelayProcess {
         self.starts
     }
 
-    /// A join token for this relay at `addr` (`invite`).
+    /// The open fleet token for this relay at `addr` (`invite --reusable`;
+    /// plain `invite` on a build that predates invites, for A/B runs).
     pub fn invite(&self, addr: SocketAddr) -> Result<String> {
-        run(
-            &self.bin,
-            &[
-                "invite".as_ref(),
-                "--dir".as_ref(),
-                self.dir.as_os_str(),
-                "--addr".as_ref(),
-                addr.to_string().as_ref(),
-                "--reusable".as_ref(),
-            ],
-        )
+        let addr = addr.to_string();
+        let base: [&std::ffi::OsStr; 5] = [
+            "invite".as_ref(),
+            "--dir".as_ref(),
+            self.dir.as_os_str(),
+            "--addr".as_ref(),
+            addr.as_ref(),
+        ];
+        let mut reusable = base.to_vec();
+        reusable.push("--reusable".as_ref());
+        run(&self.bin, &reusable).or_else(|_| run(&self.bin, &base))
     }
 
     /// SIGKILL: no goodbye to anyone, exactly like a crash.
