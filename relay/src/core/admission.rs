@@ -149,26 +149,36 @@ pub fn registration(body: &[u8]) -> Result<Registration<'_>, ErrorCode> {
     }
 }
 
-/// Decide whether a registration may go on to the registry, before any
-/// proof is checked: `Register` by fleet secret only where the relay allows
-/// open registration (`open`), unless the key already holds that very id
-/// (`already`: a member repeating its own registration changes nothing);
-/// and any registration that would write the registry only while the
-/// relay-wide registration bucket has a token (`take_token`, asked last so
-/// refused requests do not spend it). `RegistrationClosed` otherwise.
+/// Decide whether a registration may go on to the registry, in the order
+/// that makes refusals cheapest and keeps strangers from spending what
+/// members need:
+/// 1. `Register` by fleet secret only where the relay allows open
+///    registration (`open`), unless the key already holds that very id
+///    (`already`: a member repeating its own registration changes nothing);
+///    `RegistrationClosed`;
+/// 2. the proof (`proof_ok`, checked by the caller in memory: the fleet
+///    key, or the pending invite's secret): `BadProof` / `InviteInvalid`;
+/// 3. only then, for a registration that would write the registry, a token
+///    of the relay-wide registration bucket (`take_token`), so requests
+///    without a valid proof (anyone can send them) never use up the
+///    tokens invited members need; `RegistrationClosed` when empty.
 pub fn may_register(
     reg: &Registration<'_>,
     open: bool,
     already: bool,
+    proof_ok: bool,
     take_token: impl FnOnce() -> bool,
 ) -> Result<(), ErrorCode> {
-    if already {
-        return Ok(());
-    }
-    if reg.via == Via::Fleet && !open {
+    if reg.via == Via::Fleet && !open && !already {
         return Err(ErrorCode::RegistrationClosed);
     }
-    if !take_token() {
+    if !proof_ok {
+        return Err(match reg.via {
+            Via::Fleet => ErrorCode::BadProof,
+            Via::Invite => ErrorCode::InviteInvalid,
+        });
+    }
+    if !already && !take_token() {
         return Err(ErrorCode::RegistrationClosed);
     }
     Ok(())
@@ -398,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fleet_secret_registers_only_where_open_and_every_write_takes_a_token() {
+    fn the_fleet_secret_registers_only_where_open_and_only_a_valid_proof_takes_a_token() {
         let reg = |via| Registration {
             instance_id: "i1",
             name: "n",
@@ -406,33 +416,52 @@ mod tests {
             via,
         };
         let closed = Err(ErrorCode::RegistrationClosed);
-        // Invites-only relay: the fleet secret is refused, before the
-        // bucket is asked; a member repeating its own registration is not.
-        let asked = std::cell::Cell::new(false);
-        let spy = || {
-            asked.set(true);
-            true
+        let asked = std::cell::Cell::new(0);
+        let spy = |answer: bool| {
+            let asked = &asked;
+            move || {
+                asked.set(asked.get() + 1);
+                answer
+            }
         };
-        assert_eq!(may_register(&reg(Via::Fleet), false, false, spy), closed);
-        assert!(!asked.get(), "a refused request spends no token");
+        // Invites-only relay: the fleet secret is refused, whatever the
+        // proof; a member repeating its own registration is not.
         assert_eq!(
-            may_register(&reg(Via::Fleet), false, true, || false),
+            may_register(&reg(Via::Fleet), false, false, true, spy(true)),
+            closed
+        );
+        assert_eq!(
+            may_register(&reg(Via::Fleet), false, true, true, spy(false)),
+            Ok(())
+        );
+        // A bad proof is refused by name and spends no token.
+        assert_eq!(
+            may_register(&reg(Via::Invite), false, false, false, spy(true)),
+            Err(ErrorCode::InviteInvalid)
+        );
+        assert_eq!(
+            may_register(&reg(Via::Fleet), true, false, false, spy(true)),
+            Err(ErrorCode::BadProof)
+        );
+        assert_eq!(asked.get(), 0, "refused requests spend no token");
+        assert_eq!(
+            may_register(&reg(Via::Invite), false, false, true, spy(true)),
             Ok(())
         );
         assert_eq!(
-            may_register(&reg(Via::Invite), false, false, || true),
+            may_register(&reg(Via::Fleet), true, false, true, spy(true)),
             Ok(())
         );
-        assert_eq!(may_register(&reg(Via::Fleet), true, false, || true), Ok(()));
         // Over the cap: refused, whichever secret.
         assert_eq!(
-            may_register(&reg(Via::Invite), false, false, || false),
+            may_register(&reg(Via::Invite), false, false, true, spy(false)),
             closed
         );
         assert_eq!(
-            may_register(&reg(Via::Fleet), true, false, || false),
+            may_register(&reg(Via::Fleet), true, false, true, spy(false)),
             closed
         );
+        assert_eq!(asked.get(), 4);
     }
 
     #[test]

@@ -238,6 +238,22 @@ impl Registry {
         Ok(())
     }
 
+    /// The secret of the unexpired invite for `instance_id`, if any (to
+    /// check a proof in memory before anything is written).
+    pub fn invite_secret(
+        &self,
+        instance_id: &str,
+        now_ms: u64,
+    ) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+        let inv = self
+            .invites
+            .iter()
+            .find(|i| i.instance_id == instance_id && i.expires_at_ms > now_ms)?;
+        let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(&inv.secret, secret.as_mut()).ok()?;
+        Some(secret)
+    }
+
     /// Redeem the invite for `instance_id`: `proof_ok` is asked whether the
     /// registration proof is the invite's secret's (it gets the secret's
     /// bytes); then `key` is registered and the invite removed, in one

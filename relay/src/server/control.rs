@@ -98,20 +98,52 @@ pub(crate) async fn register(
     reg: &Registration<'_>,
 ) -> Result<Registered, ErrorCode> {
     agent_link_proto::check_id(reg.instance_id).map_err(|_| ErrorCode::BadAddress)?;
-    let already = hub.registry().read().key_status(key)
-        == crate::registry::KeyStatus::Active(reg.instance_id.to_string());
-    // Before any proof is checked or anything written: the fleet secret
-    // registers only where the operator opened registration, and every
-    // registry write spends a relay-wide token (each is an fsync).
-    admission::may_register(reg, hub.config().open_registration, already, || {
-        hub.take_registration_token()
-    })?;
     let exporter = agent_link_quic::exporter::register_exporter(conn)
         .ok()
         .ok_or(ErrorCode::Internal)?;
+    let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
+    let (already, proof_ok) = {
+        let registry = hub.registry().read();
+        let already = registry.key_status(key)
+            == crate::registry::KeyStatus::Active(reg.instance_id.to_string());
+        // The proof, in memory and before anything else is spent: the
+        // fleet key, or the pending invite's own secret (checked again
+        // under the registry's lock when the invite is used up).
+        let proof_ok = match reg.via {
+            Via::Fleet => {
+                admission::check_registration(reg, key, &hub.fleet(), Some(exporter)).is_ok()
+            }
+            Via::Invite => {
+                already
+                    || registry
+                        .invite_secret(reg.instance_id, now)
+                        .is_some_and(|s| {
+                            let invite = agent_link_crypto::FleetSecret::from_bytes(*s).key();
+                            agent_link_proto::check_invite_proof(
+                                &invite,
+                                &exporter,
+                                key,
+                                reg.instance_id,
+                                &reg.proof,
+                            )
+                            .is_ok()
+                        })
+            }
+        };
+        (already, proof_ok)
+    };
+    // The fleet secret registers only where the operator opened
+    // registration; a bad proof is refused before it can spend anything;
+    // every registry write spends a relay-wide token (each is an fsync).
+    admission::may_register(
+        reg,
+        hub.config().open_registration,
+        already,
+        proof_ok,
+        || hub.take_registration_token(),
+    )?;
     let new = match reg.via {
         Via::Fleet => {
-            admission::check_registration(reg, key, &hub.fleet(), Some(exporter))?;
             hub.registry()
                 .register_online(hub.router(), key, reg.instance_id, reg.name)
                 .await?

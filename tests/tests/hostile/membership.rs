@@ -163,3 +163,33 @@ async fn registrations_over_the_relay_wide_cap_are_refused_by_name() {
     assert!(ok >= 1, "ok {ok}");
     assert!(capped >= 1, "ok {ok}, capped {capped}");
 }
+
+/// Anyone can send `RegisterInvite` (no secret is needed to try): requests
+/// whose proof fails are refused as `InviteInvalid` without spending the
+/// registration tokens, so strangers cannot lock invited members out.
+#[tokio::test]
+async fn bad_proofs_do_not_use_up_the_registration_cap() {
+    let relay = TestRelay::start(|c| {
+        c.open_registration = false;
+        c.registrations_per_sec = 1;
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let inv = invite(&relay, "inst-z");
+    let forged = JoinToken {
+        secret: JoinSecret::Invite {
+            instance_id: "inst-z".into(),
+            secret: FleetSecret::generate(),
+        },
+        ..inv.clone()
+    };
+    for i in 0..5 {
+        let code = refused(
+            agent_link::init(&tmp.path().join(format!("f{i}")), "inst-z", &forged, None).await,
+        );
+        assert_eq!(code, ErrorCode::InviteInvalid, "try {i}");
+    }
+    agent_link::init(&tmp.path().join("z"), "inst-z", &inv, None)
+        .await
+        .expect("the bucket's one token is still there");
+}
