@@ -128,6 +128,14 @@ fn hmac_raw(key: &[u8], data: &[u8]) -> Tag {
 mod tests {
     use super::*;
 
+    /// Found by cargo mutants: a constant `expose` survived (the join token
+    /// would carry zeros).
+    #[test]
+    fn expose_gives_the_secret_back() {
+        let bytes = [7u8; 32];
+        assert_eq!(FleetSecret::from_bytes(bytes).expose(), &bytes);
+    }
+
     /// RFC 4231 §4.2–4.7 (test cases 1, 2, 3, 4, 6, 7; case 5 is truncated output).
     #[test]
     fn rfc4231_vectors() {
