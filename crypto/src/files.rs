@@ -132,6 +132,47 @@ mod tests {
     use super::*;
     use crate::{FleetSecret, Identity};
 
+    /// Group or other write refuses a directory, read does not; another
+    /// owner refuses it (checked when the test runs as root, which can
+    /// chown). Found missing by cargo mutants: `check_private_dir -> Ok(())`
+    /// and its mask operators survived the crate's own tests.
+    #[test]
+    fn check_private_dir_refuses_writable_and_foreign_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempdir("private-dir");
+        for (mode, ok) in [(0o700, true), (0o755, true), (0o720, false), (0o702, false)] {
+            fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+            let r = check_private_dir(&d);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+            if !ok {
+                assert!(
+                    matches!(r, Err(CryptoError::InsecureDirectory { .. })),
+                    "{r:?}"
+                );
+            }
+        }
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        if my_uid() == Some(0) {
+            let other = d.join("other");
+            fs::create_dir(&other).unwrap();
+            fs::set_permissions(&other, fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&other, Some(4242), None).unwrap();
+            let r = check_private_dir(&other);
+            assert!(
+                matches!(
+                    r,
+                    Err(CryptoError::ForeignDirectory {
+                        owner: 4242,
+                        me: 0,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
+
     fn tempdir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("al-crypto-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);

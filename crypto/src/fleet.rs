@@ -259,6 +259,14 @@ mod tests {
         assert!(read_previous(&p).is_err());
     }
 
+    /// Found by cargo mutants: a constant `expose` survived (the join token
+    /// would carry zeros).
+    #[test]
+    fn expose_gives_the_secret_back() {
+        let bytes = [7u8; 32];
+        assert_eq!(FleetSecret::from_bytes(bytes).expose(), &bytes);
+    }
+
     /// RFC 4231 §4.2–4.7 (test cases 1, 2, 3, 4, 6, 7; case 5 is truncated output).
     #[test]
     fn rfc4231_vectors() {

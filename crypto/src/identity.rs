@@ -165,6 +165,32 @@ impl FromStr for PublicKey {
 mod tests {
     use super::*;
 
+    /// Found by cargo mutants: a constant `derive_secret` (all zeros or all
+    /// ones) survived, which would make the relay's stateless-reset and
+    /// connection-id keys guessable. Each (key, label) gives its own secret,
+    /// stable, equal to HMAC-SHA256(seed, "agent-link/v1 derive " || label).
+    #[test]
+    fn derived_secrets_depend_on_key_and_label() {
+        use hmac::{Hmac, Mac};
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let s = a.derive_secret("x");
+        assert_eq!(*s, *a.derive_secret("x"), "stable");
+        assert_ne!(*s, *a.derive_secret("y"), "per label");
+        assert_ne!(*s, *b.derive_secret("x"), "per key");
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&a.signing.to_bytes()).unwrap();
+        mac.update(b"agent-link/v1 derive x");
+        let want: [u8; 32] = mac.finalize().into_bytes().into();
+        assert_eq!(*s, want);
+    }
+
+    #[test]
+    fn public_key_as_bytes_are_the_key() {
+        let id = Identity::generate();
+        let pk = id.public_key();
+        assert_eq!(pk.as_bytes(), &pk.0);
+        assert_ne!(pk.as_bytes(), &[0; PUBLIC_KEY_LEN]);
+    }
+
     #[test]
     fn text_form_round_trips() {
         let pk = Identity::generate().public_key();

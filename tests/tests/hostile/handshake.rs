@@ -129,6 +129,60 @@ impl rustls::client::ResolvesClientCert for NoCert {
     }
 }
 
+/// A session store that counts the TLS 1.3 tickets it was given and the
+/// ones taken for a resumption, so the 0-RTT test can wait for the ticket
+/// instead of sleeping and can show that the second connection offered it.
+#[derive(Debug)]
+struct CountingStore {
+    inner: rustls::client::ClientSessionMemoryCache,
+    inserted: std::sync::atomic::AtomicUsize,
+    taken: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingStore {
+    fn set_kx_hint(&self, n: rustls::pki_types::ServerName<'static>, g: rustls::NamedGroup) {
+        self.inner.set_kx_hint(n, g)
+    }
+    fn kx_hint(&self, n: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(n)
+    }
+    fn set_tls12_session(
+        &self,
+        n: rustls::pki_types::ServerName<'static>,
+        v: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(n, v)
+    }
+    fn tls12_session(
+        &self,
+        n: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(n)
+    }
+    fn remove_tls12_session(&self, n: &rustls::pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(n)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        n: rustls::pki_types::ServerName<'static>,
+        v: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.inserted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(n, v)
+    }
+    fn take_tls13_ticket(
+        &self,
+        n: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let t = self.inner.take_tls13_ticket(n);
+        if t.is_some() {
+            self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        t
+    }
+}
+
 #[tokio::test]
 async fn zero_rtt_is_never_accepted() {
     let (relay, a, b) = relay_and_bystander().await;
@@ -138,6 +192,12 @@ async fn zero_rtt_is_never_accepted() {
     let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
     // A client that would send 0-RTT data if the relay let it.
     cfg.enable_early_data = true;
+    let store = Arc::new(CountingStore {
+        inner: rustls::client::ClientSessionMemoryCache::new(8),
+        inserted: 0.into(),
+        taken: 0.into(),
+    });
+    cfg.resumption = rustls::client::Resumption::store(store.clone());
     let ep = endpoint_with(cfg);
     // First connection: obtains a session ticket, then closes.
     let first = ep
@@ -149,11 +209,24 @@ async fn zero_rtt_is_never_accepted() {
     s.write_all(&agent_link_proto::codec::frame(&PeerToRelay::StatusRequest).unwrap())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait for the ticket itself (bounded), not for a time: without one the
+    // second connection could not try 0-RTT and the test would pass vacuously.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.inserted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay sent no session ticket: 0-RTT was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.close(0u32.into(), b"bye");
     // Second connection: the relay's tickets carry no early-data allowance,
     // so 0-RTT is impossible and the client must complete the handshake.
     let connecting = ep.connect(relay.addr, "agent-link-relay").unwrap();
+    assert!(
+        store.taken.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the second connection did not offer the ticket: 0-RTT was never tried"
+    );
     match connecting.into_0rtt() {
         Ok((conn, accepted)) => {
             assert!(!accepted.await, "the relay accepted 0-RTT data");
