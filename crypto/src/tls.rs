@@ -328,6 +328,24 @@ mod tests {
         assert!(!c.enable_early_data);
     }
 
+    /// Found by cargo mutants: the pin comparison inverted survived the
+    /// crate's own tests (only the end-to-end tests covered it).
+    #[test]
+    fn the_relay_pin_accepts_exactly_the_pinned_certificate() {
+        let relay = TlsIdentity::self_signed(&Identity::generate(), RELAY_SERVER_NAME).unwrap();
+        let impostor = TlsIdentity::self_signed(&Identity::generate(), RELAY_SERVER_NAME).unwrap();
+        let v = PinnedRelayVerifier {
+            fingerprint: relay.fingerprint(),
+            provider: provider(),
+        };
+        let name = ServerName::try_from(RELAY_SERVER_NAME).unwrap();
+        let check = |cert: &CertificateDer<'_>| {
+            v.verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+        };
+        assert!(check(&relay.cert).is_ok());
+        assert!(check(&impostor.cert).is_err());
+    }
+
     #[test]
     fn garbage_certificate_is_refused() {
         assert!(instance_key_from_cert(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
