@@ -21,7 +21,7 @@ use agent_link_proto::JoinToken;
 use anyhow::{bail, Context, Result};
 
 use crate::raw::RawConn;
-use crate::relay_proc::{ProcWatch, RelayProcess};
+use crate::relay_proc::{register_batch, ProcWatch, RelayProcess};
 
 #[derive(clap::Args, Debug)]
 pub struct FloodArgs {
@@ -91,22 +91,7 @@ pub async fn run(args: FloodArgs) -> Result<()> {
         &relay_bin,
         &tmp.path().join("relay"),
         &serde_json::json!({}),
-        |dir| {
-            let out = std::process::Command::new(&relay_bin)
-                .args(["register", "--dir"])
-                .arg(dir)
-                .arg("--batch")
-                .arg(&batch_file)
-                .output()
-                .context("running agent-link-relay register --batch")?;
-            if !out.status.success() {
-                bail!(
-                    "register --batch failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(())
-        },
+        |dir| register_batch(&relay_bin, dir, &batch_file),
     )?;
     let token = JoinToken::parse(&relay.token)?;
     let watch = relay.watch();

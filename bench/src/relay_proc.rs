@@ -35,6 +35,25 @@ pub fn sibling_binary(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(PathBuf::from(name))
 }
 
+/// `relay_bin register --dir dir --batch file`: every instance of the file
+/// in one registry write (offline, before the relay starts serving).
+pub fn register_batch(relay_bin: &Path, dir: &Path, batch_file: &Path) -> Result<()> {
+    let out = std::process::Command::new(relay_bin)
+        .args(["register", "--dir"])
+        .arg(dir)
+        .arg("--batch")
+        .arg(batch_file)
+        .output()
+        .context("running agent-link-relay register --batch")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "register --batch failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 impl RelayProcess {
     /// Initialise `dir` (the bench's instances register online with the
     /// join token, as `agent-link init` does), then start serving on

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::relay_proc::{ProcWatch, RelayProcess};
+use crate::relay_proc::{register_batch, ProcWatch, RelayProcess};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct ScaleArgs {
@@ -260,19 +260,7 @@ pub(crate) async fn run(args: ScaleArgs) -> Result<()> {
     let mut reg_secs = 0.0;
     let relay = RelayProcess::start_with(&relay_bin, &relay_dir, &config, |dir| {
         let t = Instant::now();
-        let out = std::process::Command::new(&relay_bin)
-            .args(["register", "--dir"])
-            .arg(dir)
-            .arg("--batch")
-            .arg(&batch_file)
-            .output()
-            .context("running agent-link-relay register --batch")?;
-        if !out.status.success() {
-            bail!(
-                "register --batch failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        register_batch(&relay_bin, dir, &batch_file)?;
         reg_secs = t.elapsed().as_secs_f64();
         Ok(())
     })?;

@@ -60,11 +60,7 @@ impl RawClient {
         Self::connect_with(
             relay.addr,
             relay.token.fingerprint,
-            relay
-                .token
-                .fleet_secret()
-                .expect("an open fleet token")
-                .key(),
+            relay.fleet_key(),
             identity,
             instance,
         )

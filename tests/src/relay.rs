@@ -113,6 +113,15 @@ impl TestRelay {
         panic!("could not rebind {addr}");
     }
 
+    /// The key of the open fleet token (`token`), which most tests register
+    /// and seal with.
+    pub fn fleet_key(&self) -> agent_link_crypto::FleetKey {
+        self.token
+            .fleet_secret()
+            .expect("a test relay's token is the open fleet token")
+            .key()
+    }
+
     /// The relay handle.
     pub fn relay(&self) -> &Relay {
         self.relay.as_ref().expect("relay running")

@@ -226,14 +226,19 @@ fn listener(dir: &Path, agent: &str, count: u32) -> (Child, mpsc::Receiver<Strin
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let rx = lines_of(child.stdout.take().unwrap());
+    (child, rx)
+}
+
+/// The lines of a child's output, as they come, from a thread of their own.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    (child, rx)
+    rx
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
@@ -730,17 +735,8 @@ fn ready_listener(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines_of = |r: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(r).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        rx
-    };
-    let out = lines_of(Box::new(child.stdout.take().unwrap()));
-    let err = lines_of(Box::new(child.stderr.take().unwrap()));
+    let out = lines_of(child.stdout.take().unwrap());
+    let err = lines_of(child.stderr.take().unwrap());
     let ready = err.recv_timeout(WAIT).expect("listen prints a ready line");
     assert!(
         ready.starts_with("listening as ") && ready.ends_with(&format!("/{agent}")),
@@ -1068,17 +1064,8 @@ fn a_strict_receiver_refuses_an_unpinned_sender_until_trusted() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines_of = |r: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(r).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        rx
-    };
-    let out_lines = lines_of(Box::new(listen.stdout.take().unwrap()));
-    let err_lines = lines_of(Box::new(listen.stderr.take().unwrap()));
+    let out_lines = lines_of(listen.stdout.take().unwrap());
+    let err_lines = lines_of(listen.stderr.take().unwrap());
     let ready = err_lines.recv_timeout(WAIT).unwrap();
     assert!(ready.starts_with("listening as inst-1/bob"), "{ready}");
     let out = send(&two, "alice", "inst-1/bob", "first");

@@ -32,19 +32,9 @@ async fn discovered_mtu(relay: &TestRelay, until_above: u16) -> u16 {
     let mut cfg = client_config(&a, relay.token.fingerprint);
     cfg.transport_config(Arc::new(client_transport_config()));
     endpoint.set_default_client_config(cfg);
-    let sender = RawClient::connect_on(
-        endpoint,
-        relay.addr,
-        relay
-            .token
-            .fleet_secret()
-            .expect("an open fleet token")
-            .key(),
-        a,
-        "inst-a",
-    )
-    .await
-    .expect("handshake");
+    let sender = RawClient::connect_on(endpoint, relay.addr, relay.fleet_key(), a, "inst-a")
+        .await
+        .expect("handshake");
     let conn = sender.conn.clone();
     let receiver = RawClient::connect(relay, b, "inst-b").await.unwrap();
     let mut tx = sender.attach("tx", false).await;

@@ -114,11 +114,7 @@ async fn a_peer_that_falls_silent_is_dropped_at_the_idle_timeout() {
     let client = RawClient::connect_with(
         proxy.addr(),
         relay.token.fingerprint,
-        relay
-            .token
-            .fleet_secret()
-            .expect("an open fleet token")
-            .key(),
+        relay.fleet_key(),
         id,
         "quiet",
     )
@@ -165,11 +161,7 @@ async fn a_handshake_that_never_completes_is_dropped_at_the_handshake_timeout() 
     let attempt = tokio::spawn(RawClient::connect_with(
         proxy.addr(),
         relay.token.fingerprint,
-        relay
-            .token
-            .fleet_secret()
-            .expect("an open fleet token")
-            .key(),
+        relay.fleet_key(),
         id,
         "stuck",
     ));

@@ -219,11 +219,7 @@ async fn spoofed_sender_bad_tag_and_stale_timestamps_are_refused_and_not_deliver
         .await;
     expect_failed(&a1.read().await.unwrap(), id, ErrorCode::BadTag);
     let a = RawClient {
-        fleet: relay
-            .token
-            .fleet_secret()
-            .expect("an open fleet token")
-            .key(),
+        fleet: relay.fleet_key(),
         ..wrong
     };
 

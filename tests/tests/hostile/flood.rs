@@ -63,15 +63,7 @@ async fn every_member_connects_through_a_flood_of_forged_initials() {
     // the test.
     let mut set = tokio::task::JoinSet::new();
     for (id, identity) in members {
-        let (addr, fp, fleet) = (
-            relay.addr,
-            relay.token.fingerprint,
-            relay
-                .token
-                .fleet_secret()
-                .expect("an open fleet token")
-                .key(),
-        );
+        let (addr, fp, fleet) = (relay.addr, relay.token.fingerprint, relay.fleet_key());
         set.spawn(async move {
             let c = RawClient::connect_with(addr, fp, fleet, identity, &id)
                 .await

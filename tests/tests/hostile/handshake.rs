@@ -51,18 +51,8 @@ async fn a_relay_with_another_certificate_is_refused_by_the_peer() {
     relay.register("pinned-wrong", &id);
     let mut wrong_fp = relay.token.fingerprint;
     wrong_fp[0] ^= 1;
-    let r = RawClient::connect_with(
-        relay.addr,
-        wrong_fp,
-        relay
-            .token
-            .fleet_secret()
-            .expect("an open fleet token")
-            .key(),
-        id,
-        "pinned-wrong",
-    )
-    .await;
+    let r =
+        RawClient::connect_with(relay.addr, wrong_fp, relay.fleet_key(), id, "pinned-wrong").await;
     assert!(
         r.is_err(),
         "connected to a relay whose certificate is not the pinned one"
