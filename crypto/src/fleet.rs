@@ -152,6 +152,15 @@ impl FleetKeys {
         }
     }
 
+    /// The keys of `current`, and of `previous` until its deadline (as
+    /// `fleet.secret` and `fleet.previous` hold them).
+    pub fn from_secrets(current: &FleetSecret, previous: Option<&(FleetSecret, u64)>) -> Self {
+        match previous {
+            Some((old, until)) => Self::with_previous(current.key(), old.key(), *until),
+            None => Self::new(current.key()),
+        }
+    }
+
     /// The key to tag with.
     pub fn current(&self) -> &FleetKey {
         &self.current

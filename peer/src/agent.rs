@@ -204,8 +204,10 @@ impl AgentSender {
         };
         // Sealing fails only for a payload bincode cannot frame (over the
         // hard frame limit), which is a message too large.
-        let frame = body
-            .seal(&self.keys.identity, &self.keys.fleet.current_key())
+        let frame = self
+            .keys
+            .fleet
+            .with_current(|fleet| body.seal(&self.keys.identity, fleet))
             .and_then(|env| codec::frame(&PeerToRelay::Send { envelope: &env }))
             .map_err(|_| SendError::TooLarge {
                 len: payload.len(),

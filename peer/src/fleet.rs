@@ -47,10 +47,7 @@ impl FleetRing {
     pub(crate) fn load(dir: &Path) -> Result<Self, LinkError> {
         let current = FleetSecret::read(&dir.join(SECRET_FILE))?;
         let previous = agent_link_crypto::read_previous(&dir.join(PREVIOUS_FILE))?;
-        let keys = match &previous {
-            Some((old, until)) => FleetKeys::with_previous(current.key(), old.key(), *until),
-            None => FleetKeys::new(current.key()),
-        };
+        let keys = FleetKeys::from_secrets(&current, previous.as_ref());
         Ok(Self {
             ring: RwLock::new(Ring {
                 keys,
@@ -62,9 +59,10 @@ impl FleetRing {
         })
     }
 
-    /// The key to seal with.
-    pub(crate) fn current_key(&self) -> FleetKey {
-        self.read().keys.current().clone()
+    /// Run `f` with the key to seal with (under the read lock: no copy of
+    /// the keyed HMAC state per message).
+    pub(crate) fn with_current<R>(&self, f: impl FnOnce(&FleetKey) -> R) -> R {
+        f(self.read().keys.current())
     }
 
     /// The keys deliveries are checked under.

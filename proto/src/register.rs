@@ -7,6 +7,12 @@
 
 use agent_link_crypto::{CryptoError, Domain, FleetKey, PublicKey, Tag};
 
+/// What every registration proof binds, in order: the session, the key,
+/// the id.
+fn bound<'a>(exporter: &'a [u8; 32], key: &'a PublicKey, instance_id: &'a str) -> [&'a [u8]; 3] {
+    [exporter, key.as_bytes(), instance_id.as_bytes()]
+}
+
 /// The proof that `key` may register as `instance_id` on the TLS session
 /// whose exporter output is `exporter`.
 pub fn register_proof(
@@ -15,10 +21,7 @@ pub fn register_proof(
     key: &PublicKey,
     instance_id: &str,
 ) -> Tag {
-    fleet.tag(
-        Domain::RegisterProof,
-        &[exporter, key.as_bytes(), instance_id.as_bytes()],
-    )
+    fleet.tag(Domain::RegisterProof, &bound(exporter, key, instance_id))
 }
 
 /// Check a registration proof (constant time).
@@ -31,7 +34,7 @@ pub fn check_register_proof(
 ) -> Result<(), CryptoError> {
     fleet.check(
         Domain::RegisterProof,
-        &[exporter, key.as_bytes(), instance_id.as_bytes()],
+        &bound(exporter, key, instance_id),
         proof,
     )
 }
@@ -46,10 +49,7 @@ pub fn invite_proof(
     key: &PublicKey,
     instance_id: &str,
 ) -> Tag {
-    invite.tag(
-        Domain::InviteProof,
-        &[exporter, key.as_bytes(), instance_id.as_bytes()],
-    )
+    invite.tag(Domain::InviteProof, &bound(exporter, key, instance_id))
 }
 
 /// Check an invite proof (constant time).
@@ -62,7 +62,7 @@ pub fn check_invite_proof(
 ) -> Result<(), CryptoError> {
     invite.check(
         Domain::InviteProof,
-        &[exporter, key.as_bytes(), instance_id.as_bytes()],
+        &bound(exporter, key, instance_id),
         proof,
     )
 }

@@ -19,9 +19,9 @@ use crate::router::Router;
 
 /// Modification time, size and inode of a file: every registry write
 /// replaces the file (rename), so any change alters at least the inode.
-type FileStamp = (SystemTime, u64, u64);
+pub(crate) type FileStamp = (SystemTime, u64, u64);
 
-fn file_stamp(p: &std::path::Path) -> Option<FileStamp> {
+pub(crate) fn file_stamp(p: &std::path::Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))

@@ -81,6 +81,18 @@ pub(crate) async fn serve_control(
     }
 }
 
+/// Whether `proof` is the invite proof under the invite secret `secret`.
+fn invite_proof_ok(
+    secret: &[u8; 32],
+    exporter: &[u8; 32],
+    key: &PublicKey,
+    instance_id: &str,
+    proof: &[u8; 32],
+) -> bool {
+    let invite = agent_link_crypto::FleetSecret::from_bytes(*secret).key();
+    agent_link_proto::check_invite_proof(&invite, exporter, key, instance_id, proof).is_ok()
+}
+
 /// A registration recorded: the id, and the frames that answer it.
 pub(crate) struct Registered {
     pub(crate) instance_id: String,
@@ -118,15 +130,7 @@ pub(crate) async fn register(
                     || registry
                         .invite_secret(reg.instance_id, now)
                         .is_some_and(|s| {
-                            let invite = agent_link_crypto::FleetSecret::from_bytes(*s).key();
-                            agent_link_proto::check_invite_proof(
-                                &invite,
-                                &exporter,
-                                key,
-                                reg.instance_id,
-                                &reg.proof,
-                            )
-                            .is_ok()
+                            invite_proof_ok(&s, &exporter, key, reg.instance_id, &reg.proof)
                         })
             }
         };
@@ -152,9 +156,7 @@ pub(crate) async fn register(
             let (k, id, proof) = (*key, reg.instance_id.to_string(), reg.proof);
             hub.registry()
                 .redeem_invite_online(hub.router(), key, reg.instance_id, reg.name, move |s| {
-                    let invite = agent_link_crypto::FleetSecret::from_bytes(*s).key();
-                    agent_link_proto::check_invite_proof(&invite, &exporter, &k, &id, &proof)
-                        .is_ok()
+                    invite_proof_ok(s, &exporter, &k, &id, &proof)
                 })
                 .await?
         }

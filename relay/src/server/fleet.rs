@@ -8,12 +8,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::hub::Hub;
+use crate::registry::live::file_stamp;
 use crate::state::{read_fleet, SECRET_FILE};
 
 /// Send `frame` (a `FleetSecret`) on a new unidirectional stream of `conn`,
@@ -30,25 +31,19 @@ pub(crate) fn push(conn: &quinn::Connection, frame: Bytes) {
     });
 }
 
-fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
 /// Poll `fleet.secret` every 500 ms (every write replaces the file, so its
 /// inode changes); on a change, load it and `fleet.previous`, put them in
 /// force and push the new secret to every registered connection.
 pub(crate) async fn watch(hub: Arc<Hub>, dir: PathBuf) {
     let path = dir.join(SECRET_FILE);
-    let mut last = stamp(&path);
+    let mut last = file_stamp(&path);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = hub.shutdown().cancelled() => return,
         }
-        let now = stamp(&path);
+        let now = file_stamp(&path);
         if now == last {
             continue;
         }

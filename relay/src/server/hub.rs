@@ -192,10 +192,7 @@ impl FleetState {
         fleet: &FleetSecret,
         previous: Option<&(FleetSecret, u64)>,
     ) -> Self {
-        let keys = match previous {
-            Some((old, until)) => FleetKeys::with_previous(fleet.key(), old.key(), *until),
-            None => FleetKeys::new(fleet.key()),
-        };
+        let keys = FleetKeys::from_secrets(fleet, previous);
         Self {
             frame: super::writer::frame(&RelayToPeer::FleetSecret {
                 secret: *fleet.expose(),
