@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::core::Sealed;
+use crate::core::{Sealed, Take};
 use crate::error::{CloseReason, SendError};
 use crate::message::{Message, MessageId, Receipt};
 
@@ -20,7 +20,7 @@ use crate::message::{Message, MessageId, Receipt};
 pub(crate) struct AgentHandles {
     pub(crate) sends: mpsc::Sender<Sealed>,
     pub(crate) inbox: Option<mpsc::Receiver<Message>>,
-    pub(crate) taken: mpsc::UnboundedSender<MessageId>,
+    pub(crate) taken: mpsc::UnboundedSender<(MessageId, Take)>,
     pub(crate) max_size: Arc<AtomicUsize>,
     pub(crate) stop: Arc<OnceLock<ErrorCode>>,
     pub(crate) task: tokio::task::JoinHandle<()>,
@@ -67,7 +67,7 @@ pub struct Agent {
     address: String,
     tx: AgentSender,
     inbox: Option<mpsc::Receiver<Message>>,
-    taken: mpsc::UnboundedSender<MessageId>,
+    taken: mpsc::UnboundedSender<(MessageId, Take)>,
     task: tokio::task::JoinHandle<()>,
     /// Closing (or dropping) the agent ends it, whatever senders remain.
     _closer: tokio_util::sync::DropGuard,
@@ -248,7 +248,34 @@ impl Agent {
     /// Tell the driver the application has message `id`: it answers with the
     /// receipt (if the driver is gone, so is the stream it would go on).
     fn took(&self, id: MessageId) {
-        let _ = self.taken.send(id);
+        let _ = self.taken.send((id, Take::Now));
+    }
+
+    /// The daemon's way in: up to `limit` verified messages (waiting for at
+    /// least one) *without* their receipts. Each must then be answered with
+    /// [`Agent::confirm`] (once it is stored) or [`Agent::refuse`]; an
+    /// unanswered one is refused (`TargetOffline`) when the agent closes.
+    /// Returns 0 when the agent stopped.
+    #[cfg(feature = "daemon")]
+    pub(crate) async fn recv_unconfirmed(&mut self, into: &mut Vec<Message>, limit: usize) -> usize {
+        match self.inbox.as_mut() {
+            Some(inbox) => inbox.recv_many(into, limit).await,
+            None => 0,
+        }
+    }
+
+    /// Message `id` is durably stored as of `delivered_at_ms`: its receipt
+    /// (and that of every copy of it) goes back with that time.
+    #[cfg(feature = "daemon")]
+    pub(crate) fn confirm(&self, id: MessageId, delivered_at_ms: u64) {
+        let _ = self.taken.send((id, Take::At(delivered_at_ms)));
+    }
+
+    /// Message `id` was not stored: its sender gets `code`, and a retry of
+    /// it is checked as new.
+    #[cfg(feature = "daemon")]
+    pub(crate) fn refuse(&self, id: MessageId, code: ErrorCode) {
+        let _ = self.taken.send((id, Take::Refuse(code)));
     }
 
     /// Why the agent stopped for good, when the relay said so: `Replaced`

@@ -72,7 +72,7 @@ pub(crate) struct AgentTask {
     pub(crate) conn: watch::Receiver<ConnState>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) sends: mpsc::Receiver<Sealed>,
-    pub(crate) taken: mpsc::UnboundedReceiver<MessageId>,
+    pub(crate) taken: mpsc::UnboundedReceiver<(MessageId, crate::core::Take)>,
     pub(crate) inbox: Option<mpsc::Sender<Message>>,
     pub(crate) ready: Option<oneshot::Sender<Result<(), LinkError>>>,
     pub(crate) stop: Arc<OnceLock<ErrorCode>>,
@@ -118,7 +118,7 @@ impl AgentTask {
                             Some(s) => self.core.send(s),
                             None => return self.end(),
                         },
-                        Some(id) = self.taken.recv() => self.core.taken(now(), id),
+                        Some((id, how)) = self.taken.recv() => self.core.resolve(now(), id, how),
                         _ = tick.tick(), if self.core.waiting() > 0 => self.core.poll(now()),
                         _ = self.closed.cancelled() => return self.end(),
                     }
@@ -228,11 +228,11 @@ impl AgentTask {
                         self.core.send(s);
                     }
                 }
-                Some(id) = self.taken.recv() => {
+                Some((id, how)) = self.taken.recv() => {
                     let now = now();
-                    self.core.taken(now, id);
-                    while let Ok(id) = self.taken.try_recv() {
-                        self.core.taken(now, id);
+                    self.core.resolve(now, id, how);
+                    while let Ok((id, how)) = self.taken.try_recv() {
+                        self.core.resolve(now, id, how);
                     }
                 }
                 r = reader.next_batch(&mut frames, BATCH) => {
@@ -285,8 +285,8 @@ impl AgentTask {
         reader: &mut FrameReader,
     ) -> SessionEnd {
         let at = now();
-        while let Ok(id) = self.taken.try_recv() {
-            self.core.taken(at, id);
+        while let Ok((id, how)) = self.taken.try_recv() {
+            self.core.resolve(at, id, how);
         }
         let wait = self.core.detach();
         let mut out = Vec::new();

@@ -63,11 +63,14 @@ pub enum ErrorCode {
     /// 25: no usable invite: none for this id, already used, expired, or
     /// the proof does not match the invite's secret.
     InviteInvalid,
+    /// 26: the target agent's inbox at its daemon is full (count or bytes),
+    /// or its disk is; nothing stored was touched. Try later.
+    InboxFull,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::Malformed,
         Self::TooLarge,
         Self::NotRegistered,
@@ -94,6 +97,7 @@ impl ErrorCode {
         Self::TooManyConnections,
         Self::RegistrationClosed,
         Self::InviteInvalid,
+        Self::InboxFull,
     ];
 
     /// The numeric value (also the QUIC application close code).
@@ -138,6 +142,9 @@ impl ErrorCode {
             }
             Self::InviteInvalid => {
                 "the invite is unknown, used, expired or for another id: ask the relay's operator for a new one"
+            }
+            Self::InboxFull => {
+                "the target agent's inbox is full (it has not read its messages); try later"
             }
         }
     }

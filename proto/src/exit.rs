@@ -55,6 +55,7 @@ mod tests {
         assert_eq!(Exit::from(ErrorCode::InviteInvalid).code(), 4);
         assert_eq!(Exit::from(ErrorCode::TooLarge).code(), 2);
         assert_eq!(Exit::from(ErrorCode::Busy).code(), 1);
+        assert_eq!(Exit::from(ErrorCode::InboxFull).code(), 1);
         for c in ErrorCode::ALL {
             assert!((1..=4).contains(&Exit::from(c).code()), "{c:?}");
         }

@@ -72,8 +72,11 @@ impl ReplayWindow {
         while let Some(&(sent, id)) = ids.order.front() {
             if now_ms.saturating_sub(sent) > window_ms.saturating_mul(2) {
                 ids.order.pop_front();
-                ids.by_id.remove(&id);
-                gone += 1;
+                // An id forgotten (and perhaps recorded again) leaves an
+                // older entry behind: count only what is really removed.
+                if ids.by_id.remove(&id).is_some() {
+                    gone += 1;
+                }
             } else {
                 break;
             }
@@ -138,6 +141,17 @@ impl ReplayWindow {
         }
     }
 
+    /// Forget `id` again: it was refused after it was recorded (a full
+    /// inbox, say), so a retry of it must be treated as new, not answered
+    /// with a receipt for a message that is nowhere.
+    pub fn forget(&mut self, sender: &str, id: &MessageId) {
+        if let Some(ids) = self.senders.get_mut(sender) {
+            if ids.by_id.remove(id).is_some() {
+                self.total -= 1;
+            }
+        }
+    }
+
     /// Ids remembered in all.
     pub fn len(&self) -> usize {
         self.total
@@ -169,6 +183,26 @@ mod tests {
             ReplayVerdict::New,
             "per sender"
         );
+    }
+
+    #[test]
+    fn a_forgotten_id_is_new_again_and_counts_stay_right() {
+        let mut w = ReplayWindow::new(1000, 10);
+        w.record("s", [1; 16], 0, 5);
+        w.forget("s", &[1; 16]);
+        w.forget("s", &[1; 16]);
+        w.forget("nobody", &[1; 16]);
+        assert!(w.is_empty());
+        assert_eq!(w.check("s", &[1; 16], 10), ReplayVerdict::New);
+        w.record("s", [1; 16], 10, 20);
+        assert_eq!(w.len(), 1);
+        assert_eq!(
+            w.check("s", &[1; 16], 30),
+            ReplayVerdict::Duplicate { delivered_at_ms: 20 }
+        );
+        // Both order entries age out; the total never goes below zero.
+        assert_eq!(w.check("s", &[2; 16], 5000), ReplayVerdict::New);
+        assert!(w.is_empty());
     }
 
     #[test]

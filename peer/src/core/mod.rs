@@ -56,6 +56,19 @@ pub(crate) struct Sealed {
     pub(crate) reply: Reply,
 }
 
+/// What the application did with a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Took it now: the receipt carries the current time.
+    Now,
+    /// Took it at this time (Unix ms): the daemon stored it then, perhaps
+    /// before a restart, and every copy's receipt says so.
+    At(u64),
+    /// Refused it (the daemon's inbox is full): every copy is refused
+    /// with this code and the id is forgotten, so a later retry is new.
+    Refuse(ErrorCode),
+}
+
 /// How a session (one attach on one stream) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SessionEnd {
@@ -421,13 +434,31 @@ impl AgentCore {
 
     /// The application took message `id` (its `recv` returned it): now, and
     /// only now, the receipt goes back, for every copy that came.
+    #[cfg(test)]
     pub(crate) fn taken(&mut self, now: Now, id: MessageId) {
+        self.resolve(now, id, Take::Now);
+    }
+
+    /// The application's answer for message `id` (see [`Take`]): the
+    /// receipt, or the refusal, for every copy that came.
+    pub(crate) fn resolve(&mut self, now: Now, id: MessageId, how: Take) {
         let Some(p) = self.pending.remove(&id.0) else {
             return;
         };
-        self.receiver.taken(&p.from, id, p.sent_at_ms, now.unix_ms);
+        let at = match how {
+            Take::Now => now.unix_ms,
+            Take::At(ms) => ms,
+            Take::Refuse(code) => {
+                self.receiver.refused(&p.from, id);
+                for token in std::iter::once(p.token).chain(p.more) {
+                    self.nack(token, id.0, code);
+                }
+                return;
+            }
+        };
+        self.receiver.taken(&p.from, id, p.sent_at_ms, at);
         for token in std::iter::once(p.token).chain(p.more) {
-            self.ack(token, id.0, now.unix_ms);
+            self.ack(token, id.0, at);
         }
     }
 

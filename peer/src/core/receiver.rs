@@ -142,6 +142,14 @@ impl Receiver {
         self.replay.record(sender, id.0, sent_at_ms, now_ms);
     }
 
+    /// A delivery that passed the checks was refused after all (the
+    /// daemon's inbox is full): forget its id, so that a retry is checked
+    /// as new instead of being answered with a receipt.
+    pub(crate) fn refused(&mut self, msg_from: &str, id: Id) {
+        let sender = msg_from.split_once('/').map_or(msg_from, |(i, _)| i);
+        self.replay.forget(sender, &id.0);
+    }
+
     /// The file work for these first contacts (one entry per sender key),
     /// to run on a blocking thread: pin them, or, strict, only re-read the
     /// pins (`agent-link trust` may have added one since).

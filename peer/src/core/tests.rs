@@ -205,8 +205,18 @@ impl Pair {
 
     /// Alice seals and sends, as `Agent::send` does.
     fn send(&mut self, payload: &[u8], timeout: Duration) -> ([u8; 16], Outcome) {
+        self.send_with_id(rand::random(), payload, timeout)
+    }
+
+    /// Alice sends a message with this id (a fresh seal of it, as a second
+    /// process of hers retrying would).
+    fn send_with_id(
+        &mut self,
+        id: [u8; 16],
+        payload: &[u8],
+        timeout: Duration,
+    ) -> ([u8; 16], Outcome) {
         let now = self.clock.now();
-        let id: [u8; 16] = rand::random();
         let env = EnvelopeBody {
             version: VERSION,
             id,
@@ -439,6 +449,47 @@ fn a_retry_of_a_message_not_yet_taken_is_answered_when_it_is_taken() {
     p.drive();
     assert_eq!(m.id.0, id);
     assert!(matches!(outcome(&mut rx), Some(Ok(r)) if r.id.0 == id));
+}
+
+#[test]
+fn a_daemon_confirms_with_the_time_it_stored_and_every_copy_says_so() {
+    let mut p = Pair::new();
+    let (id, mut rx) = p.send(b"stored", Duration::from_secs(30));
+    p.drive();
+    let m = p.bob.inbox.remove(0);
+    p.clock.advance(Duration::from_millis(40));
+    // Stored (perhaps before a restart) at a time of the daemon's choosing.
+    p.bob
+        .core
+        .resolve(p.clock.now(), m.id, Take::At(T0_MS + 3));
+    p.flush(Side::Bob);
+    p.drive();
+    let r = outcome(&mut rx).expect("an outcome").expect("delivered");
+    assert_eq!((r.id.0, r.delivered_at_ms), (id, T0_MS + 3));
+}
+
+#[test]
+fn a_refused_delivery_is_refused_by_name_and_its_retry_is_new_not_a_receipt() {
+    let mut p = Pair::new();
+    let (id, mut rx) = p.send(b"full", Duration::from_secs(30));
+    p.drive();
+    let m = p.bob.inbox.remove(0);
+    p.bob
+        .core
+        .resolve(p.clock.now(), m.id, Take::Refuse(ErrorCode::InboxFull));
+    p.flush(Side::Bob);
+    p.drive();
+    assert!(matches!(
+        outcome(&mut rx),
+        Some(Err(SendError::Refused(ErrorCode::InboxFull)))
+    ));
+    // The same id again (as a sender's retry would be): handed over anew,
+    // not answered with a receipt for a message that was never stored.
+    let (id2, mut rx2) = p.send_with_id(id, b"full", Duration::from_secs(30));
+    assert_eq!(id2, id);
+    p.drive();
+    assert_eq!(p.bob.inbox.len(), 1, "checked as new");
+    assert!(outcome(&mut rx2).is_none(), "no receipt before it is taken");
 }
 
 #[test]
