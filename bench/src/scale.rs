@@ -163,15 +163,7 @@ fn write_peer_dir(dir: &Path, id: &str, identity: &Identity, token: &JoinToken) 
         .fleet_secret()
         .expect("an open fleet token")
         .write_new(&dir.join(SECRET_FILE))?;
-    let cfg = PeerConfig {
-        relay_url: token.addr.clone(),
-        relay_fingerprint: hex_encode(&token.fingerprint),
-        instance_id: id.to_string(),
-        name: id.to_string(),
-        auto_reconnect: true,
-        send_timeout_secs: 30,
-        strict_pins: false,
-    };
+    let cfg = PeerConfig::new(&token.addr, &hex_encode(&token.fingerprint), id, id);
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg)?)?;
     Ok(())
 }

@@ -22,6 +22,8 @@ pub(crate) struct AgentHandles {
     pub(crate) inbox: Option<mpsc::Receiver<Message>>,
     pub(crate) taken: mpsc::UnboundedSender<(MessageId, Take)>,
     pub(crate) max_size: Arc<AtomicUsize>,
+    /// The timestamp window the relay announced (clamped); 0 before.
+    pub(crate) window: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) stop: Arc<OnceLock<ErrorCode>>,
     pub(crate) task: tokio::task::JoinHandle<()>,
     /// Cancelled when the agent is closed or dropped.
@@ -68,6 +70,8 @@ pub struct Agent {
     tx: AgentSender,
     inbox: Option<mpsc::Receiver<Message>>,
     taken: mpsc::UnboundedSender<(MessageId, Take)>,
+    #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
+    window: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
     /// Closing (or dropping) the agent ends it, whatever senders remain.
     _closer: tokio_util::sync::DropGuard,
@@ -114,6 +118,7 @@ impl Agent {
             },
             inbox: h.inbox,
             taken: h.taken,
+            window: h.window,
             task: h.task,
             _closer: h.closed.drop_guard(),
         }
@@ -257,11 +262,22 @@ impl Agent {
     /// unanswered one is refused (`TargetOffline`) when the agent closes.
     /// Returns 0 when the agent stopped.
     #[cfg(feature = "daemon")]
-    pub(crate) async fn recv_unconfirmed(&mut self, into: &mut Vec<Message>, limit: usize) -> usize {
+    pub(crate) async fn recv_unconfirmed(
+        &mut self,
+        into: &mut Vec<Message>,
+        limit: usize,
+    ) -> usize {
         match self.inbox.as_mut() {
             Some(inbox) => inbox.recv_many(into, limit).await,
             None => 0,
         }
+    }
+
+    /// The timestamp window (ms) deliveries are checked with, once
+    /// attached: how long a stored id must be remembered.
+    #[cfg(feature = "daemon")]
+    pub(crate) fn window_ms(&self) -> u64 {
+        self.window.load(Ordering::Relaxed)
     }
 
     /// Message `id` is durably stored as of `delivered_at_ms`: its receipt

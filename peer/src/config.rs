@@ -23,6 +23,15 @@ fn default_true() -> bool {
 fn default_timeout() -> u64 {
     30
 }
+fn default_inbox_max_messages() -> usize {
+    10_000
+}
+fn default_inbox_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_inbox_ttl_secs() -> u64 {
+    7 * 24 * 3600
+}
 
 /// `agent-link-config.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,9 +58,42 @@ pub struct PeerConfig {
     /// relay's one chance to pick a sender's key (SECURITY.md).
     #[serde(default)]
     pub strict_pins: bool,
+    /// The daemon: waiting messages per agent inbox at most; over it a
+    /// sender gets `InboxFull`.
+    #[serde(default = "default_inbox_max_messages")]
+    pub inbox_max_messages: usize,
+    /// The daemon: waiting payload bytes per agent inbox at most.
+    #[serde(default = "default_inbox_max_bytes")]
+    pub inbox_max_bytes: u64,
+    /// The daemon: a message nobody read in this many seconds is removed
+    /// (counted in `status`).
+    #[serde(default = "default_inbox_ttl_secs")]
+    pub inbox_ttl_secs: u64,
+    /// The daemon's local API: uids besides the daemon's own and root that
+    /// may use its socket (checked by the socket's peer credentials).
+    #[serde(default)]
+    pub local_api_uids: Vec<u32>,
 }
 
 impl PeerConfig {
+    /// A config for `instance_id` at the relay `relay_url` (its certificate
+    /// fingerprint in hex), every other field at its default.
+    pub fn new(relay_url: &str, relay_fingerprint: &str, instance_id: &str, name: &str) -> Self {
+        Self {
+            relay_url: relay_url.to_string(),
+            relay_fingerprint: relay_fingerprint.to_string(),
+            instance_id: instance_id.to_string(),
+            name: name.to_string(),
+            auto_reconnect: true,
+            send_timeout_secs: default_timeout(),
+            strict_pins: false,
+            inbox_max_messages: default_inbox_max_messages(),
+            inbox_max_bytes: default_inbox_max_bytes(),
+            inbox_ttl_secs: default_inbox_ttl_secs(),
+            local_api_uids: Vec::new(),
+        }
+    }
+
     /// Read and validate `DIR/agent-link-config.json`.
     pub fn load(dir: &Path) -> Result<Self, LinkError> {
         let path = dir.join(CONFIG_FILE);
@@ -96,6 +138,18 @@ impl PeerConfig {
                 "field `send_timeout_secs` must be between 1 and 3600".into(),
             ));
         }
+        if self.inbox_max_messages == 0 {
+            return Err((
+                "inbox_max_messages",
+                "field `inbox_max_messages` must be at least 1".into(),
+            ));
+        }
+        if self.inbox_ttl_secs == 0 {
+            return Err((
+                "inbox_ttl_secs",
+                "field `inbox_ttl_secs` must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -130,6 +184,10 @@ mod tests {
             auto_reconnect: true,
             send_timeout_secs: 30,
             strict_pins: false,
+            inbox_max_messages: 10,
+            inbox_max_bytes: 1000,
+            inbox_ttl_secs: 60,
+            local_api_uids: vec![],
         }
     }
 

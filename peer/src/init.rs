@@ -87,15 +87,12 @@ pub async fn init(
     agent_link_crypto::files::check_private_dir(dir)?;
     identity.write_new(&dir.join(KEY_FILE))?;
     fleet.write_new(&dir.join(SECRET_FILE))?;
-    let config = PeerConfig {
-        relay_url: join.addr.clone(),
-        relay_fingerprint: hex::encode(join.fingerprint),
-        instance_id: instance_id.to_string(),
-        name: name.unwrap_or(instance_id).to_string(),
-        auto_reconnect: true,
-        send_timeout_secs: 30,
-        strict_pins: false,
-    };
+    let config = PeerConfig::new(
+        &join.addr,
+        &hex::encode(join.fingerprint),
+        instance_id,
+        name.unwrap_or(instance_id),
+    );
     let json = serde_json::to_vec_pretty(&config).expect("a PeerConfig always serialises");
     agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;
     Ok(identity.public_key())

@@ -35,6 +35,8 @@
 mod agent;
 pub mod config;
 mod core;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 mod error;
 mod fleet;
 mod init;

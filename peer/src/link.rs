@@ -228,6 +228,7 @@ impl AgentLink {
         let (taken_tx, taken_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let max_size = Arc::new(AtomicUsize::new(usize::MAX));
+        let window = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(OnceLock::new());
         let closed = st.stop_agents.child_token();
         let instance = &st.config.instance_id;
@@ -257,6 +258,7 @@ impl AgentLink {
             stop: stop.clone(),
             closed: closed.clone(),
             fleet: st.keys.fleet.clone(),
+            window: window.clone(),
             _link: self.state.clone(),
         };
         let handle = st.agents.spawn(task.run());
@@ -282,6 +284,7 @@ impl AgentLink {
                 inbox: receive.then_some(msg_rx),
                 taken: taken_tx,
                 max_size,
+                window,
                 stop,
                 task: handle,
                 closed,

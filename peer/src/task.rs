@@ -78,6 +78,8 @@ pub(crate) struct AgentTask {
     pub(crate) stop: Arc<OnceLock<ErrorCode>>,
     /// Cancelled when the agent's handle is closed or dropped.
     pub(crate) closed: CancellationToken,
+    /// The timestamp window in force, for the handle (published on attach).
+    pub(crate) window: Arc<std::sync::atomic::AtomicU64>,
     /// The link's fleet secret: a rotation is picked up between batches.
     pub(crate) fleet: Arc<crate::fleet::FleetRing>,
     /// Keeps the link (its supervisor) alive while this agent lives.
@@ -201,6 +203,8 @@ impl AgentTask {
         if let Err(end) = self.core.on_attach_answer(now(), &first) {
             return end;
         }
+        self.window
+            .store(self.core.window_ms(), std::sync::atomic::Ordering::Relaxed);
         if let Some(r) = self.ready.take() {
             let _ = r.send(Ok(()));
         }

@@ -198,7 +198,9 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert_eq!(
             w.check("s", &[1; 16], 30),
-            ReplayVerdict::Duplicate { delivered_at_ms: 20 }
+            ReplayVerdict::Duplicate {
+                delivered_at_ms: 20
+            }
         );
         // Both order entries age out; the total never goes below zero.
         assert_eq!(w.check("s", &[2; 16], 5000), ReplayVerdict::New);

@@ -26,15 +26,12 @@ pub fn write_peer_dir(dir: &Path, instance_id: &str, identity: &Identity, token:
         .expect("an open fleet token")
         .write_new(&dir.join(SECRET_FILE))
         .unwrap();
-    let cfg = PeerConfig {
-        relay_url: token.addr.clone(),
-        relay_fingerprint: hex::encode(token.fingerprint),
-        instance_id: instance_id.to_string(),
-        name: instance_id.to_string(),
-        auto_reconnect: true,
-        send_timeout_secs: 30,
-        strict_pins: false,
-    };
+    let cfg = PeerConfig::new(
+        &token.addr,
+        &hex::encode(token.fingerprint),
+        instance_id,
+        instance_id,
+    );
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg).unwrap()).unwrap();
 }
 

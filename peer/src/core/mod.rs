@@ -133,6 +133,11 @@ pub(crate) struct AgentCore {
 }
 
 impl AgentCore {
+    /// The timestamp window deliveries are checked with.
+    pub(crate) fn window_ms(&self) -> u64 {
+        self.receiver.window_ms()
+    }
+
     /// Which fleet-key change deliveries are checked under.
     pub(crate) fn fleet_generation(&self) -> u64 {
         self.fleet_generation

@@ -89,6 +89,11 @@ impl Receiver {
         }
     }
 
+    /// The timestamp window in force (the relay's, clamped).
+    pub(crate) fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
     /// The fleet keys after a rotation (the relay pushed a new secret).
     pub(crate) fn set_fleet(&mut self, fleet: FleetKeys) {
         self.fleet = fleet;

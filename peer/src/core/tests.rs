@@ -459,9 +459,7 @@ fn a_daemon_confirms_with_the_time_it_stored_and_every_copy_says_so() {
     let m = p.bob.inbox.remove(0);
     p.clock.advance(Duration::from_millis(40));
     // Stored (perhaps before a restart) at a time of the daemon's choosing.
-    p.bob
-        .core
-        .resolve(p.clock.now(), m.id, Take::At(T0_MS + 3));
+    p.bob.core.resolve(p.clock.now(), m.id, Take::At(T0_MS + 3));
     p.flush(Side::Bob);
     p.drive();
     let r = outcome(&mut rx).expect("an outcome").expect("delivered");

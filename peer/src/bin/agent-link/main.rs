@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agent_link::daemon::client::Client;
 use agent_link::{AgentLink, Exit, JoinToken, LinkError, SendError};
 use clap::{Parser, Subcommand};
+
+mod local;
 
 const EXIT_CODES: &str = "Exit codes: 0 success · 1 other failure · 2 bad usage or input · \
 3 target offline or unknown · 4 refused (not registered, revoked, id taken, bad signature or tag) · \
@@ -82,12 +85,17 @@ enum Command {
         /// Sending agent on this instance
         #[arg(long, value_name = "AGENT")]
         from: String,
-        /// Target, INSTANCE/AGENT
+        /// Target, INSTANCE/AGENT, or a bare AGENT: the one online instance
+        /// where an agent of that name receives
         #[arg(long, value_name = "INSTANCE/AGENT")]
         to: String,
         /// Seconds to wait in all, connecting included (default: the config's send_timeout_secs)
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// Also wait (up to SECS after delivery) until the target agent has
+        /// read the message (acked it at its daemon); exit 5 if it has not
+        #[arg(long, value_name = "SECS")]
+        wait_read: Option<u64>,
         /// JSON output
         #[arg(long)]
         json: bool,
@@ -132,6 +140,86 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run this instance's daemon in the foreground: one relay connection,
+    /// durable inboxes for the registered agents, the local API on
+    /// DIR/agent-link.sock. SIGINT/SIGTERM stop it.
+    Daemon {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Register, unregister and list the agents of this instance.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// List the messages waiting for AGENT, oldest first, without removing them.
+    Inbox {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The registered agent
+        #[arg(long, value_name = "AGENT")]
+        agent: String,
+        /// One JSON object per line (the `listen --json` fields plus received_at)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the oldest waiting message(s) for AGENT and remove them once printed.
+    Recv {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The registered agent
+        #[arg(long, value_name = "AGENT")]
+        agent: String,
+        /// Wait up to SECS for a message; none: exit 5, nothing printed
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        /// Up to N messages (default 1)
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove messages by id (after reading them with `inbox`).
+    Ack {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The registered agent
+        #[arg(long, value_name = "AGENT")]
+        agent: String,
+        /// Message ids (32 hex digits each)
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Register AGENT here: it receives into its inbox even when no process of it runs.
+    Add {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The agent id
+        agent: String,
+        /// POST {agent, id, from} to this loopback URL when a message lands
+        #[arg(long, value_name = "URL")]
+        notify_url: Option<String>,
+    },
+    /// Unregister AGENT (its waiting messages are dropped).
+    Remove {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The agent id
+        agent: String,
+    },
+    /// The registered agents and their inbox depths.
+    List {
+        #[command(flatten)]
+        dir: DirArg,
+        /// JSON output: {"agents": [{"agent", "inbox", "notify_url"}]}
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 struct Failure(Exit, String);
@@ -165,6 +253,13 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(filter)
+            .init();
+    } else if matches!(cli.command, Command::Daemon { .. }) {
+        // A service: its journal gets what it does (never message content).
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
             .init();
     } else if matches!(cli.command, Command::Listen { .. }) {
         tracing_subscriber::fmt()
@@ -282,11 +377,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             from,
             to,
             timeout,
+            wait_read,
             json,
             message,
         } => {
-            agent_link_proto::Address::parse(&to)
-                .map_err(|e| Failure(Exit::Usage, format!("--to: {e}")))?;
+            if to.contains('/') {
+                agent_link_proto::Address::parse(&to)
+                    .map_err(|e| Failure(Exit::Usage, format!("--to: {e}")))?;
+            } else {
+                agent_link_proto::check_id(&to)
+                    .map_err(|e| Failure(Exit::Usage, format!("--to: {e}")))?;
+            }
             agent_link_proto::check_id(&from)
                 .map_err(|e| Failure(Exit::Usage, format!("--from: {e}")))?;
             let payload = match message {
@@ -300,6 +401,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             };
             let dir = dir.path();
+            if let Some(client) = Client::find(&dir).await {
+                return local::send(&client, &from, &to, payload, timeout, wait_read, json).await;
+            }
+            if wait_read.is_some() {
+                return Err(Failure(
+                    Exit::Usage,
+                    format!(
+                        "--wait-read needs this instance's daemon (read receipts come to it): start `agent-link daemon --dir {}`",
+                        dir.display()
+                    ),
+                ));
+            }
             // --timeout bounds the whole call: connecting, attaching, sending.
             let deadline = match timeout {
                 Some(s) => Duration::from_secs(s.max(1)),
@@ -314,6 +427,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .connect()
                 .await?;
             let agent = link.attach_sender(&from).await?;
+            let to = if to.contains('/') {
+                to
+            } else {
+                resolve(&link, &to).await?
+            };
             let left = deadline.saturating_sub(start.elapsed());
             let result = agent.send_with_timeout(&to, payload, left).await;
             // The answer first, then the goodbye (which does not wait out
@@ -342,7 +460,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
             count,
             strict,
-        } => listen(dir.path(), &agent, json, count, strict).await,
+        } => {
+            let dir = dir.path();
+            if let Some(client) = Client::find(&dir).await {
+                if strict {
+                    return Err(Failure(Exit::Usage, "--strict is the daemon's to set: put `strict_pins: true` in the config and restart the daemon".into()));
+                }
+                return local::listen(&client, &agent, json, count).await;
+            }
+            listen(dir, &agent, json, count, strict).await
+        }
         Command::Trust { dir, instance, key } => {
             let key: agent_link_crypto::PublicKey = key
                 .parse()
@@ -360,8 +487,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Daemon { dir } => local::daemon(&dir.path()).await,
+        Command::Agent { command } => match command {
+            AgentCommand::Add {
+                dir,
+                agent,
+                notify_url,
+            } => local::agent_add(&dir.path(), &agent, notify_url).await,
+            AgentCommand::Remove { dir, agent } => local::agent_remove(&dir.path(), &agent).await,
+            AgentCommand::List { dir, json } => local::agent_list(&dir.path(), json).await,
+        },
+        Command::Inbox { dir, agent, json } => local::inbox(&dir.path(), &agent, json).await,
+        Command::Recv {
+            dir,
+            agent,
+            wait,
+            count,
+            json,
+        } => local::recv(&dir.path(), &agent, wait, count, json).await,
+        Command::Ack { dir, agent, ids } => local::ack(&dir.path(), &agent, &ids).await,
         Command::Status { dir, json } => {
             let dir = dir.path();
+            if let Some(client) = Client::find(&dir).await {
+                return local::status(&client, json).await;
+            }
             let relay = agent_link::config::PeerConfig::load(&dir)?.relay_url;
             let (link, report) = match AgentLink::connect(&dir).await {
                 Ok(link) => {
@@ -423,6 +572,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+/// A bare agent name: the one online instance where it receives.
+async fn resolve(link: &AgentLink, agent: &str) -> Result<String, Failure> {
+    let st = link.status().await?;
+    let found: Vec<&str> = st
+        .instances
+        .iter()
+        .filter(|i| i.online && i.agents.iter().any(|a| a == agent))
+        .map(|i| i.instance_id.as_str())
+        .collect();
+    match found.as_slice() {
+        [] => Err(Failure(
+            Exit::Offline,
+            format!("no online instance has an agent {agent} attached; use INSTANCE/{agent}, or try again when it is online"),
+        )),
+        [one] => Ok(format!("{one}/{agent}")),
+        many => Err(Failure(
+            Exit::Usage,
+            format!("agent {agent} is attached on several instances ({}); use INSTANCE/{agent}", many.join(", ")),
+        )),
     }
 }
 
@@ -524,7 +695,7 @@ async fn listen(
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
