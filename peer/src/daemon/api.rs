@@ -158,6 +158,10 @@ async fn route_inner(d: Daemon, req: Request<Incoming>) -> Result<Response<Body>
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Failure> {
+    // A declared length over the limit is refused before a byte is read.
+    if hyper::body::Body::size_hint(req.body()).lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -177,6 +181,15 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         })?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| Failure::bad_request(format!("malformed JSON: {e}")))
+}
+
+fn too_large() -> Failure {
+    Failure::new(
+        "TooLarge",
+        413,
+        agent_link_proto::Exit::Usage,
+        format!("request body over {MAX_BODY} bytes"),
+    )
 }
 
 struct Query {

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use agent_link_tests::{peer_cmd, relay_cmd, text, workspace_bin};
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-fn run(mut c: Command) -> Output {
+pub(crate) fn run(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().expect("spawn")
 }
 
 /// A relay child process; killed on drop.
-struct RelayChild {
+pub(crate) struct RelayChild {
     child: Child,
     addr: String,
     dir: PathBuf,
@@ -29,7 +29,7 @@ struct RelayChild {
 }
 
 impl RelayChild {
-    fn start(dir: &Path, listen: &str) -> (Self, Option<String>) {
+    pub(crate) fn start(dir: &Path, listen: &str) -> (Self, Option<String>) {
         Self::start_logging(dir, listen, None)
     }
 
@@ -86,7 +86,7 @@ impl RelayChild {
     }
 
     /// A single-use invite for `id`.
-    fn invite(&self, id: &str) -> String {
+    pub(crate) fn invite(&self, id: &str) -> String {
         let out = run({
             let mut c = relay_cmd();
             c.args([
@@ -146,7 +146,7 @@ fn member_fleet_token(dir: &Path) -> String {
     .unwrap()
 }
 
-fn init_peer(dir: &Path, id: &str, token: &str) -> String {
+pub(crate) fn init_peer(dir: &Path, id: &str, token: &str) -> String {
     let out = run({
         let mut c = peer_cmd();
         c.args([
@@ -186,7 +186,7 @@ fn send(dir: &Path, from: &str, to: &str, msg: &str) -> Output {
 }
 
 /// Poll `agent-link-relay instances --json` until `instance` has `agent`.
-fn wait_attached(relay: &RelayChild, instance: &str, agent: &str) {
+pub(crate) fn wait_attached(relay: &RelayChild, instance: &str, agent: &str) {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         let out = run({
@@ -231,7 +231,7 @@ fn listener(dir: &Path, agent: &str, count: u32) -> (Child, mpsc::Receiver<Strin
 }
 
 /// The lines of a child's output, as they come, from a thread of their own.
-fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+pub(crate) fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
@@ -241,7 +241,7 @@ fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -508,7 +508,10 @@ fn every_command_has_help() {
         ),
         (
             "agent-link",
-            &["init", "whoami", "send", "listen", "trust", "status"][..],
+            &[
+                "init", "whoami", "send", "listen", "trust", "status", "daemon", "inbox", "recv",
+                "ack",
+            ][..],
         ),
     ] {
         let out = run({
@@ -704,7 +707,7 @@ fn listener_survives_a_relay_restart() {
 /// A relay process and two initialised peer directories, `inst-1` (`one`)
 /// and `inst-2` (`two`), in a temporary directory (kept alive by the first
 /// element).
-fn two_peers() -> (tempfile::TempDir, RelayChild, PathBuf, PathBuf) {
+pub(crate) fn two_peers() -> (tempfile::TempDir, RelayChild, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let (relay, _first) = RelayChild::start(&tmp.path().join("relay"), "127.0.0.1:0");
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
