@@ -3,6 +3,7 @@
 //!
 //! | module | subject |
 //! |---|---|
+//! | `daemon_replay` | the daemon's replay memory: the same envelope bytes after a kill -9 restart, waiting and after the read, get the first receipt and are stored once |
 //! | `peer` | the peer library: messages both ways with receipts, explicit errors, signatures, replays, reconnection, status, close |
 //! | `peer_faults` | the peer's delivery rules while the relay is down or an attach is replaced |
 //! | `relay_protocol` | the relay frame by frame through raw clients: routing, receipts, every refusal code, registration, revocation |
@@ -12,6 +13,7 @@
 //! | `datagram_size` | how far path MTU discovery grows a connection's datagrams |
 //! | `storm` | 1,000 instances reconnecting at once; a handshake flood beside a working client |
 
+mod daemon_replay;
 mod datagram_size;
 mod limits;
 mod peer;
