@@ -425,10 +425,8 @@ fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
         .records()
         .iter()
         .map(|r| {
-            let agents = online
-                .iter()
-                .find(|o| o.instance_id == r.instance_id)
-                .map(|o| o.agents.clone());
+            let live = online.iter().find(|o| o.instance_id == r.instance_id);
+            let agents = live.map(|o| o.agents.clone());
             serde_json::json!({
                 "instance_id": r.instance_id,
                 "name": r.name,
@@ -436,6 +434,7 @@ fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
                 "revoked": r.revoked,
                 "online": agents.is_some(),
                 "agents": agents.unwrap_or_default(),
+                "connections": live.map_or(0, |o| o.connections),
             })
         })
         .collect();

@@ -342,6 +342,15 @@ impl<M> Router<M> {
             .collect()
     }
 
+    /// Open connections per online instance.
+    pub fn connection_counts(&self) -> HashMap<String, usize> {
+        self.lock()
+            .instances
+            .iter()
+            .map(|(id, e)| (id.clone(), e.connections.len()))
+            .collect()
+    }
+
     /// Number of online instances.
     pub fn online_count(&self) -> usize {
         self.lock().instances.len()

@@ -21,6 +21,9 @@ pub struct OnlineInstance {
     pub instance_id: String,
     /// Receiving agents attached.
     pub agents: Vec<String>,
+    /// Open QUIC connections (0 from a relay that predates the field).
+    #[serde(default)]
+    pub connections: usize,
 }
 
 pub(crate) fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
@@ -109,11 +112,13 @@ pub(crate) async fn serve_admin(hub: Arc<Hub>, listener: UnixListener, path: Pat
                 }
                 let reply = match line.trim() {
                     "instances" => {
+                        let counts = hub.router().connection_counts();
                         let mut list: Vec<OnlineInstance> = hub
                             .router()
                             .snapshot()
                             .into_iter()
                             .map(|(instance_id, agents)| OnlineInstance {
+                                connections: counts.get(&instance_id).copied().unwrap_or(0),
                                 instance_id,
                                 agents,
                             })

@@ -185,6 +185,17 @@ fn send(dir: &Path, from: &str, to: &str, msg: &str) -> Output {
     })
 }
 
+/// `agent-link-relay instances --json` of a running relay.
+pub(crate) fn instances_json(relay: &RelayChild) -> serde_json::Value {
+    let out = run({
+        let mut c = relay_cmd();
+        c.args(["instances", "--dir", relay.dir.to_str().unwrap(), "--json"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Poll `agent-link-relay instances --json` until `instance` has `agent`.
 pub(crate) fn wait_attached(relay: &RelayChild, instance: &str, agent: &str) {
     let deadline = Instant::now() + WAIT;

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use agent_link_tests::{peer_cmd, text};
 
-use super::cli::{lines_of, run, two_peers, wait_exit, WAIT};
+use super::cli::{instances_json, lines_of, run, two_peers, wait_exit, WAIT};
 
 /// A daemon child process; killed on drop.
 struct DaemonChild {
@@ -111,7 +111,7 @@ fn agent_add(dir: &Path, agent: &str) {
 
 #[test]
 fn an_agent_that_was_not_running_gets_its_message_later() {
-    let (_tmp, _relay, one, two) = two_peers();
+    let (_tmp, relay, one, two) = two_peers();
     let _d1 = DaemonChild::start(&one);
     let _d2 = DaemonChild::start(&two);
     agent_add(&two, "xiaobaozi");
@@ -170,6 +170,11 @@ fn an_agent_that_was_not_running_gets_its_message_later() {
     let out = cli(&two, &["recv", "--agent", "xiaobaozi", "--wait", "1"]);
     assert_eq!(out.status.code(), Some(5));
     assert!(out.stdout.is_empty());
+    // However many agents and CLI calls: one connection per instance.
+    let inst = instances_json(&relay);
+    for i in inst["instances"].as_array().unwrap() {
+        assert_eq!(i["connections"], 1, "{i}");
+    }
     // Through the daemon, status says so.
     let st: serde_json::Value =
         serde_json::from_str(&ok(&cli(&two, &["status", "--json"]))).unwrap();
