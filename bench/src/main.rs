@@ -18,6 +18,7 @@
 
 mod ceiling;
 mod cli;
+mod daemon;
 mod direct;
 mod e2e;
 mod flood;
@@ -86,6 +87,10 @@ enum Cmd {
     /// Time the peer CLI as scripts call it: whole `agent-link send` and
     /// `status` processes against a relay on loopback (min/median/max)
     Cli(cli::CliArgs),
+    /// The local instance: N local clients on a daemon's socket sending
+    /// into another daemon's durable inbox, beside the direct library path,
+    /// and the whole-process CLI `send` through the daemon vs direct
+    Daemon(daemon::DaemonArgs),
     /// Flood the relay with forged QUIC Initials (default 26,000/s) while
     /// registered members connect; report each member's connect time and
     /// the relay's peak memory
@@ -167,6 +172,15 @@ fn main() -> std::process::ExitCode {
     };
     if let Some(Cmd::Cli(args)) = cli.cmd {
         return match cli::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(Cmd::Daemon(args)) = cli.cmd {
+        return match rt.block_on(daemon::run(args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
