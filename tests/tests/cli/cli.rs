@@ -22,7 +22,7 @@ pub(crate) fn run(mut c: Command) -> Output {
 /// A relay child process; killed on drop.
 pub(crate) struct RelayChild {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     dir: PathBuf,
     /// Everything the relay wrote to stderr so far.
     log: std::sync::Arc<std::sync::Mutex<String>>,
@@ -104,7 +104,7 @@ impl RelayChild {
         text(&out.stdout).trim().to_string()
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
