@@ -131,6 +131,8 @@ pub(crate) struct Inbox {
     order: BTreeSet<(u64, Id)>,
     bytes: u64,
     seen_log: File,
+    /// Records in the seen log (compacted when most are no longer needed).
+    log_records: usize,
     /// Messages removed unread because they outlived `ttl_ms`, since open.
     expired: u64,
 }
@@ -261,15 +263,8 @@ impl Inbox {
                 _ => opened.unreadable.push(entry.path().display().to_string()),
             }
         }
-        // The log again, with only the young records: it never grows past
-        // what the window needs across restarts.
-        let mut fresh = Vec::from(*SEEN_MAGIC);
-        for r in &young {
-            push_seen(&mut fresh, r);
-        }
-        agent_link_crypto::files::write_atomic(&log_path, &fresh, 0o600)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let seen_log = OpenOptions::new().append(true).open(&log_path)?;
+        let seen_log = write_seen_log(&log_path, young.iter())?;
+        let log_records = young.len();
         opened.waiting = order.len();
         let mut inbox = Self {
             dir: dir.to_path_buf(),
@@ -278,6 +273,7 @@ impl Inbox {
             order,
             bytes,
             seen_log,
+            log_records,
             expired: 0,
         };
         inbox.sweep(now_ms, keep_seen_ms)?;
@@ -527,7 +523,9 @@ impl Inbox {
         let mut buf = Vec::with_capacity(96);
         push_seen(&mut buf, rec);
         self.seen_log.write_all(&buf)?;
-        self.seen_log.sync_data()
+        self.seen_log.sync_data()?;
+        self.log_records += 1;
+        Ok(())
     }
 
     /// Remove waiting messages older than the TTL (counted as expired) and
@@ -561,6 +559,17 @@ impl Inbox {
             Known::Waiting(_) => true,
             Known::Seen(s) => now_ms.saturating_sub(s.sent_at_ms) <= keep_seen_ms,
         });
+        // The log again, with only what is still remembered, once most of
+        // it is old: it stays in proportion to the window's traffic.
+        let seen = self.known.len() - self.order.len();
+        if self.log_records > 2 * seen + 1024 {
+            let young = self.known.values().filter_map(|k| match k {
+                Known::Seen(s) => Some(s),
+                Known::Waiting(_) => None,
+            });
+            self.seen_log = write_seen_log(&self.dir.join(SEEN_LOG), young)?;
+            self.log_records = seen;
+        }
         Ok(())
     }
 
@@ -581,6 +590,20 @@ fn read_msg(path: &Path) -> io::Result<MsgRecord> {
         return Err(io::Error::other("trailing bytes in an inbox message file"));
     }
     Ok(rec)
+}
+
+/// Replace the seen log with `records` (atomically) and open it to append.
+fn write_seen_log<'a>(
+    path: &Path,
+    records: impl Iterator<Item = &'a SeenRecord>,
+) -> io::Result<File> {
+    let mut fresh = Vec::from(*SEEN_MAGIC);
+    for r in records {
+        push_seen(&mut fresh, r);
+    }
+    agent_link_crypto::files::write_atomic(path, &fresh, 0o600)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    OpenOptions::new().append(true).open(path)
 }
 
 fn push_seen(buf: &mut Vec<u8>, rec: &SeenRecord) {
@@ -779,6 +802,43 @@ mod tests {
             "records before the tear are kept"
         );
         assert!(!d.path().join(format!(".{}.tmp", hex_id(&[7; 16]))).exists());
+    }
+
+    #[test]
+    fn the_seen_log_is_compacted_while_running_once_most_of_it_is_old() {
+        let d = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_messages: 10_000,
+            max_bytes: 1 << 20,
+            ttl_ms: u64::MAX,
+        };
+        let (mut inbox, _) = Inbox::open(d.path(), limits, 0, KEEP).unwrap();
+        for i in 0..1100u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            inbox.store(
+                &[Incoming {
+                    id,
+                    from: "a/x",
+                    to: "me/bob",
+                    sent_at_ms: 0,
+                    payload: b"p",
+                }],
+                1,
+            );
+            inbox.ack(&id, 2).unwrap();
+        }
+        let log = d.path().join(SEEN_LOG);
+        let big = fs::metadata(&log).unwrap().len();
+        // All old now: forgotten in memory and dropped from the log.
+        inbox.sweep(KEEP + 1, KEEP).unwrap();
+        assert_eq!(fs::metadata(&log).unwrap().len(), 4, "was {big}");
+        // And the log still takes appends.
+        inbox.store(&[msg(9, "a/x", b"z")], KEEP + 2);
+        inbox.ack(&[9; 16], KEEP + 3).unwrap();
+        drop(inbox);
+        let inbox = open(d.path(), KEEP + 4);
+        assert!(inbox.read_at(&[9; 16]).is_some());
     }
 
     #[test]
