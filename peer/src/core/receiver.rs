@@ -706,6 +706,15 @@ mod tests {
             verify_deliveries(&items, &mut KeyCache::default()),
             vec![Signed::InPassedBatch; 6]
         );
+        // Two is already a batch; one is not.
+        assert_eq!(
+            verify_deliveries(&items[..2], &mut KeyCache::default()),
+            vec![Signed::InPassedBatch; 2]
+        );
+        assert_eq!(
+            verify_deliveries(&items[..1], &mut KeyCache::default()),
+            vec![Signed::Unchecked]
+        );
         let v = batch_verdicts(&mut f, &envs, key, 1000);
         assert!(v.iter().all(|v| matches!(v, Verdict::Deliver(_))), "{v:?}");
         // The same id twice in one batch: the second is a duplicate.
