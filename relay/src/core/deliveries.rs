@@ -283,6 +283,20 @@ mod tests {
 
     const ID: MessageId = [1; 16];
 
+    /// A delivery admitted but never queued (the target's queue closed in
+    /// between) gives back its slot, its bytes and the instance's bytes.
+    #[test]
+    fn a_cancelled_delivery_holds_nothing() {
+        let instance = Arc::new(AtomicUsize::new(0));
+        let mut l = Ledger::new(limits(), instance.clone());
+        let t = l.admit(&"a", 100, ID, 150).unwrap();
+        l.cancel(t);
+        assert!(!l.is_outstanding(t));
+        assert_eq!((l.outstanding(), l.queued_bytes()), (0, 0));
+        assert_eq!(instance.load(Relaxed), 0);
+        assert_eq!(l.reply(t, &ID), None, "no reply routed for it");
+    }
+
     #[test]
     fn the_limits_come_from_the_config() {
         let cfg = crate::RelayConfig {
