@@ -353,17 +353,33 @@ mod tests {
             FailOutcome::Failed
         );
         assert!(a.try_recv().unwrap().is_err());
+        // A retry due exactly at the deadline would race the timeout: final.
+        let (_, mut b) = add(&mut ob, 2, now + RETRY_DELAY);
+        assert_eq!(
+            ob.failed(
+                &[2; 16],
+                ErrorCode::TargetOffline,
+                now,
+                Some(now + RECONNECT_GRACE)
+            ),
+            FailOutcome::Failed
+        );
+        assert!(b.try_recv().unwrap().is_err());
     }
 
     #[test]
     fn resend_all_is_oldest_first_and_byte_identical() {
         let now = Instant::now();
-        let mut ob = Outbox::new(8);
-        for id in [5u8, 1, 9] {
+        let mut ob = Outbox::new(32);
+        // Twenty ids in neither sorted nor hash order: with three, a lost
+        // sequence number still came out in order one run in six.
+        let ids: Vec<u8> = (0..20u8).map(|i| (i * 7) % 20 + 1).collect();
+        for &id in &ids {
             add(&mut ob, id, now + Duration::from_secs(9));
         }
         let mut out = Vec::new();
-        assert_eq!(ob.resend_all(&mut out), 3);
-        assert_eq!(out.concat(), [vec![5; 3], vec![1; 3], vec![9; 3]].concat());
+        assert_eq!(ob.resend_all(&mut out), 20);
+        let sent: Vec<Vec<u8>> = ids.iter().map(|&id| vec![id; 3]).collect();
+        assert_eq!(out.concat(), sent.concat());
     }
 }

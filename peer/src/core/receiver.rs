@@ -719,6 +719,15 @@ mod tests {
             verify_deliveries(&items, &mut KeyCache::default()),
             vec![Signed::InPassedBatch; 6]
         );
+        // Two is already a batch; one is not.
+        assert_eq!(
+            verify_deliveries(&items[..2], &mut KeyCache::default()),
+            vec![Signed::InPassedBatch; 2]
+        );
+        assert_eq!(
+            verify_deliveries(&items[..1], &mut KeyCache::default()),
+            vec![Signed::Unchecked]
+        );
         let v = batch_verdicts(&mut f, &envs, key, 1000);
         assert!(v.iter().all(|v| matches!(v, Verdict::Deliver(_))), "{v:?}");
         // The same id twice in one batch: the second is a duplicate.
@@ -953,6 +962,131 @@ mod tests {
         // Another key for the same instance stays refused.
         let other = Identity::generate().public_key();
         assert_eq!(f.pins.check("s", &other), PinCheck::Changed);
+    }
+
+    fn env_from(f: &F, from: &str, fleet: &agent_link_crypto::FleetKey, id: [u8; 16]) -> Bytes {
+        Bytes::from(
+            EnvelopeBody {
+                version: VERSION,
+                id,
+                from: Address {
+                    instance: from,
+                    agent: "a",
+                },
+                to: Address {
+                    instance: "r",
+                    agent: "b",
+                },
+                sent_at_ms: 1000,
+                payload: b"hello",
+            }
+            .seal(&f.id, fleet)
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn after_a_pushed_rotation_messages_under_the_new_fleet_key_are_accepted() {
+        let f = f();
+        let pins = Arc::new(Mutex::new(Pins::in_memory()));
+        let mut r = Receiver::new("r", "b", f.fleet.clone(), pins, false);
+        let new = FleetSecret::generate().key();
+        let e = env_from(&f, "s", &new, [20; 16]);
+        let key = f.id.public_key().0;
+        assert!(matches!(
+            r.check(key, &e, 1000, Signed::Unchecked),
+            Verdict::Refuse {
+                code: ErrorCode::BadTag,
+                ..
+            }
+        ));
+        r.set_fleet(FleetKeys::new(new));
+        assert!(matches!(
+            r.check(key, &e, 1000, Signed::Unchecked),
+            Verdict::FirstContact(_)
+        ));
+    }
+
+    /// Two instances that present one key are two first contacts: the
+    /// settle pins both (it de-duplicates only equal instance-key pairs).
+    #[test]
+    fn one_settle_pins_each_instance_of_a_shared_key() {
+        let f = f();
+        let pins = Arc::new(Mutex::new(Pins::in_memory()));
+        let mut r = Receiver::new("r", "b", f.fleet.clone(), pins.clone(), false);
+        let key = f.id.public_key();
+        let contact = |r: &mut Receiver, from: &str, id: [u8; 16]| match r.check(
+            key.0,
+            &env_from(&f, from, &f.fleet, id),
+            1000,
+            Signed::Unchecked,
+        ) {
+            Verdict::FirstContact(c) => c,
+            other => panic!("a first contact, got {other:?}"),
+        };
+        let s1 = contact(&mut r, "s", [21; 16]);
+        let s2 = contact(&mut r, "s", [22; 16]);
+        let t = contact(&mut r, "t", [23; 16]);
+        // The id a detach's Nack names (the relay drops a reply naming
+        // another id than the one it delivered under that token).
+        assert_eq!((s1.id(), t.id()), ([21; 16], [23; 16]));
+        let settled = r.settle([&s1, &s2, &t].into_iter()).run();
+        r.install(settled.as_ref().unwrap());
+        for c in [s1, s2, t] {
+            assert!(matches!(r.settled(c, &settled, 1000), Verdict::Deliver(_)));
+        }
+        let pins = pins.lock().unwrap();
+        assert_eq!(pins.check("s", &key), PinCheck::Known);
+        assert_eq!(pins.check("t", &key), PinCheck::Known);
+    }
+
+    /// A pins file that cannot be written: a strict receiver refuses (it
+    /// cannot tell whether the key is trusted), any other delivers (the
+    /// signature verified) and pins on a later message.
+    #[test]
+    fn a_failed_settle_refuses_only_for_a_strict_receiver() {
+        let f = f();
+        for strict in [false, true] {
+            let pins = Arc::new(Mutex::new(Pins::in_memory()));
+            let mut r = Receiver::new("r", "b", f.fleet.clone(), pins, strict);
+            let e = env_from(&f, "s", &f.fleet, [24; 16]);
+            let Verdict::FirstContact(c) =
+                r.check(f.id.public_key().0, &e, 1000, Signed::Unchecked)
+            else {
+                panic!("a first contact")
+            };
+            let v = r.settled(c, &Err("pins: read-only".into()), 1000);
+            if strict {
+                assert!(
+                    matches!(
+                        v,
+                        Verdict::Refuse {
+                            code: ErrorCode::KeyChanged,
+                            ..
+                        }
+                    ),
+                    "{v:?}"
+                );
+            } else {
+                assert!(matches!(v, Verdict::Deliver(_)), "{v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_key_cache_keeps_up_to_its_bound_then_starts_over() {
+        let mut cache = KeyCache::default();
+        let keys: Vec<[u8; 32]> = (0..=KeyCache::MAX)
+            .map(|_| Identity::generate().public_key().0)
+            .collect();
+        for k in &keys[..KeyCache::MAX] {
+            cache.get(*k).unwrap();
+        }
+        assert_eq!(cache.keys.len(), KeyCache::MAX);
+        cache.get(keys[0]).unwrap();
+        assert_eq!(cache.keys.len(), KeyCache::MAX, "a hit adds nothing");
+        cache.get(keys[KeyCache::MAX]).unwrap();
+        assert_eq!(cache.keys.len(), 1, "full: cleared, then the new key");
     }
 
     /// The check itself touches no file: a first contact comes out as

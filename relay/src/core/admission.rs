@@ -20,6 +20,9 @@ pub const PRE_AUTH_MAX_FRAME: usize = 1024;
 /// handshake's transport parameters before the key is known and quinn
 /// cannot change it afterwards; the connection window bounds the total.)
 pub const PRE_ADMISSION_RECEIVE_WINDOW: u32 = 16 << 10;
+// The window must hold a maximal pre-auth frame (and its length prefix)
+// several times over, or a `Register` could stall before admission.
+const _: () = assert!(PRE_ADMISSION_RECEIVE_WINDOW as usize >= 4 * (PRE_AUTH_MAX_FRAME + 4));
 
 /// What a connection whose handshake presented a key may do (PROTOCOL.md
 /// §9.1).

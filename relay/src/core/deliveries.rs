@@ -283,6 +283,51 @@ mod tests {
 
     const ID: MessageId = [1; 16];
 
+    /// A delivery admitted but never queued (the target's queue closed in
+    /// between) gives back its slot, its bytes and the instance's bytes.
+    #[test]
+    fn a_cancelled_delivery_holds_nothing() {
+        let instance = Arc::new(AtomicUsize::new(0));
+        let mut l = Ledger::new(limits(), instance.clone());
+        let t = l.admit(&"a", 100, ID, 150).unwrap();
+        l.cancel(t);
+        assert!(!l.is_outstanding(t));
+        assert_eq!((l.outstanding(), l.queued_bytes()), (0, 0));
+        assert_eq!(instance.load(Relaxed), 0);
+        assert_eq!(l.reply(t, &ID), None, "no reply routed for it");
+    }
+
+    #[test]
+    fn the_limits_come_from_the_config() {
+        let cfg = crate::RelayConfig {
+            agent_queue_len: 10,
+            ..Default::default()
+        };
+        let l = LedgerLimits::of(&cfg);
+        assert_eq!(l.queue_len, 10);
+        assert_eq!(l.outstanding, 10 * OUTSTANDING_PER_QUEUE_SLOT);
+    }
+
+    /// Every byte bound is inclusive: a delivery that fills a sender's
+    /// share, the queue or the instance's bytes exactly is queued; one
+    /// byte more is `Busy`.
+    #[test]
+    fn byte_bounds_admit_up_to_exactly_the_limit() {
+        let mut l = ledger(limits());
+        l.admit(&"a", 100, ID, 150).unwrap();
+        assert!(l.admit(&"a", 100, ID, 50).is_ok(), "a's share is 200");
+        l.admit(&"b", 101, ID, 300).unwrap();
+        assert_eq!(l.admit(&"c", 102, ID, 301), Err(ErrorCode::Busy));
+        assert!(l.admit(&"c", 102, ID, 300).is_ok(), "the queue's 800");
+        assert_eq!(l.admit(&"d", 103, ID, 1), Err(ErrorCode::Busy));
+        let mut l = ledger(LedgerLimits {
+            instance_bytes: 100,
+            ..limits()
+        });
+        assert!(l.admit(&"a", 100, ID, 100).is_ok(), "the instance's 100");
+        assert_eq!(l.admit(&"b", 101, ID, 1), Err(ErrorCode::Busy));
+    }
+
     #[test]
     fn one_reply_per_delivery_and_only_for_its_id() {
         let mut l = ledger(limits());

@@ -346,5 +346,34 @@ mod tests {
         assert_eq!(g.decide(t0, a, true, 0), Attempt::Accept);
         assert_eq!(g.decide(t0, b, true, 0), Attempt::Refuse(Refusal::Source));
         assert_eq!(g.decide(t0, c, true, 0), Attempt::Accept);
+        // Three addresses, two buckets: a and b share their /64's.
+        assert_eq!(g.sources(), 2);
+    }
+
+    #[test]
+    fn a_full_map_never_evicts_a_known_source_so_its_spent_burst_stays_spent() {
+        let t0 = Instant::now();
+        let mut b = SourceBuckets::new(1, 2);
+        assert!(b.try_take(v4(1), t0));
+        assert!(b.try_take(v4(2), t0 + ms(1)));
+        // The map is full and source 1 is the least recently seen; it comes
+        // back before refilling. Evicting it here would hand it a new, full
+        // bucket: a source could reset its own rate by waiting for a
+        // full map.
+        assert!(!b.try_take(v4(1), t0 + ms(2)), "source 1 spent its burst");
+        assert_eq!(b.map.len(), 2);
+    }
+
+    #[test]
+    fn a_source_idle_for_exactly_the_refill_time_is_dropped() {
+        let t0 = Instant::now();
+        let mut b = SourceBuckets::new(1, 2);
+        assert!(b.try_take(v4(1), t0));
+        assert!(b.try_take(v4(2), t0));
+        // At exactly REFILLED both buckets are full again, so both go (not
+        // only the least recently seen one).
+        assert!(b.try_take(v4(3), t0 + REFILLED));
+        assert_eq!(b.map.len(), 1);
+        assert!(b.map.contains_key(&v4(3)));
     }
 }

@@ -392,6 +392,50 @@ mod tests {
         assert_eq!(r.redeem_invite("i2", &b, "n", 10, good), Ok(true));
     }
 
+    /// An invite is good strictly before its expiry: its secret is handed
+    /// out (for the in-memory proof check) only then, and every write
+    /// (another invite, a redemption) drops the ones that expired, the one
+    /// expiring at that very ms included.
+    #[test]
+    fn expired_invites_give_no_secret_and_are_dropped_at_the_next_write() {
+        let mut r = Registry::default();
+        let secret = [7u8; 32];
+        r.add_invite("i1", hex::encode(secret), 100, 0).unwrap();
+        r.add_invite("i3", hex::encode([3u8; 32]), 500, 0).unwrap();
+        assert_eq!(r.invite_secret("i1", 99).as_deref(), Some(&secret));
+        assert_eq!(r.invite_secret("i1", 100), None, "expired");
+        assert_eq!(r.invite_secret("i2", 99), None, "no invite for i2");
+        let ids = |r: &Registry| -> Vec<String> {
+            r.invites().iter().map(|i| i.instance_id.clone()).collect()
+        };
+        r.add_invite("i2", hex::encode([2u8; 32]), 1_000, 100)
+            .unwrap();
+        assert_eq!(ids(&r), ["i3", "i2"]);
+        r.add_invite("i4", hex::encode([4u8; 32]), 2_000, 100)
+            .unwrap();
+        let key = Identity::generate().public_key();
+        let two = |s: &[u8; 32]| *s == [2u8; 32];
+        assert_eq!(r.redeem_invite("i2", &key, "n", 500, two), Ok(true));
+        assert_eq!(ids(&r), ["i4"], "i3 expired at 500, i2 was used");
+    }
+
+    /// A registry file naming one id twice, or one key under two ids, is
+    /// refused at load (either could give a key a second identity).
+    #[test]
+    fn a_file_with_a_repeated_id_or_key_is_refused() {
+        let rec = |id: &str, key: &PublicKey| InstanceRecord {
+            instance_id: id.into(),
+            name: String::new(),
+            public_key: key.to_string(),
+            revoked: false,
+        };
+        let a = Identity::generate().public_key();
+        let b = Identity::generate().public_key();
+        assert!(Registry::from_records(vec![rec("i1", &a), rec("i2", &b)]).is_ok());
+        assert!(Registry::from_records(vec![rec("i1", &a), rec("i1", &b)]).is_err());
+        assert!(Registry::from_records(vec![rec("i1", &a), rec("i2", &a)]).is_err());
+    }
+
     #[test]
     fn register_errors_map_to_their_wire_codes() {
         for (e, code) in [

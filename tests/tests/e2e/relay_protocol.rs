@@ -632,8 +632,14 @@ async fn detach_unroutes_then_answers_detached_after_queued_deliveries() {
     a1.send_envelope(&a.envelope(second, "alice", "inst-b/bob", now_ms(), b"two"))
         .await;
     expect_failed(&a1.read().await.unwrap(), second, ErrorCode::TargetOffline);
-    assert!(
-        b1.read_within(Duration::from_millis(300)).await.is_err(),
+    // Nothing was delivered to bob meanwhile: a repeated `Detach` is
+    // answered again, queued behind whatever the relay had queued for bob
+    // (the routing of `second` was decided before alice's answer), so the
+    // next frame on the stream must be that answer, not a `Deliver`.
+    b1.write(&PeerToRelay::Detach).await;
+    assert_eq!(
+        b1.read().await.unwrap().get(),
+        RelayToPeer::Detached,
         "nothing may follow Detached"
     );
     // A send-only stream is answered at once.
@@ -658,18 +664,24 @@ async fn a_revocation_holds_while_another_member_keeps_registering() {
     relay.register("inst-x", &x);
     let x = RawClient::connect(&relay, x, "inst-x").await.unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, mut registered) = tokio::sync::watch::channel(0u32);
     let spam = {
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 2_000 {
                 let _ = tokio::time::timeout(WAIT, x.register("inst-x")).await;
-                tokio::time::sleep(Duration::from_millis(10)).await;
                 n += 1;
+                done.send_replace(n);
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Revoke only once the registrations are under way (three answered).
+    tokio::time::timeout(WAIT, registered.wait_for(|n| *n >= 3))
+        .await
+        .expect("the other member registers")
+        .expect("the spammer is running");
     let t0 = std::time::Instant::now();
     agent_link_relay::registry::RegistryStore::new(&relay.state_dir())
         .update(|r| r.revoke("inst-a"))
