@@ -213,4 +213,19 @@ pub(crate) mod tests {
         assert_ne!(std::fs::metadata(store.path()).unwrap().ino(), ino);
         assert!(store.load().unwrap().get("i1").unwrap().revoked);
     }
+
+    /// Pending invites survive a reload of the file (the relay re-reads it
+    /// on every change and at start): found missing by cargo mutants
+    /// (`set_invites -> ()`).
+    #[test]
+    fn pending_invites_are_kept_in_the_file() {
+        let (_dir, store, _) = store_with_i1();
+        store
+            .update(|r| r.add_invite("i2", "ab".repeat(32), u64::MAX, 0))
+            .unwrap()
+            .unwrap();
+        let reg = store.load().unwrap();
+        assert_eq!(reg.invites().len(), 1);
+        assert_eq!(*reg.invite_secret("i2", 1).unwrap(), [0xab; 32]);
+    }
 }
