@@ -132,6 +132,23 @@ mod tests {
     use super::*;
     use crate::{FleetSecret, Identity};
 
+    /// `write_atomic` replaces the file whole, with the mode asked for
+    /// (found by cargo mutants: `write_atomic -> Ok(())` survived).
+    #[test]
+    fn write_atomic_replaces_the_file_with_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        write_atomic(&p, b"first", 0o600).unwrap();
+        write_atomic(&p, b"second", 0o644).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"second");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(!tmp_path(&p).exists(), "no temporary file left");
+    }
+
     /// Group or other write refuses a directory, read does not; another
     /// owner refuses it (checked when the test runs as root, which can
     /// chown). Found missing by cargo mutants: `check_private_dir -> Ok(())`

@@ -119,6 +119,19 @@ mod tests {
     use super::*;
     use crate::frames::PeerToRelay;
 
+    /// A frame appended to a buffer that already holds bytes gets its own
+    /// body's length in its header (found by cargo mutants: the length was
+    /// only ever checked from an empty buffer, where `- start` and
+    /// `+ start` agree).
+    #[test]
+    fn a_frame_appended_after_other_bytes_has_its_own_length() {
+        let mut out = vec![7u8; 10];
+        encode_frame(&PeerToRelay::StatusRequest, &mut out).unwrap();
+        let alone = frame(&PeerToRelay::StatusRequest).unwrap();
+        assert_eq!(&out[..10], &[7u8; 10]);
+        assert_eq!(&out[10..], &alone[..]);
+    }
+
     #[test]
     fn header_limits() {
         assert!(matches!(
