@@ -25,6 +25,7 @@ import http.client
 import inspect
 import json
 import os
+import queue
 import socket
 import threading
 import urllib.parse
@@ -206,25 +207,50 @@ class AgentLink:
         self._handlers: List[Handler] = []
         self._stop = threading.Event()
         self._stream: Optional[_UnixConnection] = None
+        # Idle keep-alive connections, reused by any thread.
+        self._idle: List[_UnixConnection] = []
+        self._idle_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------
 
     def _request(self, method: str, path: str, body: Optional[dict] = None, timeout: Optional[float] = 120.0) -> Any:
-        conn = self._connect(timeout)
+        payload = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"}
+        with self._idle_lock:
+            conn = self._idle.pop() if self._idle else None
+        fresh = conn is None
+        if conn is None:
+            conn = self._connect(timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
         try:
-            payload = json.dumps(body).encode() if body is not None else b""
             try:
-                conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+                conn.request(method, path, body=payload, headers=headers)
                 res = conn.getresponse()
                 raw = res.read()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as e:
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
+                conn.close()
+                if not fresh:
+                    # A kept connection the daemon closed meanwhile: once more
+                    # on a new one.
+                    return self._request(method, path, body, timeout)
                 raise PermissionDenied(
-                    f"the daemon at {self.socket_path} closed the connection ({e}): "
+                    f"the daemon at {self.socket_path} closed the connection: "
                     "it refuses clients of another user; run this as the daemon's user"
                 ) from None
-            return self._decode(res.status, raw)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        if res.will_close:
+            conn.close()
+        else:
+            with self._idle_lock:
+                if len(self._idle) < 8:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+        return self._decode(res.status, raw)
 
     def _connect(self, timeout: Optional[float]) -> _UnixConnection:
         conn = _UnixConnection(self.socket_path, timeout)
@@ -361,18 +387,48 @@ class AgentLink:
 
     def run_forever(self) -> None:
         """Register the agent, then hand every waiting and arriving message to
-        the ``on_message`` handlers until ``stop()``."""
+        the ``on_message`` handlers until ``stop()``. Each message is acked
+        once its handlers returned (acks go out in batches, off the handler's
+        thread; ``run_forever`` returns only after the last one)."""
         if not self._handlers:
             raise BadRequest("no handler: decorate one with @link.on_message first")  # type: ignore[name-defined]  # noqa: F821
         self._stop.clear()
         self.register()
-        for m in self._events():
-            for h in self._handlers:
-                _call(h, m)
-            try:
-                self.ack(m.id)
-            except UnknownMessage:  # type: ignore[name-defined]  # noqa: F821
-                pass
+        acks: "queue.Queue[Optional[str]]" = queue.Queue()
+        failed: List[BaseException] = []
+        acker = threading.Thread(target=self._ack_loop, args=(acks, failed), daemon=True)
+        acker.start()
+        try:
+            for m in self._events():
+                if failed:
+                    raise failed[0]
+                for h in self._handlers:
+                    _call(h, m)
+                acks.put(m.id)
+        finally:
+            acks.put(None)
+            acker.join(timeout=60)
+        if failed:
+            raise failed[0]
+
+    def _ack_loop(self, acks: "queue.Queue[Optional[str]]", failed: List[BaseException]) -> None:
+        done = False
+        while not done:
+            batch = [acks.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(acks.get_nowait())
+                except queue.Empty:
+                    break
+            if None in batch:
+                done = True
+                batch = [i for i in batch if i is not None]
+            if batch:
+                try:
+                    self._request("POST", self._agent_path("/ack"), {"ids": batch})
+                except BaseException as e:  # reported by run_forever
+                    failed.append(e)
+                    return
 
     def stop(self) -> None:
         """End ``run_forever`` (from a handler or another thread)."""

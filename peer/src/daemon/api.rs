@@ -141,6 +141,41 @@ async fn route_inner(d: Daemon, req: Request<Incoming>) -> Result<Response<Body>
             d.ack(agent, id).await?;
             Ok(json_response(200, &json!({"acked": store::hex_id(&id)})))
         }
+        (Method::POST, ["v1", "agents", agent, "ack"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Ack {
+                ids: Vec<String>,
+            }
+            let agent = agent.to_string();
+            let a: Ack = read_json(req).await?;
+            if a.ids.is_empty() || a.ids.len() > MAX_LIMIT {
+                return Err(Failure::bad_request(format!(
+                    "ids: give 1 to {MAX_LIMIT} message ids"
+                )));
+            }
+            let mut ids = Vec::with_capacity(a.ids.len());
+            for t in &a.ids {
+                ids.push(parse_id(t).ok_or_else(|| {
+                    Failure::bad_request(format!(
+                        "{t:?} is not a message id (32 lower-case hex digits)"
+                    ))
+                })?);
+            }
+            let out = d.ack_many(&agent, ids).await?;
+            let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+            for (t, r) in a.ids.iter().zip(out) {
+                match r {
+                    Ok(()) => acked.push(t.clone()),
+                    Err(f) if f.code == "UnknownMessage" => unknown.push(t.clone()),
+                    Err(f) => return Err(f),
+                }
+            }
+            Ok(json_response(
+                200,
+                &json!({"acked": acked, "unknown": unknown}),
+            ))
+        }
         (Method::GET, ["v1", "agents", agent, "events"]) => events(&d, agent).await,
         (_, ["v1", ..]) => Err(Failure::new(
             "NotFound",

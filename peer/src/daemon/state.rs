@@ -474,35 +474,49 @@ impl Daemon {
     /// The agent read message `id`: remove it, and send the read receipt
     /// its sender asked for.
     pub(crate) async fn ack(&self, agent: &str, id: store::Id) -> Result<(), Failure> {
+        let mut out = self.ack_many(agent, vec![id]).await?;
+        match out.pop() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(f)) => Err(f),
+            None => Err(Failure::internal("no answer for the ack")),
+        }
+    }
+
+    /// Ack several messages of `agent` with one write of its seen log; an
+    /// answer per id, in order.
+    pub(crate) async fn ack_many(
+        &self,
+        agent: &str,
+        ids: Vec<store::Id>,
+    ) -> Result<Vec<Result<(), Failure>>, Failure> {
         let (inbox, _) = self.slot_parts(agent).await?;
         let now = now_ms();
         let acked = tokio::task::spawn_blocking(move || {
             let mut inbox = inbox.lock().unwrap_or_else(|e| e.into_inner());
-            inbox.ack(&id, now)
+            inbox.ack_many(&ids, now)
         })
         .await
         .map_err(|e| Failure::internal(e.to_string()))?;
-        match acked {
-            Ok(w) => {
-                if let Some(requester) = self.inner.reads.take_want(agent, &id) {
-                    if requester == instance_of(&w.from) {
-                        self.send_read_note(&requester, ReadNote::read(agent, &id, now));
+        Ok(acked
+            .into_iter()
+            .map(|r| match r {
+                Ok(w) => {
+                    if let Some(requester) = self.inner.reads.take_want(agent, &w.id) {
+                        if requester == instance_of(&w.from) {
+                            self.send_read_note(&requester, ReadNote::read(agent, &w.id, now));
+                        }
                     }
+                    Ok(())
                 }
-                Ok(())
-            }
-            Err(store::AckError::NotFound(hex)) => Err(Failure::new(
-                "UnknownMessage",
-                404,
-                Exit::Usage,
-                format!(
-                    "no message {hex} waiting for {agent} (already acked, expired, or never came)"
-                ),
-            )),
-            Err(store::AckError::Io(e)) => {
-                Err(Failure::internal(format!("recording the ack: {e}")))
-            }
-        }
+                Err(store::AckError::NotFound(hex)) => Err(Failure::new(
+                    "UnknownMessage",
+                    404,
+                    Exit::Usage,
+                    format!("no message {hex} waiting for {agent} (already acked, expired, or never came)"),
+                )),
+                Err(store::AckError::Io(e)) => Err(Failure::internal(format!("recording the ack: {e}"))),
+            })
+            .collect())
     }
 
     /// Send for a local client: `from` any valid agent name, `to`

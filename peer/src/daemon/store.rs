@@ -495,23 +495,72 @@ impl Inbox {
     /// The agent read message `id`: record that durably, then remove its
     /// file. Returns its metadata.
     pub(crate) fn ack(&mut self, id: &Id, now_ms: u64) -> Result<Waiting, AckError> {
-        let Some(Known::Waiting(w)) = self.known.get(id).cloned() else {
-            return Err(AckError::NotFound(hex_id(id)));
-        };
-        let rec = SeenRecord {
-            id: *id,
-            from_instance: instance_of(&w.from).to_string(),
-            sent_at_ms: w.sent_at_ms,
-            delivered_at_ms: w.received_at_ms,
-            read_at_ms: now_ms.max(1),
-        };
-        self.append_seen(&rec)?;
-        self.forget_waiting(&w);
-        self.known.insert(*id, Known::Seen(rec));
-        // Removed after the log says it was read: a crash in between leaves
-        // a file that the next open drops.
-        let _ = fs::remove_file(self.msg_path(id));
-        Ok(w)
+        self.ack_many(std::slice::from_ref(id), now_ms)
+            .pop()
+            .expect("one answer per id")
+    }
+
+    /// Ack several messages with one write and one fsync of the seen log:
+    /// an answer per id, in order (a repeated id is `NotFound` the second
+    /// time). Nothing is removed unless the log write succeeded.
+    pub(crate) fn ack_many(&mut self, ids: &[Id], now_ms: u64) -> Vec<Result<Waiting, AckError>> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut recs = Vec::new();
+        let mut buf = Vec::with_capacity(96 * ids.len());
+        for id in ids {
+            match self.known.get(id) {
+                Some(Known::Waiting(w))
+                    if !recs
+                        .iter()
+                        .any(|(r, _): &(SeenRecord, Waiting)| r.id == *id) =>
+                {
+                    let rec = SeenRecord {
+                        id: *id,
+                        from_instance: instance_of(&w.from).to_string(),
+                        sent_at_ms: w.sent_at_ms,
+                        delivered_at_ms: w.received_at_ms,
+                        read_at_ms: now_ms.max(1),
+                    };
+                    push_seen(&mut buf, &rec);
+                    recs.push((rec, w.clone()));
+                    out.push(None);
+                }
+                _ => out.push(Some(AckError::NotFound(hex_id(id)))),
+            }
+        }
+        if !recs.is_empty() {
+            let written = self
+                .seen_log
+                .write_all(&buf)
+                .and_then(|()| self.seen_log.sync_data());
+            if let Err(e) = written {
+                return ids
+                    .iter()
+                    .zip(out)
+                    .map(|(_, o)| {
+                        Err(o.unwrap_or_else(|| {
+                            AckError::Io(io::Error::new(e.kind(), e.to_string()))
+                        }))
+                    })
+                    .collect();
+            }
+            self.log_records += recs.len();
+        }
+        let mut done = recs.into_iter();
+        out.into_iter()
+            .map(|o| match o {
+                Some(e) => Err(e),
+                None => {
+                    let (rec, w) = done.next().expect("one record per acked id");
+                    self.forget_waiting(&w);
+                    // Removed after the log says it was read: a crash in
+                    // between leaves a file that the next open drops.
+                    let _ = fs::remove_file(self.msg_path(&rec.id));
+                    self.known.insert(rec.id, Known::Seen(rec));
+                    Ok(w)
+                }
+            })
+            .collect()
     }
 
     fn forget_waiting(&mut self, w: &Waiting) {
@@ -722,6 +771,32 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn many_acks_in_one_log_write() {
+        let d = tempfile::tempdir().unwrap();
+        let mut inbox = open(d.path(), 0);
+        inbox.store(
+            &[
+                msg(1, "a/x", b"1"),
+                msg(2, "a/x", b"2"),
+                msg(3, "a/x", b"3"),
+            ],
+            10,
+        );
+        let out = inbox.ack_many(&[[1; 16], [9; 16], [2; 16], [1; 16]], 20);
+        let ok: Vec<bool> = out.iter().map(Result::is_ok).collect();
+        assert_eq!(
+            ok,
+            [true, false, true, false],
+            "unknown and repeated ids are NotFound"
+        );
+        assert_eq!(inbox.depth(), 1);
+        drop(inbox);
+        let inbox = open(d.path(), 30);
+        assert_eq!(inbox.depth(), 1);
+        assert_eq!(inbox.read_at(&[2; 16]), Some(("a".into(), 20)));
     }
 
     #[test]

@@ -537,6 +537,27 @@ fn the_local_api_names_every_bad_request() {
             "BadRequest",
         ),
         ("GET", "/v2/status", "", 404, "NotFound"),
+        (
+            "POST",
+            "/v1/agents/bob/ack",
+            r#"{"ids":[]}"#,
+            400,
+            "BadRequest",
+        ),
+        (
+            "POST",
+            "/v1/agents/bob/ack",
+            r#"{"ids":["../x"]}"#,
+            400,
+            "BadRequest",
+        ),
+        (
+            "POST",
+            "/v1/agents/nobody/ack",
+            &format!(r#"{{"ids":["{}"]}}"#, "ab".repeat(16)),
+            404,
+            "UnknownAgent",
+        ),
     ] {
         let (got, v) = http(&one, method, path, body);
         assert_eq!(
