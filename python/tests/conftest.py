@@ -48,7 +48,7 @@ def read_line_with(proc: subprocess.Popen, needle: str) -> str:
 
 
 class Fleet:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, ids=("py-1", "py-2"), one: Path = None, two: Path = None):
         self.bins = bin_dir()
         self.root = root
         self.procs = []
@@ -56,9 +56,11 @@ class Fleet:
         relay = self.spawn([self.bin("agent-link-relay"), "run", "--dir", str(relay_dir), "--listen", "127.0.0.1:0"])
         self.addr = read_line_with(relay, "listening on ").split("listening on ")[1].split()[0]
         self.relay_dir = relay_dir
-        self.one = root / "one"
-        self.two = root / "two"
-        for d, iid in [(self.one, "py-1"), (self.two, "py-2")]:
+        self.one = one or root / "one"
+        self.two = two or root / "two"
+        for d in (self.one, self.two):
+            d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d, iid in [(self.one, ids[0]), (self.two, ids[1])]:
             token = subprocess.run(
                 [self.bin("agent-link-relay"), "invite", "--dir", str(relay_dir), "--addr", self.addr, "--instance-id", iid],
                 check=True, capture_output=True, text=True, timeout=WAIT,
