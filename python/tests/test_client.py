@@ -163,3 +163,30 @@ def test_a_client_of_another_user_is_refused(fleet):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "PermissionDenied for uid 65534"
+
+
+def test_a_daemon_that_stops_ends_run_forever_with_a_clear_error(fleet):
+    bob = AgentLink(agent_id="bob", dir=str(fleet.two))
+    errors = []
+
+    @bob.on_message
+    def handle(msg):
+        pass
+
+    def run():
+        try:
+            bob.run_forever()
+        except agent_link.AgentLinkError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    # Registered (its inbox exists) before the daemon goes.
+    for _ in range(200):
+        if any(a["agent"] == "bob" for a in bob.status()["local_agents"]):
+            break
+        threading.Event().wait(0.05)
+    fleet.stop_daemon(fleet.two)
+    t.join(timeout=20)
+    assert not t.is_alive()
+    assert errors and errors[0].code == "Unavailable" and "stopped" in str(errors[0])
