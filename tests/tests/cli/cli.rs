@@ -347,8 +347,16 @@ fn exit_codes_follow_the_contract() {
         send(&one, "a", "inst-2/not-listening", "m").status.code(),
         Some(3)
     );
-    // 2: bad address, bad usage.
+    // A bare agent name is looked up in the fleet: attached nowhere is 3.
     let out = send(&one, "a", "no-slash", "m");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no online instance"),
+        "{}",
+        text(&out.stderr)
+    );
+    // 2: bad address, bad usage.
+    let out = send(&one, "a", "a/b/c", "m");
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         text(&out.stderr).trim().lines().count(),
