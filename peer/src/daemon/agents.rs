@@ -76,7 +76,7 @@ pub fn check_agent(agent: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// A notify URL: `http://` to 127.0.0.1, [::1] or localhost, with a port;
+/// A notify URL: `http://` to `127.0.0.1`, `[::1]` or `localhost`, with a port;
 /// nothing else (the daemon must not become a way to reach other hosts).
 pub fn check_notify_url(url: &str) -> Result<NotifyTarget, AgentError> {
     let bad = |reason| AgentError::BadNotifyUrl {
