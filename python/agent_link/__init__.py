@@ -213,11 +213,24 @@ class AgentLink:
 
     # -- plumbing ---------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: Optional[dict] = None, timeout: Optional[float] = 120.0) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Optional[dict] = None,
+        timeout: Optional[float] = 120.0,
+        reuse: bool = True,
+    ) -> Any:
+        # `reuse=False` for requests that must not be retried (a send): a kept
+        # connection that fails cannot tell "closed before the request" from
+        # "closed after the daemon acted on it", so only idempotent requests
+        # ride on kept connections (and are retried once on a fresh one).
         payload = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"}
-        with self._idle_lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = None
+        if reuse:
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
         fresh = conn is None
         if conn is None:
             conn = self._connect(timeout)
@@ -233,12 +246,9 @@ class AgentLink:
                 conn.close()
                 if not fresh:
                     # A kept connection the daemon closed meanwhile: once more
-                    # on a new one.
-                    return self._request(method, path, body, timeout)
-                raise PermissionDenied(
-                    f"the daemon at {self.socket_path} closed the connection: "
-                    "it refuses clients of another user; run this as the daemon's user"
-                ) from None
+                    # on a new one (idempotent requests only, see above).
+                    return self._request(method, path, body, timeout, reuse=False)
+                raise self._closed_error() from None
         except BaseException:
             conn.close()
             raise
@@ -251,6 +261,23 @@ class AgentLink:
                 else:
                     conn.close()
         return self._decode(res.status, raw)
+
+    def _closed_error(self) -> AgentLinkError:
+        """The daemon closed a fresh connection without an answer: it
+        refuses this user (its socket is another's), or it stopped."""
+        try:
+            owner = os.stat(self.socket_path).st_uid
+        except OSError:
+            owner = os.geteuid()
+        if owner != os.geteuid() and os.geteuid() != 0:
+            return PermissionDenied(
+                f"the daemon at {self.socket_path} belongs to uid {owner} and refuses clients of "
+                "another user; run this as the daemon's user"
+            )
+        return Unavailable(  # type: ignore[name-defined]  # noqa: F821
+            f"the daemon at {self.socket_path} closed the connection without an answer (did it stop?); "
+            "the outcome of this request is unknown"
+        )
 
     def _connect(self, timeout: Optional[float]) -> _UnixConnection:
         conn = _UnixConnection(self.socket_path, timeout)
@@ -312,7 +339,7 @@ class AgentLink:
         if wait_read is not None:
             body["wait_read_secs"] = max(1, int(round(wait_read)))
         wait = (timeout or 3600) + (wait_read or 0) + 10
-        v = self._request("POST", "/v1/send", body, timeout=wait)
+        v = self._request("POST", "/v1/send", body, timeout=wait, reuse=False)
         return Receipt(id=v["id"], to=v["to"], delivered_at=int(v["delivered_at"]), read_at=v.get("read_at"))
 
     # -- receiving --------------------------------------------------------
