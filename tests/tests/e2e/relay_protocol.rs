@@ -865,24 +865,35 @@ async fn a_status_past_the_frame_limit_arrives_complete_in_pages() {
         .await
         .unwrap();
     let name = "n".repeat(128);
-    agent_link_relay::registry::RegistryStore::new(&relay.state_dir())
-        .update(|r| {
-            for i in 0..75_000u32 {
-                let mut seed = [7u8; 32];
-                seed[..4].copy_from_slice(&i.to_be_bytes());
-                let key = Identity::from_seed(&seed).public_key();
-                r.register(&format!("many-{i:05}-{}", "x".repeat(53)), &key, &name)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok::<(), String>(())
-        })
-        .unwrap()
-        .unwrap();
-    // The relay polls its registry file.
+    // 75,000 keys and one big registry write take seconds in a debug build:
+    // off this test's runtime thread, which also drives the in-process relay
+    // and the peer (blocking it let their connection time out on a loaded
+    // machine).
+    let state_dir = relay.state_dir();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || {
+        agent_link_relay::registry::RegistryStore::new(&state_dir)
+            .update(|r| {
+                for i in 0..75_000u32 {
+                    let mut seed = [7u8; 32];
+                    seed[..4].copy_from_slice(&i.to_be_bytes());
+                    let key = Identity::from_seed(&seed).public_key();
+                    r.register(&format!("many-{i:05}-{}", "x".repeat(53)), &key, &n)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            })
+            .unwrap()
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    // The relay polls its registry file: wait until it lists more than
+    // the two instances it already knew.
     let deadline = tokio::time::Instant::now() + WAIT;
     let st = loop {
         let st = one.status().await.expect("status");
-        if st.instances.len() > 1 || tokio::time::Instant::now() > deadline {
+        if st.instances.len() > 2 || tokio::time::Instant::now() > deadline {
             break st;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
