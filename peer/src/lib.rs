@@ -38,6 +38,7 @@ mod core;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 mod error;
+mod find;
 mod fleet;
 mod init;
 mod link;
@@ -50,6 +51,7 @@ mod transport;
 pub use agent::{Agent, AgentSender};
 pub use agent_link_proto::{ErrorCode, Exit, InstanceStatus, JoinToken};
 pub use error::{CloseReason, LinkError, Phase, SendError};
+pub use find::{find_agent, FindAgentError};
 pub use init::{init, trust};
 pub use link::{AgentLink, AgentLinkBuilder, StatusReport};
 pub use message::{Message, MessageId, Receipt};

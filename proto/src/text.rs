@@ -27,6 +27,16 @@ pub fn one_line(text: &str) -> String {
     out
 }
 
+/// An error line with its target put in: `"what; next"` becomes
+/// `"what (to); next"`, and a line without a next step gets ` (to)` at the
+/// end.
+pub fn with_target(text: &str, to: &str) -> String {
+    match text.split_once("; ") {
+        Some((what, next)) => format!("{what} ({to}); {next}"),
+        None => format!("{text} ({to})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,7 +123,7 @@ impl Failure {
             &format!("{code:?}"),
             http,
             Exit::from(code),
-            with_target(code.describe(), to),
+            agent_link_proto::text::with_target(code.describe(), to),
         )
     }
 
@@ -162,14 +162,6 @@ impl Failure {
 
     pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new("Internal", 500, Exit::Other, message)
-    }
-}
-
-/// `"what; next"` → `"what (to); next"`.
-pub(crate) fn with_target(text: &str, to: &str) -> String {
-    match text.split_once("; ") {
-        Some((what, next)) => format!("{what} ({to}); {next}"),
-        None => format!("{text} ({to})"),
     }
 }
 
@@ -502,7 +494,7 @@ impl Daemon {
             .map(|r| match r {
                 Ok(w) => {
                     if let Some(requester) = self.inner.reads.take_want(agent, &w.id) {
-                        if requester == instance_of(&w.from) {
+                        if requester == store::instance_of(&w.from) {
                             self.send_read_note(&requester, ReadNote::read(agent, &w.id, now));
                         }
                     }
@@ -616,30 +608,21 @@ impl Daemon {
     async fn resolve(&self, agent: &str) -> Result<String, Failure> {
         agent_link_proto::check_id(agent)
             .map_err(|e| Failure::new("BadAddress", 400, Exit::Usage, format!("to: {e}")))?;
-        let instances = self.fleet(false).await?;
-        let mut found = where_attached(&instances, agent);
-        if found.is_empty() {
+        let found = match crate::find_agent(&self.fleet(false).await?, agent) {
             // It may have attached since the status was taken.
-            found = where_attached(&self.fleet(true).await?, agent);
-        }
-        match found.as_slice() {
-            [] => Err(Failure::new(
-                "UnknownTarget",
-                404,
-                Exit::Offline,
-                format!("no online instance has an agent {agent} attached; use INSTANCE/{agent}, or try again when it is online"),
-            )),
-            [one] => Ok(format!("{one}/{agent}")),
-            many => Err(Failure::new(
-                "AmbiguousTarget",
-                409,
-                Exit::Usage,
-                format!(
-                    "agent {agent} is attached on several instances ({}); use INSTANCE/{agent}",
-                    many.join(", ")
-                ),
-            )),
-        }
+            Err(crate::FindAgentError::Nowhere { .. }) => {
+                crate::find_agent(&self.fleet(true).await?, agent)
+            }
+            other => other,
+        };
+        found.map_err(|e| match e {
+            crate::FindAgentError::Nowhere { .. } => {
+                Failure::new("UnknownTarget", 404, Exit::Offline, e.to_string())
+            }
+            crate::FindAgentError::Several { .. } => {
+                Failure::new("AmbiguousTarget", 409, Exit::Usage, e.to_string())
+            }
+        })
     }
 
     /// The fleet as the relay reports it (cached for a second).
@@ -765,7 +748,7 @@ impl Daemon {
             for m in batch.drain(..) {
                 // Taken at once: these are notes, not messages to keep.
                 agent.confirm(m.id, now_ms());
-                let from_instance = instance_of(&m.from).to_string();
+                let from_instance = store::instance_of(&m.from).to_string();
                 match ReadNote::parse(&m.payload) {
                     Some(ReadNote::Request { agent: a, id }) => {
                         self.on_read_request(&from_instance, &a, id).await
@@ -922,18 +905,6 @@ async fn read_waiting(
     })
     .await
     .map_err(|e| Failure::internal(e.to_string()))?
-}
-
-fn where_attached(instances: &[InstanceStatus], agent: &str) -> Vec<String> {
-    instances
-        .iter()
-        .filter(|i| i.online && i.agents.iter().any(|a| a == agent))
-        .map(|i| i.instance_id.clone())
-        .collect()
-}
-
-fn instance_of(address: &str) -> &str {
-    address.split_once('/').map_or(address, |(i, _)| i)
 }
 
 pub(crate) fn now_ms() -> u64 {

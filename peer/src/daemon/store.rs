@@ -192,7 +192,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn instance_of(address: &str) -> &str {
+/// The instance part of `instance/agent`.
+pub(crate) fn instance_of(address: &str) -> &str {
     address.split_once('/').map_or(address, |(i, _)| i)
 }
 

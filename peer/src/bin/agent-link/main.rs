@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use agent_link::daemon::client::Client;
 use agent_link::{AgentLink, Exit, JoinToken, LinkError, SendError};
+use agent_link_proto::text::with_target;
 use clap::{Parser, Subcommand};
 
 mod local;
@@ -578,23 +579,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 /// A bare agent name: the one online instance where it receives.
 async fn resolve(link: &AgentLink, agent: &str) -> Result<String, Failure> {
     let st = link.status().await?;
-    let found: Vec<&str> = st
-        .instances
-        .iter()
-        .filter(|i| i.online && i.agents.iter().any(|a| a == agent))
-        .map(|i| i.instance_id.as_str())
-        .collect();
-    match found.as_slice() {
-        [] => Err(Failure(
-            Exit::Offline,
-            format!("no online instance has an agent {agent} attached; use INSTANCE/{agent}, or try again when it is online"),
-        )),
-        [one] => Ok(format!("{one}/{agent}")),
-        many => Err(Failure(
-            Exit::Usage,
-            format!("agent {agent} is attached on several instances ({}); use INSTANCE/{agent}", many.join(", ")),
-        )),
-    }
+    agent_link::find_agent(&st.instances, agent).map_err(|e| {
+        let exit = match e {
+            agent_link::FindAgentError::Nowhere { .. } => Exit::Offline,
+            _ => Exit::Usage,
+        };
+        Failure(exit, e.to_string())
+    })
 }
 
 fn join_or_dash(v: &[String]) -> String {
@@ -613,14 +604,6 @@ fn send_error_line(e: &SendError, to: &str) -> String {
             "no receipt from {to} before the deadline; the message may or may not have been delivered (raise --timeout, or check with the receiver before resending)"
         ),
         other => with_target(&other.to_string(), to),
-    }
-}
-
-/// `"what; next"` → `"what (to); next"`.
-fn with_target(text: &str, to: &str) -> String {
-    match text.split_once("; ") {
-        Some((what, next)) => format!("{what} ({to}); {next}"),
-        None => format!("{text} ({to})"),
     }
 }
 
