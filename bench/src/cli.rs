@@ -26,7 +26,7 @@ pub struct CliArgs {
 }
 
 /// Run `cmd`, fail unless it exits 0; its wall time.
-fn timed(cmd: &mut Command) -> Result<Duration> {
+pub(crate) fn timed(cmd: &mut Command) -> Result<Duration> {
     let t0 = Instant::now();
     let out = cmd.stdin(Stdio::null()).output().context("spawn")?;
     let took = t0.elapsed();
@@ -40,16 +40,48 @@ fn timed(cmd: &mut Command) -> Result<Duration> {
     Ok(took)
 }
 
-fn summary(name: &str, mut v: Vec<Duration>) {
+/// min / median / max of `v`, after `name` padded to `width`.
+pub(crate) fn summary(name: &str, width: usize, mut v: Vec<Duration>) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "{name:<8} runs {:>3}  min {:>6.1} ms  median {:>6.1} ms  max {:>6.1} ms",
+        "{name:<width$} runs {:>3}  min {:>6.1} ms  median {:>6.1} ms  max {:>6.1} ms",
         v.len(),
         ms(v[0]),
         ms(v[v.len() / 2]),
         ms(v[v.len() - 1])
     );
+}
+
+/// `agent-link init` of instance `id` in `dir`, the join token on its
+/// standard input (never in its arguments).
+pub(crate) fn init(
+    peer: &std::path::Path,
+    dir: &std::path::Path,
+    id: &str,
+    token: &str,
+) -> Result<()> {
+    let mut child = Command::new(peer)
+        .arg("init")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--instance-id", id, "--join", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("agent-link init")?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(token.as_bytes())?;
+    }
+    if !child.wait()?.success() {
+        bail!("agent-link init {id} failed");
+    }
+    Ok(())
 }
 
 /// The benchmark.
@@ -67,22 +99,7 @@ pub fn run(args: CliArgs) -> Result<()> {
     )?;
     let dirs = [tmp.path().join("one"), tmp.path().join("two")];
     for (dir, id) in dirs.iter().zip(["cli-1", "cli-2"]) {
-        let mut init = Command::new(&peer);
-        init.arg("init").arg("--dir").arg(dir);
-        init.args(["--instance-id", id, "--join", "-"]);
-        let mut child = init
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("agent-link init")?;
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().context("stdin")?;
-            stdin.write_all(relay.token.as_bytes())?;
-        }
-        if !child.wait()?.success() {
-            bail!("agent-link init {id} failed");
-        }
+        init(&peer, dir, id, &relay.token)?;
     }
     let mut listen = Command::new(&peer)
         .arg("listen")
@@ -130,8 +147,8 @@ pub fn run(args: CliArgs) -> Result<()> {
             statuses.push(timed(&mut status())?);
         }
         println!("whole-process CLI calls on loopback ({} each):", args.runs);
-        summary("send", sends);
-        summary("status", statuses);
+        summary("send", 8, sends);
+        summary("status", 8, statuses);
         Ok(())
     })();
     let _ = listen.kill();

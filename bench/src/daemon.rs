@@ -20,6 +20,7 @@ use agent_link_faults::ProcWatch;
 use anyhow::{bail, Context, Result};
 use tokio::sync::Mutex;
 
+use crate::cli::{init, summary, timed};
 use crate::relay_proc::{relay_binary, sibling_binary, RelayProcess};
 
 /// Options of `agent-link-bench daemon`.
@@ -81,30 +82,6 @@ impl Drop for DaemonProc {
     }
 }
 
-fn init(peer: &Path, dir: &Path, id: &str, token: &str) -> Result<()> {
-    let mut child = Command::new(peer)
-        .arg("init")
-        .arg("--dir")
-        .arg(dir)
-        .args(["--instance-id", id, "--join", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("agent-link init")?;
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(token.as_bytes())?;
-    }
-    if !child.wait()?.success() {
-        bail!("agent-link init {id} failed");
-    }
-    Ok(())
-}
-
 /// Latencies (µs) and count of one path's measured window.
 struct Figures {
     name: &'static str,
@@ -136,25 +113,33 @@ impl Figures {
     }
 }
 
-async fn through_socket(client: Client, args: &DaemonArgs, payload: String) -> Figures {
-    let stop_at = Instant::now() + Duration::from_secs(args.duration.min(60));
+/// `clients` closed loops, each one send in flight, until `duration` is
+/// up: how many succeeded and failed, and their latencies.
+async fn closed_loop<F, Fut>(
+    name: &'static str,
+    clients: usize,
+    duration: Duration,
+    send: F,
+) -> Figures
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let stop_at = Instant::now() + duration;
     let lat = Arc::new(Mutex::new(crate::load::new_histogram()));
     let mut tasks = Vec::new();
-    for _ in 0..args.clients {
-        let (client, payload, lat) = (client.clone(), payload.clone(), lat.clone());
+    for _ in 0..clients {
+        let (send, lat) = (send.clone(), lat.clone());
         tasks.push(tokio::spawn(async move {
-            let body =
-                serde_json::json!({"from": "alice", "to": "bench-b/bob", "message": payload});
             let (mut ok, mut err) = (0u64, 0u64);
             while Instant::now() < stop_at {
                 let t0 = Instant::now();
-                match client.request("POST", "/v1/send", Some(&body)).await {
-                    Ok(_) => {
-                        ok += 1;
-                        let us = t0.elapsed().as_micros() as u64;
-                        let _ = lat.lock().await.record(us.max(1));
-                    }
-                    Err(_) => err += 1,
+                if send().await {
+                    ok += 1;
+                    let us = t0.elapsed().as_micros() as u64;
+                    let _ = lat.lock().await.record(us.max(1));
+                } else {
+                    err += 1;
                 }
             }
             (ok, err)
@@ -171,83 +156,56 @@ async fn through_socket(client: Client, args: &DaemonArgs, payload: String) -> F
     let secs = t0.elapsed().as_secs_f64();
     let lat = lat.lock().await.clone();
     Figures {
-        name: "local API → durable inbox",
+        name,
         sent,
         errors,
         secs,
         lat,
     }
+}
+
+/// The measured time of each path.
+fn measured(args: &DaemonArgs) -> Duration {
+    Duration::from_secs(args.duration.min(60))
+}
+
+async fn through_socket(client: Client, args: &DaemonArgs, payload: String) -> Figures {
+    let body =
+        Arc::new(serde_json::json!({"from": "alice", "to": "bench-b/bob", "message": payload}));
+    closed_loop(
+        "local API → durable inbox",
+        args.clients,
+        measured(args),
+        move || {
+            let (client, body) = (client.clone(), body.clone());
+            async move {
+                client
+                    .request("POST", "/v1/send", Some(&body))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await
 }
 
 async fn direct(dir: &Path, args: &DaemonArgs, payload: String) -> Result<Figures> {
     let link = agent_link::AgentLink::connect(dir).await?;
     let agent = link.attach_sender("alice").await?;
-    let stop_at = Instant::now() + Duration::from_secs(args.duration.min(60));
-    let lat = Arc::new(Mutex::new(crate::load::new_histogram()));
-    let mut tasks = Vec::new();
-    for _ in 0..args.clients {
-        let (tx, payload, lat) = (agent.sender(), payload.clone(), lat.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut err) = (0u64, 0u64);
-            while Instant::now() < stop_at {
-                let t0 = Instant::now();
-                match tx.send("bench-b/bob", payload.clone().into_bytes()).await {
-                    Ok(_) => {
-                        ok += 1;
-                        let us = t0.elapsed().as_micros() as u64;
-                        let _ = lat.lock().await.record(us.max(1));
-                    }
-                    Err(_) => err += 1,
-                }
-            }
-            (ok, err)
-        }));
-    }
-    let t0 = Instant::now();
-    let (mut sent, mut errors) = (0, 0);
-    for t in tasks {
-        if let Ok((o, e)) = t.await {
-            sent += o;
-            errors += e;
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
+    let (tx, payload) = (agent.sender(), bytes::Bytes::from(payload));
+    let f = closed_loop(
+        "library (no daemon) → inbox",
+        args.clients,
+        measured(args),
+        move || {
+            let (tx, payload) = (tx.clone(), payload.clone());
+            async move { tx.send("bench-b/bob", payload).await.is_ok() }
+        },
+    )
+    .await;
     agent.close().await;
     link.close().await;
-    let lat = lat.lock().await.clone();
-    Ok(Figures {
-        name: "library (no daemon) → inbox",
-        sent,
-        errors,
-        secs,
-        lat,
-    })
-}
-
-fn timed(cmd: &mut Command) -> Result<Duration> {
-    let t0 = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output().context("spawn")?;
-    let took = t0.elapsed();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} exited {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(took)
-}
-
-fn summary(name: &str, mut v: Vec<Duration>) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "{name:<28} runs {:>3}  min {:>6.1} ms  median {:>6.1} ms  max {:>6.1} ms",
-        v.len(),
-        ms(v[0]),
-        ms(v[v.len() / 2]),
-        ms(v[v.len() - 1])
-    );
+    Ok(f)
 }
 
 /// The benchmark.
@@ -333,8 +291,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         "whole-process `agent-link send` ({} each, alternated):",
         args.runs
     );
-    summary("through the daemon", via);
-    summary("direct (no daemon)", dir);
+    summary("through the daemon", 28, via);
+    summary("direct (no daemon)", 28, dir);
     drop(da);
     drop(db);
     drop(relay);
