@@ -75,12 +75,28 @@ impl Drop for DaemonChild {
     }
 }
 
-fn cli(dir: &Path, args: &[&str]) -> Output {
+/// `agent-link ARGS` with `--dir DIR` put in after the (sub)command.
+fn cli_cmd(dir: &Path, args: &[&str]) -> std::process::Command {
+    let words = if args[0] == "agent" { 2 } else { 1 };
     let mut c = peer_cmd();
-    c.arg(args[0])
+    c.args(&args[..words])
         .args(["--dir", dir.to_str().unwrap()])
-        .args(&args[1..]);
-    run(c)
+        .args(&args[words..]);
+    c
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    run(cli_cmd(dir, args))
+}
+
+/// `cli_cmd` started, its stdout and stderr piped.
+fn spawn_cli(dir: &Path, args: &[&str]) -> Child {
+    cli_cmd(dir, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn ok(out: &Output) -> String {
@@ -101,12 +117,7 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 }
 
 fn agent_add(dir: &Path, agent: &str) {
-    let out = peer_cmd()
-        .args(["agent", "add", "--dir", dir.to_str().unwrap(), agent])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    ok(&out);
+    ok(&cli(dir, &["agent", "add", agent]));
 }
 
 #[test]
@@ -115,11 +126,8 @@ fn an_agent_that_was_not_running_gets_its_message_later() {
     let _d1 = DaemonChild::start(&one);
     let _d2 = DaemonChild::start(&two);
     agent_add(&two, "xiaobaozi");
-    let list: serde_json::Value = serde_json::from_str(&ok(&peer_cmd()
-        .args(["agent", "list", "--dir", two.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap()))
-    .unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&two, &["agent", "list", "--json"]))).unwrap();
     assert_eq!(list["agents"][0]["agent"], "xiaobaozi");
     assert_eq!(list["agents"][0]["inbox"], 0);
     // Nobody is listening; the message lands in the inbox.
@@ -189,26 +197,11 @@ fn recv_wait_returns_when_a_message_lands_and_read_receipts_come_back() {
     let _d1 = DaemonChild::start(&one);
     let _d2 = DaemonChild::start(&two);
     agent_add(&two, "bob");
-    let waiter = peer_cmd()
-        .args([
-            "recv",
-            "--dir",
-            two.to_str().unwrap(),
-            "--agent",
-            "bob",
-            "--wait",
-            "20",
-            "--json",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let sender = peer_cmd()
-        .args([
+    let waiter = spawn_cli(&two, &["recv", "--agent", "bob", "--wait", "20", "--json"]);
+    let sender = spawn_cli(
+        &one,
+        &[
             "send",
-            "--dir",
-            one.to_str().unwrap(),
             "--from",
             "alice",
             "--to",
@@ -217,12 +210,8 @@ fn recv_wait_returns_when_a_message_lands_and_read_receipts_come_back() {
             "20",
             "--json",
             "read me",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let got = waiter.wait_with_output().unwrap();
     let m: serde_json::Value = serde_json::from_str(&ok(&got)).unwrap();
     assert_eq!(m["message"], "read me");
@@ -641,21 +630,7 @@ fn listen_through_the_daemon_drains_the_inbox_then_streams() {
         &one,
         &["send", "--from", "alice", "--to", "inst-2/bob", "early"],
     ));
-    let mut listen = peer_cmd()
-        .args([
-            "listen",
-            "--dir",
-            two.to_str().unwrap(),
-            "--agent",
-            "bob",
-            "--count",
-            "2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut listen = spawn_cli(&two, &["listen", "--agent", "bob", "--count", "2"]);
     let lines = lines_of(listen.stdout.take().unwrap());
     assert_eq!(lines.recv_timeout(WAIT).unwrap(), "inst-1/alice: early");
     ok(&cli(
@@ -726,19 +701,7 @@ fn notify_url_gets_the_id_never_the_content_and_a_slow_one_blocks_nothing() {
     let (url, hits) = hook(false);
     let (slow_url, slow_hits) = hook(true);
     for (agent, u) in [("bob", &url), ("carol", &slow_url)] {
-        let out = peer_cmd()
-            .args([
-                "agent",
-                "add",
-                "--dir",
-                two.to_str().unwrap(),
-                agent,
-                "--notify-url",
-                u,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = cli(&two, &["agent", "add", agent, "--notify-url", u]);
         ok(&out);
     }
     let out = cli(
@@ -782,19 +745,16 @@ fn notify_url_gets_the_id_never_the_content_and_a_slow_one_blocks_nothing() {
         5
     );
     // Only loopback http:// is accepted.
-    let out = peer_cmd()
-        .args([
+    let out = cli(
+        &two,
+        &[
             "agent",
             "add",
-            "--dir",
-            two.to_str().unwrap(),
             "dave",
             "--notify-url",
             "http://192.0.2.1:80/",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
 
@@ -806,22 +766,17 @@ fn many_concurrent_cli_calls_share_the_one_connection_and_all_land() {
     agent_add(&two, "bob");
     let children: Vec<Child> = (0..24)
         .map(|i| {
-            peer_cmd()
-                .args([
+            spawn_cli(
+                &one,
+                &[
                     "send",
-                    "--dir",
-                    one.to_str().unwrap(),
                     "--from",
                     &format!("a{}", i % 6),
                     "--to",
                     "inst-2/bob",
                     &format!("n{i}"),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                ],
+            )
         })
         .collect();
     for c in children {
