@@ -41,11 +41,39 @@ pub struct RelayUnderTest {
 
 impl RelayUnderTest {
     pub fn start(target: &RelayTarget, cfg: &RunCfg) -> Result<Self> {
+        Self::start_with_members(target, cfg, &[])
+    }
+
+    /// As [`RelayUnderTest::start`]; a relay of our own has `members`
+    /// (instance id, public key) registered offline, in one registry write
+    /// before it starts (online registrations rewrite the registry file
+    /// each, which dominates setting up thousands of connections).
+    pub fn start_with_members(
+        target: &RelayTarget,
+        cfg: &RunCfg,
+        members: &[(String, agent_link_crypto::PublicKey)],
+    ) -> Result<Self> {
         match target {
             RelayTarget::Own(bin) => {
                 let dir = tempfile::tempdir()?;
-                let relay =
-                    RelayProcess::start(bin, &dir.path().join("relay"), &bench_relay_config(cfg))?;
+                let batch = dir.path().join("members.txt");
+                let lines: String = members
+                    .iter()
+                    .map(|(id, key)| format!("{id} {key}\n"))
+                    .collect();
+                std::fs::write(&batch, lines)?;
+                let relay = RelayProcess::start_with(
+                    bin,
+                    &dir.path().join("relay"),
+                    &bench_relay_config(cfg),
+                    |relay_dir| {
+                        if members.is_empty() {
+                            Ok(())
+                        } else {
+                            crate::relay_proc::register_batch(bin, relay_dir, &batch)
+                        }
+                    },
+                )?;
                 Ok(Self {
                     addr: relay.addr,
                     token: JoinToken::parse(&relay.token)?,
@@ -73,21 +101,66 @@ impl RelayUnderTest {
     }
 }
 
+/// The relay's `core::deliveries::SENDER_SHARE` (a test checks they agree).
+const RELAY_SENDER_SHARE: u64 = 4;
+
 /// Limits of the bench's own relay: room for the load, not a tuned relay.
 pub fn bench_relay_config(cfg: &RunCfg) -> serde_json::Value {
+    // A sender may hold a quarter of a stream's queued bytes
+    // (`SENDER_SHARE`): room for a whole window of the largest messages
+    // from one sender, so large-message runs measure forwarding, not `Busy`.
+    let per_agent = (cfg.window as u64 * (cfg.size as u64 + 2048) * RELAY_SENDER_SHARE)
+        .clamp(4 << 20, u64::from(u32::MAX));
+    let agents = cfg.topo.senders.agents.max(cfg.topo.receivers.agents) as u64;
     let mut c = serde_json::json!({
+        "agent_queue_bytes": per_agent,
+        "instance_queue_bytes": (per_agent * agents).max(32 << 20),
         "max_message_size": (cfg.size as u64 + 1024).max(1 << 20),
         "agent_queue_len": (cfg.window * 4).max(1024),
         "rate_per_instance": 10_000_000u64,
         "rate_burst": 1_000_000u64,
         "handshakes_per_sec": 100_000u64,
         "handshakes_per_sec_per_ip": 100_000u64,
+        "registrations_per_sec": 1_000_000u64,
+        "retry_threshold": 10_000u64,
+        "max_connections": (cfg.topo.senders.instances + cfg.topo.receivers.instances + 64) as u64,
         "max_agents_per_connection": (cfg.topo.senders.agents.max(cfg.topo.receivers.agents) as u64).max(64),
     });
     if let Some(m) = cfg.max_udp_payload {
         c["max_udp_payload_size"] = m.into();
     }
     c
+}
+
+/// Connections being set up at once (each a handshake and an online
+/// registration): a fleet run sets up thousands.
+const CONNECT_CONCURRENCY: usize = 64;
+
+/// `make(0..n)`, at most [`CONNECT_CONCURRENCY`] at once; the results in
+/// index order, or the first error.
+async fn connect_all<T, F, Fut>(n: usize, make: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let mut jobs = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await?;
+        let job = make(i);
+        jobs.spawn(async move {
+            let r = job.await;
+            drop(permit);
+            (i, r)
+        });
+    }
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    while let Some(done) = jobs.join_next().await {
+        let (i, r) = done?;
+        out[i] = Some(r.with_context(|| format!("setting up connection {i}"))?);
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// Unique ids per run, so runs against a long-lived relay never collide.
@@ -98,62 +171,97 @@ pub fn run_names() -> Names {
 }
 
 pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
-    let relay = RelayUnderTest::start(target, cfg)?;
     let topo = &cfg.topo;
     let names = run_names();
+    let keys = |n: usize| -> Vec<Arc<Identity>> {
+        (0..n).map(|_| Arc::new(Identity::generate())).collect()
+    };
+    let (rids, sids) = (keys(topo.receivers.instances), keys(topo.senders.instances));
+    let members: Vec<(String, agent_link_crypto::PublicKey)> = rids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (names.receiver_instance(i), id.public_key()))
+        .chain(
+            sids.iter()
+                .enumerate()
+                .map(|(i, id)| (names.sender_instance(i), id.public_key())),
+        )
+        .collect();
+    let relay = RelayUnderTest::start_with_members(target, cfg, &members)?;
+    // A relay of ours knows them already; a running one is joined online.
+    let online = relay.process.is_none();
     let token = &relay.token;
-    let fleet = token.fleet_secret().expect("an open fleet token").key();
     let stop = Arc::new(AtomicBool::new(false));
     let mut receivers = tokio::task::JoinSet::new();
     let mut conns = Vec::new();
-    for i in 0..topo.receivers.instances {
-        let id = Identity::generate();
-        let instance = names.receiver_instance(i);
-        let c = RawConn::connect(relay.addr, token.fingerprint, &id)
-            .await
-            .context("connecting to the relay")?;
-        c.register(
-            &id,
-            &instance,
-            token.fleet_secret().expect("an open fleet token"),
-        )
-        .await?;
-        for a in 0..topo.receivers.agents {
-            let agent = Names::receiver_agent(a);
-            let rx = c.attach(&agent, true).await?;
-            receivers.spawn(raw::run_receiver(
-                rx,
-                (instance.clone(), agent),
-                stop.clone(),
-            ));
+    let secret = token.fleet_secret().expect("an open fleet token").clone();
+    let (addr, fp) = (relay.addr, token.fingerprint);
+    let receiver_agents = topo.receivers.agents;
+    let receiving = connect_all(topo.receivers.instances, {
+        let (names, secret) = (names.clone(), secret.clone());
+        move |i| {
+            let (names, secret, id) = (names.clone(), secret.clone(), rids[i].clone());
+            async move {
+                let instance = names.receiver_instance(i);
+                let c = RawConn::connect(addr, fp, &id)
+                    .await
+                    .context("connecting to the relay")?;
+                if online {
+                    c.register(&id, &instance, &secret).await?;
+                }
+                let mut agents = Vec::new();
+                for a in 0..receiver_agents {
+                    let agent = Names::receiver_agent(a);
+                    agents.push((c.attach(&agent, true).await?, (instance.clone(), agent)));
+                }
+                Ok((c, agents))
+            }
+        }
+    })
+    .await?;
+    for (c, agents) in receiving {
+        for (rx, me) in agents {
+            receivers.spawn(raw::run_receiver(rx, me, stop.clone()));
         }
         conns.push(c);
     }
     let slots = cfg.slots();
     let mut ready = Vec::new();
-    for i in 0..topo.senders.instances {
-        let id = Identity::generate();
-        let instance = names.sender_instance(i);
-        let c = RawConn::connect(relay.addr, token.fingerprint, &id).await?;
-        c.register(
-            &id,
-            &instance,
-            token.fleet_secret().expect("an open fleet token"),
-        )
-        .await?;
-        for a in 0..topo.senders.agents {
-            let agent = Names::sender_agent(a);
-            let k = i * topo.senders.agents + a;
-            let targets = topo.target_names(k, &names);
-            let pool = raw::sign_pool(&id, &fleet, (&instance, &agent), &targets, cfg.size, slots)?;
-            ready.push((c.attach(&agent, false).await?, pool));
+    let sending = connect_all(topo.senders.instances, {
+        let (names, secret, topo, size) = (names.clone(), secret.clone(), topo.clone(), cfg.size);
+        move |i| {
+            let (names, secret, topo) = (names.clone(), secret.clone(), topo.clone());
+            let id = sids[i].clone();
+            async move {
+                let instance = names.sender_instance(i);
+                let c = RawConn::connect(addr, fp, &id).await?;
+                if online {
+                    c.register(&id, &instance, &secret).await?;
+                }
+                let fleet = secret.key();
+                let mut agents = Vec::new();
+                for a in 0..topo.senders.agents {
+                    let agent = Names::sender_agent(a);
+                    let k = i * topo.senders.agents + a;
+                    let targets = topo.target_names(k, &names);
+                    let pool =
+                        raw::sign_pool(&id, &fleet, (&instance, &agent), &targets, size, slots)?;
+                    agents.push((c.attach(&agent, false).await?, pool));
+                }
+                Ok((c, agents))
+            }
         }
+    })
+    .await?;
+    for (c, agents) in sending {
+        ready.extend(agents);
         conns.push(c);
     }
     let plan = cfg.plan(Instant::now() + Duration::from_millis(100));
     let mut senders = tokio::task::JoinSet::new();
-    for (tx, pool) in ready {
-        senders.spawn(raw::run_sender(tx, pool, plan));
+    let n = ready.len();
+    for (k, (tx, pool)) in ready.into_iter().enumerate() {
+        senders.spawn(raw::run_sender(tx, pool, plan.staggered(k, n)));
     }
     let _bar = Progress::start(
         format!("ceiling {} {} B", topo.label(), cfg.size),
@@ -163,6 +271,8 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let watch = relay.watch();
     tokio::time::sleep_until(plan.measure_from.into()).await;
     let cpu0 = watch.map(|w| w.cpu_seconds());
+    let packets = crate::netstat::PacketMeter::start();
+    let quic0 = raw::QuicTally::of(&conns);
     let mut out = Outcome::new();
     while let Some(r) = senders.join_next().await {
         out.add(&r??);
@@ -170,11 +280,30 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let server = watch
         .zip(cpu0)
         .map(|(w, c0)| (w.cpu_seconds() - c0, w.peak_rss_kib()));
+    let packets = packets.stop();
+    raw::QuicTally::of(&conns).print_since(&quic0, out.delivered);
     stop.store(true, Ordering::Relaxed);
     receivers.abort_all();
     for c in conns {
         c.conn.close(0u32.into(), b"done");
     }
     relay.stop();
-    Ok(Figure::new(System::Ceiling, &cfg.info(), &out, server))
+    Ok(Figure::new(
+        System::Ceiling,
+        &cfg.info(),
+        &out,
+        server,
+        packets,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_queue_room_assumes_the_relays_sender_share() {
+        assert_eq!(
+            super::RELAY_SENDER_SHARE,
+            agent_link_relay::core::deliveries::SENDER_SHARE as u64
+        );
+    }
 }

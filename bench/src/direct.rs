@@ -123,23 +123,33 @@ pub async fn run(cfg: &RunCfg) -> Result<Figure> {
     }
     let plan = cfg.plan(Instant::now() + Duration::from_millis(100));
     let mut senders = tokio::task::JoinSet::new();
-    for (tx, pool) in ready {
-        senders.spawn(raw::run_sender(tx, pool, plan));
+    let n = ready.len();
+    for (k, (tx, pool)) in ready.into_iter().enumerate() {
+        senders.spawn(raw::run_sender(tx, pool, plan.staggered(k, n)));
     }
     let _bar = Progress::start(
         format!("direct {} {} B", topo.label(), cfg.size),
         plan.measure_from,
         plan.measure_until,
     );
+    tokio::time::sleep_until(plan.measure_from.into()).await;
+    let packets = crate::netstat::PacketMeter::start();
     let mut out = Outcome::new();
     while let Some(r) = senders.join_next().await {
         out.add(&r??);
     }
+    let packets = packets.stop();
     for (_, conn) in endpoints {
         conn.close(0u32.into(), b"done");
     }
     serving.abort_all();
-    Ok(Figure::new(System::Direct, &cfg.info(), &out, None))
+    Ok(Figure::new(
+        System::Direct,
+        &cfg.info(),
+        &out,
+        None,
+        packets,
+    ))
 }
 
 #[cfg(test)]

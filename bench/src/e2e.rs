@@ -13,10 +13,9 @@ use crate::ceiling::{run_names, RelayTarget, RelayUnderTest};
 use crate::load::{new_histogram, Outcome, RunCfg};
 use crate::progress::Progress;
 use crate::report::{Figure, System};
-use crate::workload::Workload;
 
 pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
-    if cfg.topo.workload != Workload::Pairs || cfg.rate.is_some() || cfg.topo.senders.agents != 1 {
+    if !cfg.topo.workload.is_pairs() || cfg.rate.is_some() || cfg.topo.senders.agents != 1 {
         bail!("the e2e figure is measured for the pairs workload, closed loop, one agent per instance");
     }
     let pairs = cfg.topo.senders.endpoints();
@@ -86,6 +85,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let watch = relay.watch();
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu0 = watch.map(|w| w.cpu_seconds());
+    let packets = crate::netstat::PacketMeter::start();
     let mut out = Outcome::new();
     while let Some(r) = tasks.join_next().await {
         let (ok, f, h) = r?;
@@ -97,6 +97,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let server = watch
         .zip(cpu0)
         .map(|(w, c0)| (w.cpu_seconds() - c0, w.peak_rss_kib()));
+    let packets = packets.stop();
     for h in handlers {
         h.abort();
     }
@@ -104,5 +105,5 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
         l.close().await;
     }
     relay.stop();
-    Ok(Figure::new(System::E2e, &cfg.info(), &out, server))
+    Ok(Figure::new(System::E2e, &cfg.info(), &out, server, packets))
 }

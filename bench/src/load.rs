@@ -29,6 +29,20 @@ pub struct Plan {
     pub measure_until: Instant,
 }
 
+impl Plan {
+    /// Sender `k` of `n`: in open loop its first message is due `k/n` of an
+    /// interval after `start`, so the senders' schedules are spread evenly
+    /// instead of all firing at the same instants (a burst of `n` at once
+    /// every interval, which measures the burst, not the rate). Closed loop:
+    /// unchanged.
+    pub fn staggered(mut self, k: usize, n: usize) -> Self {
+        if let Some(i) = self.interval {
+            self.start += i.mul_f64(k as f64 / n.max(1) as f64);
+        }
+        self
+    }
+}
+
 /// What one sender measured.
 #[derive(Debug)]
 pub struct Outcome {
@@ -40,6 +54,8 @@ pub struct Outcome {
     pub offered: u64,
     /// Send→completion latency, microseconds.
     pub latency: Histogram<u64>,
+    /// The explicit failures by error code, where the system names one.
+    pub failed_by: std::collections::BTreeMap<String, u64>,
 }
 
 impl Outcome {
@@ -49,6 +65,7 @@ impl Outcome {
             failed: 0,
             offered: 0,
             latency: new_histogram(),
+            failed_by: Default::default(),
         }
     }
 
@@ -57,6 +74,9 @@ impl Outcome {
         self.failed += other.failed;
         self.offered += other.offered;
         let _ = self.latency.add(&other.latency);
+        for (code, n) in &other.failed_by {
+            *self.failed_by.entry(code.clone()).or_default() += n;
+        }
     }
 }
 
@@ -89,7 +109,7 @@ impl Tracker {
     /// Slots needed for `plan` (the pool of distinct in-flight messages).
     pub fn slots_for(window: usize, interval: Option<Duration>) -> usize {
         match interval {
-            None => (window * 8).max(256),
+            None => (window * 8).max(16),
             // Room for ~1 s of backlog at the offered rate before the sender
             // holds back (latency then still counts from intended times).
             Some(i) => ((1.0 / i.as_secs_f64()) as usize).clamp(256, 20_000),
@@ -134,14 +154,15 @@ impl Tracker {
         }
     }
 
-    /// Slot `slot` completed at `now` (`ok`: receipt, else explicit failure).
-    pub fn complete(&mut self, slot: usize, now: Instant, ok: bool) {
+    /// Slot `slot` completed at `now` (`ok`: receipt, else explicit
+    /// failure). Whether it counted (inside the measured window).
+    pub fn complete(&mut self, slot: usize, now: Instant, ok: bool) -> bool {
         let Some(started) = self.started.get_mut(slot).and_then(Option::take) else {
-            return;
+            return false;
         };
         self.in_flight -= 1;
         if now < self.plan.measure_from || now >= self.plan.measure_until {
-            return;
+            return false;
         }
         if ok {
             self.out.delivered += 1;
@@ -152,6 +173,7 @@ impl Tracker {
         } else {
             self.out.failed += 1;
         }
+        true
     }
 
     pub fn measure_until(&self) -> Instant {
@@ -205,5 +227,30 @@ impl RunCfg {
             payload_bytes: self.size,
             seconds: self.duration.as_secs_f64(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_loop_senders_are_spread_over_one_interval() {
+        let t0 = Instant::now();
+        let plan = Plan {
+            window: 1,
+            interval: Some(Duration::from_millis(100)),
+            start: t0,
+            measure_from: t0 + Duration::from_secs(1),
+            measure_until: t0 + Duration::from_secs(2),
+        };
+        assert_eq!(plan.staggered(0, 4).start, t0);
+        assert_eq!(plan.staggered(3, 4).start, t0 + Duration::from_millis(75));
+        assert_eq!(plan.staggered(3, 4).measure_from, plan.measure_from);
+        let closed = Plan {
+            interval: None,
+            ..plan
+        };
+        assert_eq!(closed.staggered(3, 4).start, t0);
     }
 }

@@ -24,6 +24,7 @@ mod e2e;
 mod flood;
 mod load;
 mod nats;
+mod netstat;
 mod progress;
 mod raw;
 mod relay_proc;
@@ -102,27 +103,32 @@ pub(crate) struct Args {
     /// Which figures to measure
     #[arg(long, value_enum, default_value = "both")]
     mode: Mode,
-    /// Who sends to whom
-    #[arg(long, value_enum, default_value = "pairs")]
-    workload: Workload,
+    /// Who sends to whom, comma-separated for several runs in one command
+    /// (`all`: pairs, fleet, large); each brings its own defaults for
+    /// --pairs, --window and --sizes, which flags given override
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "pairs")]
+    workload: Vec<Workload>,
     /// Sender→receiver pairs (shorthand for --instances N --agents 1)
-    #[arg(long, default_value_t = 4)]
-    pairs: usize,
+    /// [default: 4; fleet 500]
+    #[arg(long)]
+    pairs: Option<usize>,
     /// Instances (connections) on the many side [default: --pairs]
     #[arg(long)]
     instances: Option<usize>,
     /// Agents (streams) per instance
     #[arg(long, default_value_t = 1)]
     agents: usize,
-    /// Messages in flight per sender (closed loop)
-    #[arg(long, default_value_t = 64)]
-    window: usize,
+    /// Messages in flight per sender (closed loop) [default: 64; fleet 1,
+    /// large 16]
+    #[arg(long)]
+    window: Option<usize>,
     /// Open loop: messages/s offered in total, on a fixed schedule
     #[arg(long)]
     rate: Option<f64>,
-    /// Payload sizes in bytes, comma-separated (one run each)
-    #[arg(long, alias = "size", value_delimiter = ',', default_value = "256")]
-    sizes: Vec<usize>,
+    /// Payload sizes in bytes, comma-separated (one run each) [default:
+    /// 256; large 65536,1048576]
+    #[arg(long, alias = "size", value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
     /// Measured seconds (after warm-up), at most 45
     #[arg(long, default_value_t = 5)]
     duration: u64,
@@ -264,11 +270,14 @@ async fn run(args: Args) -> Result<()> {
     if args.duration == 0 || args.duration > 45 {
         bail!("--duration must be between 1 and 45 seconds (pre-signed messages must stay inside the relay's 60 s timestamp window)");
     }
-    let instances = args.instances.unwrap_or(args.pairs);
-    if instances == 0 || args.agents == 0 || args.window == 0 {
+    if args.pairs == Some(0)
+        || args.instances == Some(0)
+        || args.agents == 0
+        || args.window == Some(0)
+    {
         bail!("--pairs/--instances, --agents and --window must be at least 1");
     }
-    if args.sizes.iter().any(|&s| s < 16) {
+    if args.sizes.iter().flatten().any(|&s| s < 16) {
         bail!("--sizes must be at least 16 bytes each");
     }
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
@@ -287,37 +296,23 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     };
-    let topo = Topology::new(args.workload, instances, args.agents);
     let mut figures: Vec<Figure> = Vec::new();
-    for &size in &args.sizes {
-        let cfg = RunCfg {
-            topo: topo.clone(),
-            window: args.window,
-            rate: args.rate,
-            size,
-            warmup: Duration::from_secs(args.warmup),
-            duration: Duration::from_secs(args.duration),
-            max_udp_payload: args.max_udp_payload,
-        };
-        if matches!(args.mode, Mode::Ceiling | Mode::Both | Mode::All) {
-            figures.push(
-                ceiling::run(&cfg, &target)
-                    .await
-                    .context("relay-ceiling run")?,
-            );
-            if let Some(bin) = &nats_bin {
-                figures.push(nats::run(&cfg, bin).await.context("NATS run")?);
-            }
-        }
-        if matches!(args.mode, Mode::Direct | Mode::All) {
-            figures.push(direct::run(&cfg).await.context("direct run")?);
-        }
-        if matches!(args.mode, Mode::E2e | Mode::Both | Mode::All) {
-            match e2e::run(&cfg, &target).await {
-                Ok(f) => figures.push(f),
-                Err(e) if args.mode != Mode::E2e => eprintln!("e2e skipped: {e:#}"),
-                Err(e) => return Err(e.context("end-to-end run")),
-            }
+    for workload in Workload::expand(&args.workload) {
+        let d = workload.defaults();
+        let instances = args.instances.or(args.pairs).unwrap_or(d.pairs);
+        let topo = Topology::new(workload, instances, args.agents);
+        let window = args.window.unwrap_or(d.window);
+        for &size in args.sizes.as_ref().unwrap_or(&d.sizes) {
+            let cfg = RunCfg {
+                topo: topo.clone(),
+                window,
+                rate: args.rate,
+                size,
+                warmup: Duration::from_secs(args.warmup),
+                duration: Duration::from_secs(args.duration),
+                max_udp_payload: args.max_udp_payload,
+            };
+            run_one(&args, &cfg, &target, nats_bin.as_deref(), &mut figures).await?;
         }
     }
     report::print_table(&figures);
@@ -328,6 +323,41 @@ async fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.svg {
         std::fs::write(path, svg::render(&figures))
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Every figure `args.mode` asks for, for one workload and size.
+async fn run_one(
+    args: &Args,
+    cfg: &RunCfg,
+    target: &RelayTarget,
+    nats_bin: Option<&std::path::Path>,
+    figures: &mut Vec<Figure>,
+) -> Result<()> {
+    if matches!(args.mode, Mode::Ceiling | Mode::Both | Mode::All) {
+        figures.push(
+            ceiling::run(cfg, target)
+                .await
+                .context("relay-ceiling run")?,
+        );
+        if let Some(bin) = nats_bin {
+            figures.push(nats::run(cfg, bin).await.context("NATS run")?);
+        }
+    }
+    if matches!(args.mode, Mode::Direct | Mode::All) {
+        match direct::run(cfg).await {
+            Ok(f) => figures.push(f),
+            Err(e) if args.mode != Mode::Direct => eprintln!("direct skipped: {e:#}"),
+            Err(e) => return Err(e.context("direct run")),
+        }
+    }
+    if matches!(args.mode, Mode::E2e | Mode::Both | Mode::All) {
+        match e2e::run(cfg, target).await {
+            Ok(f) => figures.push(f),
+            Err(e) if args.mode != Mode::E2e => eprintln!("e2e skipped: {e:#}"),
+            Err(e) => return Err(e.context("end-to-end run")),
+        }
     }
     Ok(())
 }

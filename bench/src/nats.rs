@@ -212,9 +212,16 @@ pub async fn run(cfg: &RunCfg, bin: &Path) -> Result<Figure> {
     }
     let plan = cfg.plan(Instant::now() + Duration::from_millis(100));
     let mut senders = tokio::task::JoinSet::new();
-    for (client, inbox, reply_to, targets) in ready {
+    let n = ready.len();
+    for (k, (client, inbox, reply_to, targets)) in ready.into_iter().enumerate() {
         senders.spawn(sender(
-            client, inbox, reply_to, targets, cfg.size, slots, plan,
+            client,
+            inbox,
+            reply_to,
+            targets,
+            cfg.size,
+            slots,
+            plan.staggered(k, n),
         ));
     }
     let _bar = Progress::start(
@@ -225,11 +232,13 @@ pub async fn run(cfg: &RunCfg, bin: &Path) -> Result<Figure> {
     let watch = server.watch();
     tokio::time::sleep_until(plan.measure_from.into()).await;
     let cpu0 = watch.cpu_seconds();
+    let packets = crate::netstat::PacketMeter::start();
     let mut out = Outcome::new();
     while let Some(r) = senders.join_next().await {
         out.add(&r??);
     }
     let cpu = watch.cpu_seconds() - cpu0;
+    let packets = packets.stop();
     let rss = watch.peak_rss_kib();
     receivers.abort_all();
     drop(server);
@@ -238,5 +247,6 @@ pub async fn run(cfg: &RunCfg, bin: &Path) -> Result<Figure> {
         &cfg.info(),
         &out,
         Some((cpu, rss)),
+        packets,
     ))
 }

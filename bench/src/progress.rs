@@ -1,4 +1,6 @@
-//! A progress bar per run (stderr; hidden when stderr is not a terminal).
+//! A progress bar per run (stderr; when stderr is not a terminal, one line
+//! as the measured window starts instead, so a log or a profiling script
+//! can tell when it is).
 
 use std::time::{Duration, Instant};
 
@@ -18,9 +20,20 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        bar.set_prefix(label);
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        bar.set_prefix(label.clone());
         let b = bar.clone();
         let task = tokio::spawn(async move {
+            if !tty {
+                tokio::time::sleep_until(measure_from.into()).await;
+                eprintln!(
+                    "{label}: measuring for {:.0} s",
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64()
+                );
+                return;
+            }
             loop {
                 let now = Instant::now();
                 b.set_position(now.saturating_duration_since(begin).as_millis() as u64);

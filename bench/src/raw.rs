@@ -282,11 +282,77 @@ pub async fn run_sender(mut tx: RawAgent, pool: Vec<Vec<u8>>, plan: Plan) -> Res
         let now = Instant::now();
         for f in &frames {
             match codec::decode::<RelayToPeer>(f)? {
-                RelayToPeer::Receipt { receipt } => tr.complete(slot_of(&receipt.id)?, now, true),
-                RelayToPeer::Failed { id, .. } => tr.complete(slot_of(&id)?, now, false),
+                RelayToPeer::Receipt { receipt } => {
+                    tr.complete(slot_of(&receipt.id)?, now, true);
+                }
+                RelayToPeer::Failed { id, code } => {
+                    if tr.complete(slot_of(&id)?, now, false) {
+                        *tr.out.failed_by.entry(format!("{code:?}")).or_default() += 1;
+                    }
+                }
                 other => bail!("unexpected frame {other:?}"),
             }
         }
     }
     Ok(tr.out)
+}
+
+/// What the bench's connections saw of QUIC, summed: datagrams and the
+/// frames that matter per message in each direction (from quinn's
+/// per-connection counters). Read at two times, the difference is what one
+/// measured window cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuicTally {
+    /// Datagrams the relay sent to the bench / the bench sent to the relay.
+    pub rx_datagrams: u64,
+    pub tx_datagrams: u64,
+    /// ACK frames from the relay / to the relay.
+    pub rx_acks: u64,
+    pub tx_acks: u64,
+    /// STREAM frames from the relay / to the relay.
+    pub rx_stream: u64,
+    pub tx_stream: u64,
+    /// PING frames (keep-alives, loss probes) from the relay / to it.
+    pub rx_ping: u64,
+    pub tx_ping: u64,
+    /// Packets the bench's side declared lost.
+    pub lost: u64,
+}
+
+impl QuicTally {
+    pub fn of(conns: &[RawConn]) -> Self {
+        let mut t = Self::default();
+        for c in conns {
+            let s = c.conn.stats();
+            t.rx_datagrams += s.udp_rx.datagrams;
+            t.tx_datagrams += s.udp_tx.datagrams;
+            t.rx_acks += s.frame_rx.acks;
+            t.tx_acks += s.frame_tx.acks;
+            t.rx_stream += s.frame_rx.stream;
+            t.tx_stream += s.frame_tx.stream;
+            t.rx_ping += s.frame_rx.ping;
+            t.tx_ping += s.frame_tx.ping;
+            t.lost += s.path.lost_packets;
+        }
+        t
+    }
+
+    /// One line per direction, per delivered message, since `before`.
+    pub fn print_since(&self, before: &QuicTally, delivered: u64) {
+        let d = delivered.max(1) as f64;
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / d;
+        eprintln!(
+            "quic per message: relay→bench {:.2} datagrams ({:.2} STREAM, {:.2} ACK, {:.2} PING frames); \
+bench→relay {:.2} datagrams ({:.2} STREAM, {:.2} ACK, {:.2} PING); {:.3} lost by the bench's side",
+            per(self.rx_datagrams, before.rx_datagrams),
+            per(self.rx_stream, before.rx_stream),
+            per(self.rx_acks, before.rx_acks),
+            per(self.rx_ping, before.rx_ping),
+            per(self.tx_datagrams, before.tx_datagrams),
+            per(self.tx_stream, before.tx_stream),
+            per(self.tx_acks, before.tx_acks),
+            per(self.tx_ping, before.tx_ping),
+            per(self.lost, before.lost),
+        );
+    }
 }

@@ -74,6 +74,12 @@ pub struct Figure {
     /// server is not our child process or there is none (direct).
     pub server_cpu_us_per_msg: Option<f64>,
     pub server_peak_rss_kib: Option<u64>,
+    /// Packets sent on the machine in the measured window per delivered
+    /// message (UDP datagrams for the relay, TCP segments for NATS; see
+    /// `netstat`); none where `/proc/net/snmp` is not readable.
+    pub packets_per_msg: Option<f64>,
+    /// Explicit failures by error code.
+    pub failed_by: std::collections::BTreeMap<String, u64>,
 }
 
 /// Shape of the run a figure belongs to.
@@ -89,7 +95,13 @@ pub struct RunInfo {
 }
 
 impl Figure {
-    pub fn new(system: System, run: &RunInfo, out: &Outcome, server: Option<(f64, u64)>) -> Self {
+    pub fn new(
+        system: System,
+        run: &RunInfo,
+        out: &Outcome,
+        server: Option<(f64, u64)>,
+        packets: Option<u64>,
+    ) -> Self {
         let secs = run.seconds;
         Figure {
             system,
@@ -109,6 +121,10 @@ impl Figure {
                 (out.delivered > 0 && cpu.is_finite()).then(|| cpu * 1e6 / out.delivered as f64)
             }),
             server_peak_rss_kib: server.map(|(_, rss)| rss),
+            packets_per_msg: packets
+                .filter(|_| out.delivered > 0)
+                .map(|p| p as f64 / out.delivered as f64),
+            failed_by: out.failed_by.clone(),
         }
     }
 
@@ -130,7 +146,7 @@ fn us(v: u64) -> String {
 
 pub fn print_table(figures: &[Figure]) {
     println!(
-        "{:<8} {:<14} {:>6} {:>7} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "{:<8} {:<14} {:>6} {:>7} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8}",
         "system",
         "shape",
         "window",
@@ -143,11 +159,12 @@ pub fn print_table(figures: &[Figure]) {
         "p99",
         "p99.9",
         "srv µs/m",
+        "pkt/m",
         "srv RSS"
     );
     for f in figures {
         println!(
-            "{:<8} {:<14} {:>6} {:>7} {:>10} {:>10.0} {:>8.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "{:<8} {:<14} {:>6} {:>7} {:>10} {:>10.0} {:>8.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8}",
             f.system.name(),
             f.shape,
             f.window,
@@ -162,14 +179,26 @@ pub fn print_table(figures: &[Figure]) {
             us(f.latency_us.p999),
             f.server_cpu_us_per_msg
                 .map_or_else(|| "—".into(), |v| format!("{v:.2}")),
+            f.packets_per_msg
+                .map_or_else(|| "—".into(), |v| format!("{v:.2}")),
             f.server_peak_rss_kib
                 .map_or_else(|| "—".into(), |v| format!("{} MiB", v / 1024)),
         );
         if f.failed > 0 {
-            println!("  ({} messages failed with an explicit error)", f.failed);
+            let by: Vec<String> = f
+                .failed_by
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect();
+            println!(
+                "  ({} messages failed with an explicit error{}{})",
+                f.failed,
+                if by.is_empty() { "" } else { ": " },
+                by.join(", ")
+            );
         }
     }
-    println!("latency = send→receipt (relay, direct) / send→reply (NATS); srv µs/m = server CPU (user+system) per delivered message");
+    println!("latency = send→receipt (relay, direct) / send→reply (NATS); srv µs/m = server CPU (user+system) per delivered message; pkt/m = UDP datagrams (relay) or TCP segments (NATS) sent on the machine per delivered message");
     print_ratios(figures, System::Nats, "agent-link ceiling / NATS");
     print_ratios(figures, System::Direct, "relay ceiling / direct");
 }
@@ -193,8 +222,8 @@ fn print_ratios(figures: &[Figure], base: System, title: &str) {
     println!();
     println!("{title} (throughput > 1 and latency/CPU/RSS < 1 favour agent-link):");
     println!(
-        "{:<14} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
-        "shape", "bytes", "msg/s", "MB/s", "p50", "p90", "p99", "p99.9", "srv µs/m", "RSS"
+        "{:<14} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>7}",
+        "shape", "bytes", "msg/s", "MB/s", "p50", "p90", "p99", "p99.9", "srv µs/m", "pkt/m", "RSS"
     );
     let r = |a: f64, b: f64| {
         if b > 0.0 && a.is_finite() && b.is_finite() {
@@ -205,7 +234,7 @@ fn print_ratios(figures: &[Figure], base: System, title: &str) {
     };
     for (a, b) in pairs {
         println!(
-            "{:<14} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
+            "{:<14} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>7}",
             a.shape,
             a.payload_bytes,
             r(a.messages_per_sec, b.messages_per_sec),
@@ -215,6 +244,10 @@ fn print_ratios(figures: &[Figure], base: System, title: &str) {
             r(a.latency_us.p99 as f64, b.latency_us.p99 as f64),
             r(a.latency_us.p999 as f64, b.latency_us.p999 as f64),
             match (a.server_cpu_us_per_msg, b.server_cpu_us_per_msg) {
+                (Some(x), Some(y)) => r(x, y),
+                _ => "—".into(),
+            },
+            match (a.packets_per_msg, b.packets_per_msg) {
                 (Some(x), Some(y)) => r(x, y),
                 _ => "—".into(),
             },

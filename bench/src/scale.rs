@@ -96,6 +96,11 @@ struct Exchange {
     max_ms: f64,
     relay_cpu_us_per_msg: f64,
     bench_cpu_us_per_msg: f64,
+    /// UDP datagrams sent on the machine per receipt (see `netstat`).
+    packets_per_msg: Option<f64>,
+    /// Relay CPU per receipt beyond what it spends holding the connections
+    /// idle (keep-alives, timers: `relay_cpu_idle_cores` over the same time).
+    relay_cpu_us_per_msg_above_idle: f64,
     /// Datagrams the kernel dropped for full socket receive buffers (all
     /// UDP sockets of the machine, from /proc/net/snmp).
     udp_rcvbuf_drops: u64,
@@ -407,7 +412,8 @@ async fn drive(
     }
 
     if args.exchange_secs > 0 && report.connected >= 2 {
-        report.exchange = Some(exchange(args, conns, watch, me).await?);
+        let idle = report.relay_cpu_idle_cores;
+        report.exchange = Some(exchange(args, conns, watch, me, idle).await?);
     } else {
         drop(conns);
     }
@@ -513,6 +519,7 @@ async fn exchange(
     conns: Vec<Option<Conn>>,
     watch: ProcWatch,
     me: ProcWatch,
+    relay_idle_cores: f64,
 ) -> Result<Exchange> {
     let live: Vec<(usize, Conn)> = conns
         .into_iter()
@@ -558,6 +565,7 @@ async fn exchange(
     let secs = args.exchange_secs;
     eprintln!("scale: exchanging for {secs} s ({m} senders, ring)");
     let (r0, b0) = (watch.cpu_seconds(), me.cpu_seconds());
+    let packets = crate::netstat::PacketMeter::start();
     let drops0 = udp_rcvbuf_errors();
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
@@ -625,6 +633,7 @@ async fn exchange(
     let elapsed = start.elapsed().as_secs_f64();
     let relay_cpu = watch.cpu_seconds() - r0;
     let bench_cpu = me.cpu_seconds() - b0;
+    let packets = packets.stop();
     // The last messages' handlers, before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let udp_rcvbuf_drops = udp_rcvbuf_errors().saturating_sub(drops0);
@@ -652,6 +661,9 @@ async fn exchange(
         max_ms: h.max() as f64 / 1e3,
         relay_cpu_us_per_msg: relay_cpu * 1e6 / receipts_total.max(1) as f64,
         bench_cpu_us_per_msg: bench_cpu * 1e6 / receipts_total.max(1) as f64,
+        packets_per_msg: packets.map(|p| p as f64 / receipts_total.max(1) as f64),
+        relay_cpu_us_per_msg_above_idle: (relay_cpu - relay_idle_cores * elapsed).max(0.0) * 1e6
+            / receipts_total.max(1) as f64,
         udp_rcvbuf_drops,
     };
     eprintln!(
@@ -719,8 +731,9 @@ fn print_report(r: &ScaleReport) {
             println!("    {k}: {v}");
         }
         println!(
-            "                 latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms; relay CPU {:.1} µs/msg, bench CPU {:.1} µs/msg; {} UDP datagrams dropped",
-            x.p50_ms, x.p99_ms, x.p999_ms, x.max_ms, x.relay_cpu_us_per_msg, x.bench_cpu_us_per_msg, x.udp_rcvbuf_drops
+            "                 latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms; relay CPU {:.1} µs/msg ({:.1} above its idle cost), bench CPU {:.1} µs/msg; {} packets/msg; {} UDP datagrams dropped",
+            x.p50_ms, x.p99_ms, x.p999_ms, x.max_ms, x.relay_cpu_us_per_msg, x.relay_cpu_us_per_msg_above_idle, x.bench_cpu_us_per_msg,
+            x.packets_per_msg.map_or_else(|| "—".into(), |p| format!("{p:.2}")), x.udp_rcvbuf_drops
         );
     }
     println!("  relay peak RSS {:.1} MiB", mib(r.relay_peak_rss_kib));

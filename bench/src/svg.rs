@@ -1,6 +1,8 @@
-//! `--svg FILE`: two bar charts as plain SVG text, no plotting crate.
-//! Top: delivered msg/s by payload size, one bar per system. Bottom: latency
-//! percentiles (p50, p90, p99, p99.9) per system and size, log scale.
+//! `--svg FILE`: four bar charts as plain SVG text, no plotting crate, one
+//! bar per system in each group (shape and payload size): delivered msg/s
+//! (log scale: the shapes differ by orders of magnitude), latency
+//! percentiles (p50, p90, p99, p99.9, log scale), server CPU per message
+//! (log scale) and packets per message.
 
 use std::fmt::Write;
 
@@ -131,7 +133,7 @@ fn fmt_num(v: f64) -> String {
 }
 
 pub fn render(figures: &[Figure]) -> String {
-    let h = 2.0 * (CHART_H + 70.0) + 40.0;
+    let h = 4.0 * (CHART_H + 70.0) + 40.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -142,10 +144,10 @@ pub fn render(figures: &[Figure]) -> String {
     chart(
         &mut svg,
         0.0,
-        "Throughput (delivered msg/s)",
+        "Throughput (delivered msg/s, log scale)",
         "msg/s",
         &tput,
-        false,
+        true,
     );
     let lat = groups(figures, |f| {
         let p = &f.latency_us;
@@ -163,6 +165,34 @@ pub fn render(figures: &[Figure]) -> String {
         "µs",
         &lat,
         true,
+    );
+    let cpu = groups(figures, |f| {
+        f.server_cpu_us_per_msg
+            .map(|v| ("server CPU".into(), v))
+            .into_iter()
+            .collect()
+    });
+    chart(
+        &mut svg,
+        2.0 * (CHART_H + 70.0),
+        "Server CPU per delivered message (µs, log scale)",
+        "µs",
+        &cpu,
+        true,
+    );
+    let pkts = groups(figures, |f| {
+        f.packets_per_msg
+            .map(|v| ("packets".into(), v))
+            .into_iter()
+            .collect()
+    });
+    chart(
+        &mut svg,
+        3.0 * (CHART_H + 70.0),
+        "Packets sent per delivered message (UDP datagrams / TCP segments)",
+        "packets",
+        &pkts,
+        false,
     );
     let mut x = LEFT;
     let y = h - 14.0;

@@ -103,10 +103,23 @@ impl RelayProcess {
             .with_context(|| format!("starting {}", self.bin.display()))?;
         let stderr = child.stderr.take().context("relay stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
+        // `AGENT_LINK_RELAY_LOG=FILE`: the relay's log lines are appended
+        // there too (to see why a bench or fault run went wrong).
+        let mut log = std::env::var_os("AGENT_LINK_RELAY_LOG").and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
         std::thread::spawn(move || {
             // Keep draining stderr for the process's whole life so it never
             // blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                     let _ = tx.send(addr);
