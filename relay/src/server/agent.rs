@@ -114,8 +114,16 @@ pub(crate) async fn serve_agent(
         agent: receive.then_some(agent.as_str()),
         ledger: &ledger,
     };
-    let writer = write_loop(send, rx, cancel.clone(), ledger.clone());
-    tokio::pin!(writer);
+    // The writer runs as its own task: in one task with the reader, every
+    // wake-up of either (a frame from the peer, an item in the queue) polled
+    // both, and each futile poll of the QUIC stream takes the connection's
+    // lock. Aborted with this task (the guard), so it never outlives it.
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(
+        send,
+        rx,
+        cancel.clone(),
+        ledger.clone(),
+    )));
     let sender = SenderContext {
         instance: &info.instance,
         agent: &agent,
@@ -139,11 +147,20 @@ pub(crate) async fn serve_agent(
             // (and those still queued are not written).
             fail_outstanding(&hub, &ledger);
             // Let queued receipts and errors drain, bounded.
-            if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut writer.0).await.is_err() {
                 cancel.cancel();
             }
         }
-        _ = &mut writer => cancel.cancel(),
+        _ = &mut writer.0 => cancel.cancel(),
+    }
+}
+
+/// A task that is aborted when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -220,10 +237,27 @@ impl AgentTask<'_> {
         let mut replies: Vec<Outbound> = Vec::new();
         // Receipts and refusals are encoded here, many per allocation.
         let mut arena = FrameArena::default();
+        // The registry generation at which the sender was last seen
+        // unrevoked.
+        let mut standing: Option<u64> = None;
+        // One waiter for the whole loop, polled only when no frame is ready
+        // (`biased`): registering a new one per batch costs two lock round
+        // trips on the token for every message.
+        // A peer that never pauses would hide a cancellation from `biased`:
+        // every `CANCEL_CHECK` batches the token is looked at as well.
+        const CANCEL_CHECK: u32 = 64;
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let mut batches = 0u32;
         loop {
+            batches = batches.wrapping_add(1);
+            if batches.is_multiple_of(CANCEL_CHECK) && cancel.is_cancelled() {
+                return;
+            }
             let next = tokio::select! {
+                biased;
                 n = reader.next_batch(&mut frames, READ_BATCH) => n,
-                _ = cancel.cancelled() => return,
+                _ = &mut cancelled => return,
             };
             match next {
                 Ok(true) => {}
@@ -241,8 +275,13 @@ impl AgentTask<'_> {
                 }
             }
             // The sender's standing, once per batch: a revocation stops its
-            // forwarding here even before its connection is closed.
-            if self.sender_revoked() {
+            // forwarding here even before its connection is closed. The
+            // registry is looked at again only when an install changed it
+            // (the generation is bumped after the new registry is in place,
+            // so a batch that reads an older generation looks again next
+            // time).
+            let generation = self.hub.registry().generation();
+            if standing != Some(generation) && self.sender_revoked() {
                 self.hub.refused(ErrorCode::Revoked);
                 let _ = self
                     .tx
@@ -250,6 +289,7 @@ impl AgentTask<'_> {
                     .await;
                 return;
             }
+            standing = Some(generation);
             let now = Now {
                 unix_ms: unix_ms(),
                 instant: Instant::now(),

@@ -141,10 +141,24 @@ pub(crate) async fn write_loop(
     let mut batch: Vec<Outbound> = Vec::new();
     let mut w = WriteBatch::new();
     let mut written: Vec<u64> = Vec::new();
+    // One waiter for the whole loop, polled only when the queue is empty
+    // (`biased`): see `agent::AgentTask::read_loop`.
+    // A queue that never empties would hide a cancellation from `biased`:
+    // every `CANCEL_CHECK` writes the token is looked at as well.
+    const CANCEL_CHECK: u32 = 64;
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let mut writes = 0u32;
     loop {
-        let n = tokio::select! {
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
-            _ = cancel.cancelled() => 0,
+        writes = writes.wrapping_add(1);
+        let n = if writes.is_multiple_of(CANCEL_CHECK) && cancel.is_cancelled() {
+            0
+        } else {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
+                _ = &mut cancelled => 0,
+            }
         };
         if n == 0 {
             let _ = send.finish();
