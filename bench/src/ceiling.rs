@@ -124,7 +124,7 @@ pub fn bench_relay_config(cfg: &RunCfg) -> serde_json::Value {
         "registrations_per_sec": 1_000_000u64,
         "retry_threshold": 10_000u64,
         "max_connections": (cfg.topo.senders.instances + cfg.topo.receivers.instances + 64) as u64,
-        "max_agents_per_connection": (cfg.topo.senders.agents.max(cfg.topo.receivers.agents) as u64).max(64),
+        "max_agents_per_connection": agents.max(64),
     });
     if let Some(m) = cfg.max_udp_payload {
         c["max_udp_payload_size"] = m.into();
@@ -132,8 +132,8 @@ pub fn bench_relay_config(cfg: &RunCfg) -> serde_json::Value {
     c
 }
 
-/// Connections being set up at once (each a handshake and an online
-/// registration): a fleet run sets up thousands.
+/// Connections being set up at once (each a handshake, and an online
+/// registration against a running relay): a fleet run sets up thousands.
 const CONNECT_CONCURRENCY: usize = 64;
 
 /// `make(0..n)`, at most [`CONNECT_CONCURRENCY`] at once; the results in
@@ -203,12 +203,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
             let (names, secret, id) = (names.clone(), secret.clone(), rids[i].clone());
             async move {
                 let instance = names.receiver_instance(i);
-                let c = RawConn::connect(addr, fp, &id)
-                    .await
-                    .context("connecting to the relay")?;
-                if online {
-                    c.register(&id, &instance, &secret).await?;
-                }
+                let c = RawConn::join(addr, fp, &id, &instance, online.then_some(&secret)).await?;
                 let mut agents = Vec::new();
                 for a in 0..receiver_agents {
                     let agent = Names::receiver_agent(a);
@@ -234,10 +229,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
             let id = sids[i].clone();
             async move {
                 let instance = names.sender_instance(i);
-                let c = RawConn::connect(addr, fp, &id).await?;
-                if online {
-                    c.register(&id, &instance, &secret).await?;
-                }
+                let c = RawConn::join(addr, fp, &id, &instance, online.then_some(&secret)).await?;
                 let fleet = secret.key();
                 let mut agents = Vec::new();
                 for a in 0..topo.senders.agents {

@@ -79,6 +79,24 @@ impl RawConn {
         })
     }
 
+    /// Connect as `instance`, registering online with `secret` first when
+    /// the relay does not know it yet (`None`: registered offline).
+    pub async fn join(
+        addr: SocketAddr,
+        fingerprint: [u8; 32],
+        identity: &Identity,
+        instance: &str,
+        secret: Option<&FleetSecret>,
+    ) -> Result<Self> {
+        let c = Self::connect(addr, fingerprint, identity)
+            .await
+            .context("connecting to the relay")?;
+        if let Some(secret) = secret {
+            c.register(identity, instance, secret).await?;
+        }
+        Ok(c)
+    }
+
     /// Online registration with the join token's fleet secret, the way
     /// `agent-link init` does it (PROTOCOL.md §5.3): the proof is bound to
     /// this TLS session and key. The connection then serves as the instance.

@@ -166,32 +166,28 @@ pub fn render(figures: &[Figure]) -> String {
         &lat,
         true,
     );
-    let cpu = groups(figures, |f| {
-        f.server_cpu_us_per_msg
-            .map(|v| ("server CPU".into(), v))
-            .into_iter()
-            .collect()
-    });
+    let one = |value: fn(&Figure) -> Option<f64>, label: &'static str| {
+        groups(figures, move |f| {
+            value(f)
+                .map(|v| (label.to_string(), v))
+                .into_iter()
+                .collect()
+        })
+    };
     chart(
         &mut svg,
         2.0 * (CHART_H + 70.0),
         "Server CPU per delivered message (µs, log scale)",
         "µs",
-        &cpu,
+        &one(|f| f.server_cpu_us_per_msg, "server CPU"),
         true,
     );
-    let pkts = groups(figures, |f| {
-        f.packets_per_msg
-            .map(|v| ("packets".into(), v))
-            .into_iter()
-            .collect()
-    });
     chart(
         &mut svg,
         3.0 * (CHART_H + 70.0),
         "Packets sent per delivered message (UDP datagrams / TCP segments)",
         "packets",
-        &pkts,
+        &one(|f| f.packets_per_msg, "packets"),
         false,
     );
     let mut x = LEFT;
