@@ -25,9 +25,6 @@ const ATTACH_ANSWER_LIMIT: Duration = Duration::from_secs(120);
 /// How long a stopping agent waits for `Detached`, then for the relay to
 /// end its side (PROTOCOL.md §9.6).
 const DETACH_WAIT: Duration = Duration::from_secs(2);
-/// Deadlines and retries are checked this often while messages wait (and
-/// not at all while none do, so an idle agent costs no wake-ups).
-const TICK: Duration = Duration::from_millis(100);
 /// Sends and frames taken per pass.
 const BATCH: usize = 64;
 
@@ -56,6 +53,49 @@ fn coalesce(out: &mut Vec<Bytes>, buf: &mut BytesMut) {
         merged.push(buf.split().freeze());
     }
     *out = merged;
+}
+
+/// The timer for the core's next deadline or retry. It is moved only when
+/// something falls due earlier than it is set for; otherwise it fires as
+/// set (at worst for a message already answered: one wake-up, after which
+/// it is set again to what is due then). An agent wakes for time only when
+/// something may be due, and idle agents not at all; a periodic tick made
+/// every waiting agent wake ten times a second, which with thousands of
+/// agents in one process was most of its CPU.
+struct Alarm {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    at: Instant,
+}
+
+impl Alarm {
+    fn new() -> Self {
+        let at = Instant::now();
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            armed: false,
+            at,
+        }
+    }
+
+    /// Make sure the alarm goes off no later than `next`.
+    fn arm(&mut self, next: Option<Instant>) {
+        let Some(t) = next else { return };
+        if !self.armed || t < self.at {
+            self.sleep.as_mut().reset(t);
+            self.at = t;
+            self.armed = true;
+        }
+    }
+
+    /// Fires once the set moment has come (pending while not armed).
+    async fn fired(&mut self) {
+        if !self.armed {
+            return std::future::pending().await;
+        }
+        self.sleep.as_mut().await;
+        self.armed = false;
+    }
 }
 
 pub(crate) fn now() -> Now {
@@ -97,8 +137,7 @@ impl AgentTask {
 
     pub(crate) async fn run(mut self) {
         let mut conn_rx = self.conn.clone();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut alarm = Alarm::new();
         loop {
             let state = conn_rx.borrow_and_update().clone();
             let conn = match state {
@@ -112,6 +151,7 @@ impl AgentTask {
                 ConnState::Connecting => {
                     // Disconnected: keep taking sends into the outbox and
                     // expiring deadlines until the connection is back.
+                    alarm.arm(self.core.next_wake());
                     tokio::select! {
                         r = conn_rx.changed() => if r.is_err() {
                             return self.close_all(CloseReason::LinkClosed);
@@ -121,13 +161,13 @@ impl AgentTask {
                             None => return self.end(),
                         },
                         Some((id, how)) = self.taken.recv() => self.core.resolve(now(), id, how),
-                        _ = tick.tick(), if self.core.waiting() > 0 => self.core.poll(now()),
+                        _ = alarm.fired() => self.core.poll(now()),
                         _ = self.closed.cancelled() => return self.end(),
                     }
                     continue;
                 }
             };
-            let end = self.session(&conn, &mut tick).await;
+            let end = self.session(&conn, &mut alarm).await;
             self.core.lost();
             match end {
                 SessionEnd::Stop => return self.end(),
@@ -170,11 +210,7 @@ impl AgentTask {
         }
     }
 
-    async fn session(
-        &mut self,
-        conn: &quinn::Connection,
-        tick: &mut tokio::time::Interval,
-    ) -> SessionEnd {
+    async fn session(&mut self, conn: &quinn::Connection, alarm: &mut Alarm) -> SessionEnd {
         let Ok((mut send, recv)) = conn.open_bi().await else {
             return SessionEnd::Lost;
         };
@@ -221,6 +257,7 @@ impl AgentTask {
                 }
                 out.clear();
             }
+            alarm.arm(self.core.next_wake());
             // Fair order: the application's sends, its takes, the relay's
             // frames and time all get their turn.
             tokio::select! {
@@ -272,7 +309,7 @@ impl AgentTask {
                         return end;
                     }
                 }
-                _ = tick.tick(), if self.core.waiting() > 0 => self.core.poll(now()),
+                _ = alarm.fired() => self.core.poll(now()),
                 _ = self.closed.cancelled() => return self.detach(&mut send, &mut reader).await,
                 _ = self.shutdown.cancelled() => return SessionEnd::Stop,
             }

@@ -222,6 +222,7 @@ impl AgentCore {
     }
 
     /// Messages waiting for an outcome.
+    #[cfg(test)]
     pub(crate) fn waiting(&self) -> usize {
         self.outbox.len()
     }
@@ -465,6 +466,14 @@ impl AgentCore {
         for token in std::iter::once(p.token).chain(p.more) {
             self.ack(token, id.0, at);
         }
+    }
+
+    /// When [`poll`](Self::poll) next has something to do: the earliest
+    /// deadline, or a due retry (retries go out only while attached, so
+    /// they count only then). `None` while nothing waits: an idle agent
+    /// needs no timer at all.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        self.outbox.next_wake(self.phase == Phase::Attached)
     }
 
     /// Time passed: expire deadlines, queue due retries.

@@ -13,7 +13,7 @@
 //! message's deadline ends, instead of failing a message that would have
 //! gone through a second later.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use agent_link_proto::{ErrorCode, MessageId};
@@ -58,6 +58,11 @@ pub(crate) struct Outbox {
     limit: usize,
     seq: u64,
     entries: HashMap<MessageId, Entry>,
+    /// Every entry by `(deadline, seq)`: the next deadline is the first key,
+    /// and expiring walks only what is due (no scan of the whole outbox).
+    deadlines: BTreeMap<(Instant, u64), MessageId>,
+    /// The entries with a retry pending, by `(retry_at, seq)`.
+    retries: BTreeMap<(Instant, u64), MessageId>,
 }
 
 impl Outbox {
@@ -66,6 +71,35 @@ impl Outbox {
             limit,
             seq: 0,
             entries: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            retries: BTreeMap::new(),
+        }
+    }
+
+    /// The earliest moment something is due: a deadline, or (with
+    /// `retries`) a pending retry. `None` while nothing waits.
+    pub(crate) fn next_wake(&self, retries: bool) -> Option<Instant> {
+        let deadline = self.deadlines.first_key_value().map(|(k, _)| k.0);
+        let retry = retries
+            .then(|| self.retries.first_key_value().map(|(k, _)| k.0))
+            .flatten();
+        match (deadline, retry) {
+            (Some(d), Some(r)) => Some(d.min(r)),
+            (d, r) => d.or(r),
+        }
+    }
+
+    /// Take `id` out of the outbox and its indexes.
+    fn remove(&mut self, id: &MessageId) -> Option<Entry> {
+        let e = self.entries.remove(id)?;
+        self.unindex(&e);
+        Some(e)
+    }
+
+    fn unindex(&mut self, e: &Entry) {
+        self.deadlines.remove(&(e.deadline, e.seq));
+        if let Some(t) = e.retry_at {
+            self.retries.remove(&(t, e.seq));
         }
     }
 
@@ -94,7 +128,8 @@ impl Outbox {
             return false;
         }
         self.seq += 1;
-        self.entries.insert(
+        self.deadlines.insert((deadline, self.seq), id);
+        let old = self.entries.insert(
             id,
             Entry {
                 seq: self.seq,
@@ -105,6 +140,11 @@ impl Outbox {
                 reply,
             },
         );
+        // Ids are random (128 bits); should one repeat, the older entry's
+        // index keys must not outlive it.
+        if let Some(old) = old {
+            self.unindex(&old);
+        }
         true
     }
 
@@ -119,7 +159,7 @@ impl Outbox {
             }
             None => return false,
         }
-        match self.entries.remove(&receipt.id.0) {
+        match self.remove(&receipt.id.0) {
             Some(e) => {
                 let _ = e.reply.send(Ok(receipt));
                 true
@@ -145,10 +185,13 @@ impl Outbox {
             && grace_until.is_some_and(|g| now < g)
             && retry_at < e.deadline
         {
-            e.retry_at = Some(retry_at);
+            if let Some(t) = e.retry_at.replace(retry_at) {
+                self.retries.remove(&(t, e.seq));
+            }
+            self.retries.insert((retry_at, e.seq), *id);
             return FailOutcome::Retrying;
         }
-        match self.entries.remove(id) {
+        match self.remove(id) {
             Some(e) => {
                 let _ = e.reply.send(Err(SendError::Refused(code)));
                 FailOutcome::Failed
@@ -159,32 +202,43 @@ impl Outbox {
 
     /// Time out every message whose deadline has passed; returns how many.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
-        let expired: Vec<MessageId> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &expired {
-            if let Some(e) = self.entries.remove(id) {
-                let _ = e.reply.send(Err(SendError::Timeout));
+        let mut n = 0;
+        while let Some((&(deadline, _), &id)) = self.deadlines.first_key_value() {
+            if deadline > now {
+                break;
+            }
+            match self.remove(&id) {
+                Some(e) => {
+                    let _ = e.reply.send(Err(SendError::Timeout));
+                    n += 1;
+                }
+                // Unreachable (the index follows the entries); never loop.
+                None => {
+                    self.deadlines.pop_first();
+                }
             }
         }
-        expired.len()
+        n
     }
 
     /// Append the frames of messages whose retry is due to `out`, oldest
     /// first; returns how many.
     pub(crate) fn take_due(&mut self, now: Instant, out: &mut Vec<Bytes>) -> usize {
-        let mut due: Vec<&mut Entry> = self
-            .entries
-            .values_mut()
-            .filter(|e| e.retry_at.is_some_and(|t| t <= now))
-            .collect();
-        due.sort_by_key(|e| e.seq);
-        for e in &mut due {
-            e.retry_at = None;
-            out.push(e.frame.clone());
+        let mut due = Vec::new();
+        while let Some((&(t, seq), _)) = self.retries.first_key_value() {
+            if t > now {
+                break;
+            }
+            if let Some((_, id)) = self.retries.pop_first() {
+                due.push((seq, id));
+            }
+        }
+        due.sort_unstable_by_key(|&(seq, _)| seq);
+        for (_, id) in &due {
+            if let Some(e) = self.entries.get_mut(id) {
+                e.retry_at = None;
+                out.push(e.frame.clone());
+            }
         }
         due.len()
     }
@@ -198,11 +252,14 @@ impl Outbox {
             e.retry_at = None;
             out.push(e.frame.clone());
         }
+        self.retries.clear();
         all.len()
     }
 
     /// End every waiting message with the error `make` builds.
     pub(crate) fn fail_all(&mut self, make: impl Fn() -> SendError) {
+        self.deadlines.clear();
+        self.retries.clear();
         for (_, e) in self.entries.drain() {
             let _ = e.reply.send(Err(make()));
         }
@@ -381,5 +438,79 @@ mod tests {
         assert_eq!(ob.resend_all(&mut out), 20);
         let sent: Vec<Vec<u8>> = ids.iter().map(|&id| vec![id; 3]).collect();
         assert_eq!(out.concat(), sent.concat());
+    }
+
+    /// The indexes hold exactly the entries (and their pending retries).
+    fn assert_indexed(ob: &Outbox) {
+        assert_eq!(ob.deadlines.len(), ob.entries.len());
+        for ((deadline, seq), id) in &ob.deadlines {
+            let e = &ob.entries[id];
+            assert_eq!((e.deadline, e.seq), (*deadline, *seq));
+        }
+        let retrying = ob.entries.values().filter(|e| e.retry_at.is_some()).count();
+        assert_eq!(ob.retries.len(), retrying);
+        for ((t, seq), id) in &ob.retries {
+            let e = &ob.entries[id];
+            assert_eq!((e.retry_at, e.seq), (Some(*t), *seq));
+        }
+    }
+
+    #[test]
+    fn next_wake_is_the_earliest_deadline_of_what_waits() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let mut ob = Outbox::new(8);
+        assert_eq!(ob.next_wake(true), None);
+        let (_, _a) = add(&mut ob, 1, now + s(30));
+        let (_, _b) = add(&mut ob, 2, now + s(10));
+        let (_, mut c) = add(&mut ob, 3, now + s(20));
+        assert_eq!(ob.next_wake(true), Some(now + s(10)));
+        // Answered: the next one is what counts.
+        assert!(ob.receipt(receipt(2, "i/a")));
+        assert_eq!(ob.next_wake(true), Some(now + s(20)));
+        assert_indexed(&ob);
+        // Expiring takes exactly what is due, no more.
+        assert_eq!(ob.expire(now + s(19)), 0);
+        assert_eq!(ob.expire(now + s(20)), 1);
+        assert!(matches!(c.try_recv(), Ok(Err(SendError::Timeout))));
+        assert_eq!(ob.next_wake(true), Some(now + s(30)));
+        assert_indexed(&ob);
+        assert!(ob.receipt(receipt(1, "i/a")));
+        assert_eq!(ob.next_wake(true), None);
+        assert_indexed(&ob);
+    }
+
+    #[test]
+    fn a_pending_retry_wakes_before_the_deadline_only_when_asked() {
+        let now = Instant::now();
+        let mut ob = Outbox::new(8);
+        let deadline = now + Duration::from_secs(30);
+        let (_, _a) = add(&mut ob, 1, deadline);
+        let grace = Some(now + RECONNECT_GRACE);
+        assert_eq!(
+            ob.failed(&[1; 16], ErrorCode::TargetOffline, now, grace),
+            FailOutcome::Retrying
+        );
+        assert_eq!(ob.next_wake(true), Some(now + RETRY_DELAY));
+        // Not attached: retries do not go out, so they wake nobody.
+        assert_eq!(ob.next_wake(false), Some(deadline));
+        assert_indexed(&ob);
+        // A second refusal moves the retry, it does not add one.
+        let later = now + RETRY_DELAY / 2;
+        assert_eq!(
+            ob.failed(&[1; 16], ErrorCode::TargetOffline, later, grace),
+            FailOutcome::Retrying
+        );
+        assert_indexed(&ob);
+        assert_eq!(ob.next_wake(true), Some(later + RETRY_DELAY));
+        let mut out = Vec::new();
+        assert_eq!(ob.take_due(now + RETRY_DELAY, &mut out), 0);
+        assert_eq!(ob.take_due(later + RETRY_DELAY, &mut out), 1);
+        assert_eq!(out, vec![Bytes::from(vec![1u8; 3])]);
+        assert_eq!(ob.next_wake(true), Some(deadline));
+        assert_indexed(&ob);
+        ob.fail_all(|| SendError::Timeout);
+        assert_eq!(ob.next_wake(true), None);
+        assert_indexed(&ob);
     }
 }
