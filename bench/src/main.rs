@@ -30,6 +30,7 @@ mod raw;
 mod relay_proc;
 mod report;
 mod scale;
+mod scale_nats;
 mod soak;
 mod svg;
 mod workload;

@@ -12,9 +12,13 @@
 //!
 //! The bench process hosts every peer, so its own memory and CPU are
 //! reported too: per link the library runs a supervisor task, a quinn
-//! endpoint and connection driver, and an agent task that wakes every
-//! 100 ms, which on two shared cores is a large part of what the bench
-//! measures while it holds 10,000 links.
+//! endpoint and connection driver, and an agent task, which on two shared
+//! cores is a large part of what the bench measures while it holds 10,000
+//! links.
+//!
+//! Then, when `nats-server` is found, the same shape on NATS
+//! ([`crate::scale_nats`]): as many client connections, the same memory and
+//! idle readings and the same ring, for the side by side.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -62,6 +66,15 @@ pub(crate) struct ScaleArgs {
     /// Also write the results as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the same shape on nats-server (default: when it is found)
+    #[arg(long, conflicts_with = "no_nats")]
+    nats: bool,
+    /// Do not run NATS
+    #[arg(long)]
+    no_nats: bool,
+    /// The nats-server binary (default: PATH)
+    #[arg(long)]
+    nats_bin: Option<PathBuf>,
 }
 
 /// Relay memory at one point.
@@ -136,6 +149,8 @@ struct ScaleReport {
     exchange: Option<Exchange>,
     relay_peak_rss_kib: u64,
     bench_peak_rss_kib: u64,
+    /// The same shape on nats-server, when it ran.
+    nats: Option<crate::scale_nats::NatsScale>,
 }
 
 /// One connected instance.
@@ -219,6 +234,18 @@ pub(crate) async fn run(args: ScaleArgs) -> Result<()> {
         _ => {}
     }
     let relay_bin = crate::relay_proc::relay_binary(args.relay_bin.as_deref())?;
+    let nats_bin = if args.no_nats {
+        None
+    } else {
+        match crate::nats::find_server(args.nats_bin.as_deref()) {
+            Some(b) => Some(b),
+            None if args.nats => bail!("{}", crate::nats::INSTALL_HINT),
+            None => {
+                eprintln!("{}", crate::nats::INSTALL_HINT);
+                None
+            }
+        }
+    };
     let base = match &args.work_dir {
         Some(d) => d.clone(),
         None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
@@ -282,6 +309,20 @@ pub(crate) async fn run(args: ScaleArgs) -> Result<()> {
     report.bench_peak_rss_kib = me.peak_rss_kib();
     relay.stop();
     result?;
+    if let Some(bin) = &nats_bin {
+        // After the relay's run, with its links gone: one server at a time.
+        report.nats = Some(
+            crate::scale_nats::run(
+                bin,
+                n,
+                args.connect_concurrency,
+                Duration::from_secs(args.hold_secs),
+                args.exchange_secs,
+                args.size,
+            )
+            .await?,
+        );
+    }
     print_report(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -739,4 +780,7 @@ fn print_report(r: &ScaleReport) {
         );
     }
     println!("  relay peak RSS {:.1} MiB", mib(r.relay_peak_rss_kib));
+    if let Some(n) = &r.nats {
+        crate::scale_nats::print(n);
+    }
 }
