@@ -232,7 +232,10 @@ impl AgentTask<'_> {
         mut reader: FrameReader,
         cancel: &CancellationToken,
     ) {
-        let mut frames: Vec<Bytes> = Vec::with_capacity(READ_BATCH);
+        // Grows to what a busy stream needs and keeps it; an idle stream
+        // holds none (a full batch's capacity up front was 2 KiB of each
+        // idle connection's memory).
+        let mut frames: Vec<Bytes> = Vec::new();
         // Answers on this stream, written after the batch's forwards.
         let mut replies: Vec<Outbound> = Vec::new();
         // Receipts and refusals are encoded here, many per allocation.

@@ -102,7 +102,9 @@ pub(crate) async fn serve_connection(hub: Arc<Hub>, incoming: quinn::Incoming, p
                     // An operator may have just run `agent-link-relay
                     // register`: look at the file before treating the key
                     // as a stranger.
-                    if let Err(e) = hub.registry().reload_for_unknown_key(hub.router()).await {
+                    if let Err(e) =
+                        Box::pin(hub.registry().reload_for_unknown_key(hub.router())).await
+                    {
                         tracing::warn!("registry reload failed: {e}");
                     }
                     reloaded = true;
@@ -116,7 +118,9 @@ pub(crate) async fn serve_connection(hub: Arc<Hub>, incoming: quinn::Incoming, p
                         hub.refuse_connection(&conn, ErrorCode::TooManyConnections);
                         return;
                     };
-                    match registration_only(&hub, &conn, &key).await {
+                    // Boxed, as the reload above: rare paths whose state
+                    // would otherwise size every connection's task.
+                    match Box::pin(registration_only(&hub, &conn, &key)).await {
                         Some((id, stream)) => break (id, Some(stream)),
                         None => return,
                     }

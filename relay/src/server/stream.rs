@@ -47,8 +47,17 @@ pub(crate) async fn serve_stream(
                 .instrument(span)
                 .await
         }
+        // Boxed: a control stream is rare, and its state would otherwise
+        // size every agent stream's task (see `serve_agent`).
         FirstFrame::Control => {
-            super::control::serve_control(hub, info, send, reader, Some(first)).await
+            Box::pin(super::control::serve_control(
+                hub,
+                info,
+                send,
+                reader,
+                Some(first),
+            ))
+            .await
         }
         FirstFrame::Refuse(code) => {
             hub.refused(code);
