@@ -129,6 +129,9 @@ pub fn bench_relay_config(cfg: &RunCfg) -> serde_json::Value {
     if let Some(m) = cfg.max_udp_payload {
         c["max_udp_payload_size"] = m.into();
     }
+    for (k, v) in &cfg.relay_set {
+        c[k.as_str()] = v.clone();
+    }
     c
 }
 

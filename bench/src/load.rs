@@ -193,6 +193,8 @@ pub struct RunCfg {
     pub duration: Duration,
     /// The started relay's `max_udp_payload_size`, when not its default.
     pub max_udp_payload: Option<u16>,
+    /// `--relay-set` settings, applied last to the started relay's config.
+    pub relay_set: Vec<(String, serde_json::Value)>,
 }
 
 impl RunCfg {

@@ -143,6 +143,11 @@ pub(crate) struct Args {
     /// default, 1452); 4096 lets loopback packets carry ~3x the messages
     #[arg(long)]
     max_udp_payload: Option<u16>,
+    /// Set a field of the started relay's `relay-config.json`, after the
+    /// bench's own settings (repeatable; the value is JSON, e.g.
+    /// `--relay-set stream_receive_window=4194304`); the relay checks it
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_relay_set)]
+    relay_set: Vec<(String, serde_json::Value)>,
     /// Measure a running relay at this address instead of starting one
     /// (needs --join; relay CPU and memory are then not reported)
     #[arg(long, requires = "join")]
@@ -166,6 +171,20 @@ pub(crate) struct Args {
     /// Also write an SVG chart here
     #[arg(long)]
     svg: Option<PathBuf>,
+}
+
+/// `KEY=VALUE` of `--relay-set`: the value as JSON (a number, `true`, a
+/// quoted string...).
+fn parse_relay_set(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}`: the key is empty"));
+    }
+    let v = serde_json::from_str(v)
+        .map_err(|e| format!("`{s}`: the value is not JSON ({e}); quote strings"))?;
+    Ok((k.to_string(), v))
 }
 
 fn main() -> std::process::ExitCode {
@@ -312,6 +331,7 @@ async fn run(args: Args) -> Result<()> {
                 warmup: Duration::from_secs(args.warmup),
                 duration: Duration::from_secs(args.duration),
                 max_udp_payload: args.max_udp_payload,
+                relay_set: args.relay_set.clone(),
             };
             run_one(&args, &cfg, &target, nats_bin.as_deref(), &mut figures).await?;
         }
