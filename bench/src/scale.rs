@@ -163,6 +163,11 @@ fn instance_id(i: usize) -> String {
     format!("scale-{i:05}")
 }
 
+/// Descriptors this process has open (0 where `/proc` is not readable).
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
 /// Soft limit of open files, from `/proc/self/limits`.
 fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -311,6 +316,18 @@ pub(crate) async fn run(args: ScaleArgs) -> Result<()> {
     result?;
     if let Some(bin) = &nats_bin {
         // After the relay's run, with its links gone: one server at a time.
+        // Closing links end their sockets in the background; NATS needs as
+        // many descriptors again, so wait (bounded) until they are released.
+        let until = Instant::now() + Duration::from_secs(30);
+        while open_files() > 512 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if open_files() > 512 {
+            eprintln!(
+                "scale: {} descriptors still open from the relay's run; some NATS connections may fail",
+                open_files()
+            );
+        }
         report.nats = Some(
             crate::scale_nats::run(
                 bin,
