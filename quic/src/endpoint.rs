@@ -54,14 +54,13 @@ pub fn mtu_discovery(max: u16) -> quinn::MtuDiscoveryConfig {
 }
 
 /// How long a peer's connection may be quiet before the peer sends a PING.
-/// Any packet received resets the timer on both sides, so on a quiet
-/// connection this and the relay's own keep-alive (default 10 s) together
-/// make about one PING and its ACK per 10 s: three chances before the 30 s
-/// idle timeout, and well inside the 20-30 s that NAT and firewall UDP
-/// mappings commonly last. With 16,000 quiet connections on one relay, 5 s
-/// made 6,360 datagrams/s and 0.14 relay cores; 10 s makes 4,190 and 0.12
-/// (medians of 3, `agent-link-bench scale --instances 16000`).
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// It is also how soon a quiet peer (a receiver with nothing to send)
+/// notices that the relay restarted: its next packet draws the restarted
+/// relay's stateless reset, and it reconnects. Senders re-attach at once,
+/// so a receiver that takes longer than the senders' post-reconnect grace
+/// (8 s) costs them `TargetOffline`. 10 s (a third fewer idle datagrams
+/// at 16,000 connections) made the soak fail that way; 5 s stays.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// The QUIC transport settings of a peer's connection to the relay (the
 /// bench's protocol clients use the same, so they measure what peers get):
