@@ -175,6 +175,10 @@ pub(crate) async fn run(
         .filter_map(|(i, c)| c.map(|c| (i, c)))
         .collect();
     let m = live.len();
+    if m < 2 {
+        // A ring needs two; the connect failures above say why.
+        anyhow::bail!("only {m} of {instances} NATS clients connected: no ring to run");
+    }
     let order: Vec<usize> = live.iter().map(|(i, _)| *i).collect();
     let hist = Arc::new(Mutex::new(crate::load::new_histogram()));
     let (in_window, total, errors, timeouts) = (
