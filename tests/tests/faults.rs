@@ -135,3 +135,86 @@ async fn sigkill_restarts_under_duplication_and_reordering_lose_nothing() {
     assert_clean(&r);
     assert!(r.relay_starts >= 3, "expected 2+ restarts:\n{}", r.table());
 }
+
+/// A receiver with nothing to send notices a relay that was SIGKILLed and
+/// restarted only at its next packet, its keep-alive; a sender that keeps
+/// sending re-attaches at once and retries `TargetOffline` only inside its
+/// post-reconnect grace (8 s). The quiet receiver must be back before that
+/// ends, or the sends after a restart fail. A 10 s keep-alive broke this
+/// (the soak found it first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_receiver_is_back_within_the_senders_grace_after_a_relay_restart() {
+    use agent_link::{AgentLink, JoinToken};
+    use agent_link_faults::RelayProcess;
+    use std::sync::Arc;
+
+    agent_link_tests::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = workspace_bin("agent-link-relay");
+    let relay_dir = tmp.path().join("relay");
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    RelayProcess::init(&bin, &relay_dir, local, &serde_json::json!({})).unwrap();
+    let mut relay = RelayProcess::start(&bin, &relay_dir, Vec::new()).unwrap();
+    let token = JoinToken::parse(&relay.invite(relay.addr()).unwrap()).unwrap();
+    for id in ["quiet-s", "quiet-r"] {
+        agent_link::init(&tmp.path().join(id), id, &token, None)
+            .await
+            .unwrap();
+    }
+    let s = AgentLink::connect(&tmp.path().join("quiet-s"))
+        .await
+        .unwrap();
+    let r = AgentLink::connect(&tmp.path().join("quiet-r"))
+        .await
+        .unwrap();
+    let tx = Arc::new(s.attach_sender("tx").await.unwrap());
+    let mut rx = r.attach("rx").await.unwrap();
+    let receiving = tokio::spawn(async move {
+        let mut n = 0u32;
+        while rx.recv().await.is_some() {
+            n += 1;
+        }
+        n
+    });
+    // One message every 100 ms for 14 s, the relay killed after 1 s and
+    // back 300 ms later: the last 12 s cover the grace and the receiver's
+    // keep-alive with room to spare. Each send may wait 30 s (bounded).
+    let start = tokio::time::Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
+    let mut killed = false;
+    while start.elapsed() < Duration::from_secs(14) {
+        if !killed && start.elapsed() >= Duration::from_secs(1) {
+            tokio::task::block_in_place(|| {
+                relay.kill();
+                std::thread::sleep(Duration::from_millis(300));
+                relay.restart().unwrap();
+            });
+            killed = true;
+        }
+        let tx = tx.clone();
+        let at = start.elapsed();
+        sends.spawn(async move {
+            let r = tx
+                .send_with_timeout("quiet-r/rx", "ping", Duration::from_secs(30))
+                .await;
+            (at, r)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut failed = Vec::new();
+    let mut ok = 0;
+    while let Some(j) = sends.join_next().await {
+        match j.unwrap() {
+            (_, Ok(_)) => ok += 1,
+            (at, Err(e)) => failed.push(format!("sent at {at:.1?}: {e}")),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} sends failed, the quiet receiver was not back in time: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    receiving.abort();
+    relay.stop();
+}
