@@ -54,12 +54,14 @@ pub fn mtu_discovery(max: u16) -> quinn::MtuDiscoveryConfig {
 }
 
 /// How long a peer's connection may be quiet before the peer sends a PING.
-/// It is also how soon a quiet peer (a receiver with nothing to send)
-/// notices that the relay restarted: its next packet draws the restarted
-/// relay's stateless reset, and it reconnects. Senders re-attach at once,
-/// so a receiver that takes longer than the senders' post-reconnect grace
-/// (8 s) costs them `TargetOffline`. 10 s (a third fewer idle datagrams
-/// at 16,000 connections) made the soak fail that way; 5 s stays.
+/// It also bounds how long a quiet peer (a receiver with nothing to send)
+/// goes on with a connection that a SIGKILLed and restarted relay no longer
+/// knows: only its next packet shows it. A sender that keeps sending
+/// re-attaches at once and retries `TargetOffline` only inside its 8 s
+/// post-reconnect grace, so the receiver must be back before that. 10 s (a
+/// third fewer idle datagrams at 16,000 connections) broke it; the fault
+/// test `a_quiet_receiver_is_back_within_the_senders_grace_after_a_relay_restart`
+/// holds it.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// The QUIC transport settings of a peer's connection to the relay (the
