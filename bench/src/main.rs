@@ -156,15 +156,8 @@ pub(crate) struct Args {
     /// instances online with it)
     #[arg(long)]
     join: Option<String>,
-    /// Run the same workload on nats-server (default: when it is found)
-    #[arg(long, conflicts_with = "no_nats")]
-    nats: bool,
-    /// Do not run NATS
-    #[arg(long)]
-    no_nats: bool,
-    /// The nats-server binary (default: PATH)
-    #[arg(long)]
-    nats_bin: Option<PathBuf>,
+    #[command(flatten)]
+    nats: nats::NatsArgs,
     /// Also write the results as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -304,18 +297,7 @@ async fn run(args: Args) -> Result<()> {
         bail!("--rate must be a positive number of messages per second");
     }
     let target = relay_target(&args)?;
-    let nats_bin = if args.no_nats {
-        None
-    } else {
-        match nats::find_server(args.nats_bin.as_deref()) {
-            Some(b) => Some(b),
-            None if args.nats => bail!("{}", nats::INSTALL_HINT),
-            None => {
-                eprintln!("{}", nats::INSTALL_HINT);
-                None
-            }
-        }
-    };
+    let nats_bin = args.nats.server()?;
     let mut figures: Vec<Figure> = Vec::new();
     for workload in Workload::expand(&args.workload) {
         let d = workload.defaults();

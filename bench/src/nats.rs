@@ -34,6 +34,40 @@ pub fn find_server(explicit: Option<&Path>) -> Option<PathBuf> {
         .map(|_| bin)
 }
 
+/// `--nats`, `--no-nats`, `--nats-bin`: whether a command also runs its
+/// shape on nats-server, and which binary.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// Run the same shape on nats-server (default: when it is found)
+    #[arg(long, conflicts_with = "no_nats")]
+    nats: bool,
+    /// Do not run NATS
+    #[arg(long)]
+    no_nats: bool,
+    /// The nats-server binary (default: PATH)
+    #[arg(long)]
+    nats_bin: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// The nats-server to run, if any: none with `--no-nats`; an error
+    /// with `--nats` when none is found; else the one found, or none with
+    /// a hint on stderr.
+    pub fn server(&self) -> Result<Option<PathBuf>> {
+        if self.no_nats {
+            return Ok(None);
+        }
+        match find_server(self.nats_bin.as_deref()) {
+            Some(b) => Ok(Some(b)),
+            None if self.nats => bail!("{INSTALL_HINT}"),
+            None => {
+                eprintln!("{INSTALL_HINT}");
+                Ok(None)
+            }
+        }
+    }
+}
+
 pub const INSTALL_HINT: &str =
     "nats-server not found: install it with `apt-get install nats-server` \
 (Debian/Ubuntu) or from https://github.com/nats-io/nats-server/releases, or pass --nats-bin; \

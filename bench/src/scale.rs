@@ -66,15 +66,8 @@ pub(crate) struct ScaleArgs {
     /// Also write the results as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run the same shape on nats-server (default: when it is found)
-    #[arg(long, conflicts_with = "no_nats")]
-    nats: bool,
-    /// Do not run NATS
-    #[arg(long)]
-    no_nats: bool,
-    /// The nats-server binary (default: PATH)
-    #[arg(long)]
-    nats_bin: Option<PathBuf>,
+    #[command(flatten)]
+    nats: crate::nats::NatsArgs,
 }
 
 /// Relay memory at one point.
@@ -239,18 +232,7 @@ pub(crate) async fn run(args: ScaleArgs) -> Result<()> {
         _ => {}
     }
     let relay_bin = crate::relay_proc::relay_binary(args.relay_bin.as_deref())?;
-    let nats_bin = if args.no_nats {
-        None
-    } else {
-        match crate::nats::find_server(args.nats_bin.as_deref()) {
-            Some(b) => Some(b),
-            None if args.nats => bail!("{}", crate::nats::INSTALL_HINT),
-            None => {
-                eprintln!("{}", crate::nats::INSTALL_HINT);
-                None
-            }
-        }
-    };
+    let nats_bin = args.nats.server()?;
     let base = match &args.work_dir {
         Some(d) => d.clone(),
         None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
