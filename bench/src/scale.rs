@@ -598,9 +598,7 @@ async fn exchange(
     let m = links.len();
     let agents = args.agents_per_instance;
     let payload = Bytes::from(vec![b'x'; args.size]);
-    let hist = Arc::new(Mutex::new(crate::load::new_histogram()));
-    let in_window = Arc::new(AtomicU64::new(0));
-    let total = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(crate::load::RingTally::new());
     let errors = Arc::new(Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let secs = args.exchange_secs;
     eprintln!("scale: exchanging for {secs} s ({m} senders, ring)");
@@ -615,13 +613,7 @@ async fn exchange(
         let Some(sender) = sender else { continue };
         active += 1;
         let next = links[(k + 1) % m].0;
-        let (payload, hist, in_window, total, errors) = (
-            payload.clone(),
-            hist.clone(),
-            in_window.clone(),
-            total.clone(),
-            errors.clone(),
-        );
+        let (payload, tally, errors) = (payload.clone(), tally.clone(), errors.clone());
         jobs.spawn(async move {
             let mut j = 0usize;
             let mut lat = Vec::new();
@@ -633,14 +625,7 @@ async fn exchange(
                     .send_with_timeout(&to, payload.clone(), Duration::from_secs(15))
                     .await
                 {
-                    Ok(_) => {
-                        let now = Instant::now();
-                        total.fetch_add(1, Relaxed);
-                        if now <= end {
-                            in_window.fetch_add(1, Relaxed);
-                        }
-                        lat.push(now.duration_since(t).as_micros().max(1) as u64);
-                    }
+                    Ok(_) => tally.receipt(t, end, &mut lat),
                     Err(e) => {
                         let kind = format!("{e:?}");
                         let kind = kind
@@ -659,15 +644,7 @@ async fn exchange(
                     }
                 }
             }
-            // One shared histogram, recorded into once per sender, under
-            // one lock. No histogram per sender: each is ~150 KiB, and
-            // 16,000 of them zeroed at the start of the exchange (2.4 GB)
-            // held up every sender's first message by seconds.
-            let mut hist = hist.lock().unwrap_or_else(|e| e.into_inner());
-            for v in lat {
-                let _ = hist.record(v);
-            }
-            drop(hist);
+            tally.record(lat);
             drop(sender);
         });
     }
@@ -681,10 +658,8 @@ async fn exchange(
     let udp_rcvbuf_drops = udp_rcvbuf_errors().saturating_sub(drops0);
     // Let the last deliveries reach their handlers.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let h = hist.lock().unwrap_or_else(|e| e.into_inner());
+    let (receipts_in_window, receipts_total, h) = tally.finish();
     let errors_by_kind = std::mem::take(&mut *errors.lock().unwrap_or_else(|e| e.into_inner()));
-    let receipts_in_window = in_window.load(Relaxed);
-    let receipts_total = total.load(Relaxed);
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
     let ex = Exchange {
         seconds: secs as f64,

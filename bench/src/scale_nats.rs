@@ -12,7 +12,7 @@
 //! CPU figures are not comparable; the server's are.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -180,13 +180,8 @@ pub(crate) async fn run(
         anyhow::bail!("only {m} of {instances} NATS clients connected: no ring to run");
     }
     let order: Vec<usize> = live.iter().map(|(i, _)| *i).collect();
-    let hist = Arc::new(Mutex::new(crate::load::new_histogram()));
-    let (in_window, total, errors, timeouts) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
+    let tally = Arc::new(crate::load::RingTally::new());
+    let (errors, timeouts) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let payload = Bytes::from(vec![0x5au8; size.max(8)]);
     let cpu0 = watch.cpu_seconds();
     let packets = crate::netstat::PacketMeter::start();
@@ -196,11 +191,9 @@ pub(crate) async fn run(
     for (k, (i, mut inst)) in live.into_iter().enumerate() {
         let next = subject(order[(k + 1) % m]);
         let reply_to = reply_subject(i);
-        let (payload, hist, in_window, total, errors, timeouts) = (
+        let (payload, tally, errors, timeouts) = (
             payload.clone(),
-            hist.clone(),
-            in_window.clone(),
-            total.clone(),
+            tally.clone(),
             errors.clone(),
             timeouts.clone(),
         );
@@ -218,14 +211,7 @@ pub(crate) async fn run(
                     break;
                 }
                 match tokio::time::timeout(REQUEST_TIMEOUT, inst.replies.next()).await {
-                    Ok(Some(_)) => {
-                        let now = Instant::now();
-                        total.fetch_add(1, Relaxed);
-                        if now <= end {
-                            in_window.fetch_add(1, Relaxed);
-                        }
-                        lat.push(now.duration_since(t).as_micros().max(1) as u64);
-                    }
+                    Ok(Some(_)) => tally.receipt(t, end, &mut lat),
                     Ok(None) => {
                         errors.fetch_add(1, Relaxed);
                         break;
@@ -236,10 +222,7 @@ pub(crate) async fn run(
                     }
                 }
             }
-            let mut hist = hist.lock().unwrap_or_else(|e| e.into_inner());
-            for v in lat {
-                let _ = hist.record(v);
-            }
+            tally.record(lat);
             inst
         });
     }
@@ -252,13 +235,13 @@ pub(crate) async fn run(
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = watch.cpu_seconds() - cpu0;
     let packets = packets.stop();
-    let h = hist.lock().unwrap_or_else(|e| e.into_inner());
+    let (in_window, total, h) = tally.finish();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
     r.exchange_secs = secs as f64;
-    r.receipts_in_window = in_window.load(Relaxed);
+    r.receipts_in_window = in_window;
     r.msg_per_sec = r.receipts_in_window as f64 / secs.max(1) as f64;
     r.elapsed_secs = elapsed;
-    r.receipts_total = total.load(Relaxed);
+    r.receipts_total = total;
     r.msg_per_sec_overall = r.receipts_total as f64 / elapsed.max(1e-9);
     r.errors = errors.load(Relaxed);
     r.timeouts = timeouts.load(Relaxed);
@@ -271,7 +254,6 @@ pub(crate) async fn run(
     r.server_cpu_us_per_msg_above_idle = per((cpu - r.server_cpu_idle_cores * elapsed).max(0.0));
     r.packets_per_msg = packets.map(|p| p as f64 / r.receipts_total.max(1) as f64);
     r.server_peak_rss_kib = watch.peak_rss_kib();
-    drop(h);
     for t in responders {
         t.abort();
     }
