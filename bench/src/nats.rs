@@ -125,7 +125,7 @@ impl Drop for NatsServer {
     }
 }
 
-async fn connect(port: u16) -> Result<Client> {
+pub(crate) async fn connect(port: u16) -> Result<Client> {
     async_nats::ConnectOptions::new()
         .no_echo()
         .connect(format!("127.0.0.1:{port}"))
@@ -141,7 +141,9 @@ fn slot_of(payload: &[u8]) -> Option<usize> {
     Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?) as usize)
 }
 
-async fn receiver(client: Client, mut sub: Subscriber) -> Result<()> {
+/// Answer every request on `sub` with a 40-byte reply (the receipt) that
+/// starts with the request's first 8 bytes.
+pub(crate) async fn receiver(client: Client, mut sub: Subscriber) -> Result<()> {
     while let Some(msg) = sub.next().await {
         if let Some(reply) = msg.reply {
             let mut receipt = [0u8; 40];

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_nats::{Client, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -72,31 +72,16 @@ struct Instance {
     replies: async_nats::Subscriber,
 }
 
-async fn connect_one(port: u16, i: usize) -> Result<(Instance, tokio::task::JoinHandle<()>)> {
-    let client = async_nats::ConnectOptions::new()
-        .no_echo()
-        .connect(format!("127.0.0.1:{port}"))
-        .await
-        .context("connecting to nats-server")?;
-    let mut requests = client.subscribe(subject(i)).await?;
+async fn connect_one(
+    port: u16,
+    i: usize,
+) -> Result<(Instance, tokio::task::JoinHandle<Result<()>>)> {
+    let client = crate::nats::connect(port).await?;
+    let requests = client.subscribe(subject(i)).await?;
     let replies = client.subscribe(reply_subject(i)).await?;
     client.flush().await?;
-    let answer = client.clone();
-    let responder = tokio::spawn(async move {
-        while let Some(msg) = requests.next().await {
-            if let Some(reply) = msg.reply {
-                let mut receipt = [0u8; 40];
-                receipt[..8].copy_from_slice(msg.payload.get(..8).unwrap_or(&[0; 8]));
-                if answer
-                    .publish(reply, Bytes::copy_from_slice(&receipt))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-    });
+    // The main bench's receiver: a 40-byte reply per request.
+    let responder = tokio::spawn(crate::nats::receiver(client.clone(), requests));
     Ok((Instance { client, replies }, responder))
 }
 
