@@ -59,31 +59,27 @@ fn coalesce(out: &mut Vec<Bytes>, buf: &mut BytesMut) {
 /// something falls due earlier than it is set for; otherwise it fires as
 /// set (at worst for a message already answered: one wake-up, after which
 /// it is set again to what is due then). An agent wakes for time only when
-/// something may be due, and idle agents not at all; a periodic tick made
-/// every waiting agent wake ten times a second, which with thousands of
-/// agents in one process was most of its CPU.
+/// something may be due, and idle agents not at all; the periodic tick it
+/// replaces woke every waiting agent ten times a second (with 1,000 links
+/// in one process, 8 % of that process's CPU per message).
 struct Alarm {
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
     armed: bool,
-    at: Instant,
 }
 
 impl Alarm {
     fn new() -> Self {
-        let at = Instant::now();
         Self {
-            sleep: Box::pin(tokio::time::sleep_until(at)),
+            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
             armed: false,
-            at,
         }
     }
 
     /// Make sure the alarm goes off no later than `next`.
     fn arm(&mut self, next: Option<Instant>) {
         let Some(t) = next else { return };
-        if !self.armed || t < self.at {
+        if !self.armed || t < self.sleep.deadline() {
             self.sleep.as_mut().reset(t);
-            self.at = t;
             self.armed = true;
         }
     }
