@@ -106,6 +106,33 @@ pub struct RelayConfig {
     /// invites and open registration together: each is a registry write and
     /// an fsync. Over it the peer gets `RegistrationClosed` and may retry.
     pub registrations_per_sec: u32,
+    /// Run as one relay of a fleet on a NATS cluster (`init --cluster`):
+    /// the registry, who is attached where, and relay-to-relay deliveries
+    /// go through NATS. Absent: the relay runs alone on its
+    /// `registry.json`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `cluster` in `relay-config.json` (DESIGN.md, "A fleet of relays").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (any of the cluster's; the client learns
+    /// the others from them), as `nats://HOST:PORT`.
+    pub nats: Vec<String>,
+    /// This relay's name in the fleet, unique among its relays: 1-64
+    /// characters from A-Z a-z 0-9 _ - (it is a NATS subject token).
+    pub relay_id: String,
+    /// Replicas of the fleet's JetStream buckets when this relay is the one
+    /// that creates them. Absent: 3, or fewer when the NATS cluster has
+    /// fewer servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
+    /// The address peers dial for this relay, as the join token lists it
+    /// (absent: the listen address, loopback for an unspecified one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -138,6 +165,7 @@ impl Default for RelayConfig {
             max_udp_payload_size: 1452,
             open_registration: false,
             registrations_per_sec: 10,
+            cluster: None,
         }
     }
 }
@@ -308,6 +336,38 @@ impl RelayConfig {
         if self.max_agents_per_connection > 1024 {
             return Err(bad("max_agents_per_connection", "must be at most 1024"));
         }
+        if let Some(c) = &self.cluster {
+            if c.nats.is_empty() {
+                return Err(bad("cluster", "`nats` must list at least one server"));
+            }
+            if let Some(u) = c
+                .nats
+                .iter()
+                .find(|u| !u.starts_with("nats://") && !u.starts_with("tls://"))
+            {
+                return Err(bad(
+                    "cluster",
+                    &format!(
+                        "`nats` entry {:?} is not a nats:// or tls:// URL",
+                        agent_link_proto::text::one_line(u)
+                    ),
+                ));
+            }
+            let id_ok = !c.relay_id.is_empty()
+                && c.relay_id.len() <= 64
+                && c.relay_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !id_ok {
+                return Err(bad(
+                    "cluster",
+                    "`relay_id` must be 1-64 characters from A-Z a-z 0-9 _ -",
+                ));
+            }
+            if c.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
+                return Err(bad("cluster", "`replicas` must be between 1 and 5"));
+            }
+        }
         Ok(())
     }
 }
@@ -315,6 +375,45 @@ impl RelayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_section_is_checked_and_round_trips() {
+        let parse = |cluster: &str| -> Result<RelayConfig, String> {
+            let cfg: RelayConfig = serde_json::from_str(&format!("{{\"cluster\": {cluster}}}"))
+                .map_err(|e| e.to_string())?;
+            cfg.validate("relay-config.json")
+                .map_err(|e| e.to_string())?;
+            Ok(cfg)
+        };
+        let good = parse(r#"{"nats": ["nats://127.0.0.1:4222"], "relay_id": "relay-1"}"#).unwrap();
+        let c = good.cluster.clone().unwrap();
+        assert_eq!((c.relay_id.as_str(), c.replicas), ("relay-1", None));
+        let text = serde_json::to_string(&good).unwrap();
+        assert_eq!(serde_json::from_str::<RelayConfig>(&text).unwrap(), good);
+        assert!(!serde_json::to_string(&RelayConfig::default())
+            .unwrap()
+            .contains("cluster"));
+        for (bad, says) in [
+            (r#"{"nats": [], "relay_id": "r"}"#, "at least one"),
+            (
+                r#"{"nats": ["http://x:1"], "relay_id": "r"}"#,
+                "not a nats://",
+            ),
+            (r#"{"nats": ["nats://x:1"], "relay_id": "a.b"}"#, "relay_id"),
+            (r#"{"nats": ["nats://x:1"], "relay_id": ""}"#, "relay_id"),
+            (
+                r#"{"nats": ["nats://x:1"], "relay_id": "r", "replicas": 0}"#,
+                "replicas",
+            ),
+            (
+                r#"{"nats": ["nats://x:1"], "relay_id": "r", "nast": 1}"#,
+                "unknown field",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn default_is_valid_and_round_trips() {
