@@ -30,6 +30,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(missing_docs, unreachable_pub)]
 
+/// A fleet of relays on NATS (issue 12, in progress; see the module).
+pub mod cluster;
 mod config;
 pub mod core;
 pub mod registry;
@@ -41,7 +43,7 @@ mod server;
 pub mod state;
 mod stats;
 
-pub use config::{ConfigError, RelayConfig};
+pub use config::{ClusterConfig, ConfigError, RelayConfig};
 pub use server::admin::{query_online, OnlineInstance};
 pub use server::writer::Outbound;
 pub use server::{Relay, SpawnError, SpawnOptions};

@@ -303,6 +303,54 @@ impl Registry {
     pub(super) fn set_invites(&mut self, invites: Vec<Invite>) {
         self.invites = invites;
     }
+
+    /// Put one record as a replicated registry holds it (the cluster's KV
+    /// bucket, where each record is its own key): new, or replacing the
+    /// record of the same id. Refused when the record's key already belongs
+    /// to another id here (the bucket's `key.` entries keep that from
+    /// happening; a record that breaks it is not applied).
+    pub(crate) fn put_record(&mut self, rec: InstanceRecord) -> Result<(), String> {
+        let key: PublicKey = rec
+            .public_key
+            .parse()
+            .map_err(|e| format!("instance {:?}: {e}", rec.instance_id))?;
+        agent_link_proto::check_id(&rec.instance_id).map_err(|e| e.to_string())?;
+        if let Some(&i) = self.by_key.get(&key) {
+            if self.records[i].instance_id != rec.instance_id {
+                return Err(format!(
+                    "instance {:?}: its key belongs to {:?}",
+                    rec.instance_id, self.records[i].instance_id
+                ));
+            }
+        }
+        match self.by_id.get(&rec.instance_id) {
+            Some(&i) => {
+                if let Ok(old) = self.records[i].public_key.parse::<PublicKey>() {
+                    self.by_key.remove(&old);
+                }
+                self.by_key.insert(key, i);
+                self.records[i] = rec;
+            }
+            None => {
+                let i = self.records.len();
+                self.by_id.insert(rec.instance_id.clone(), i);
+                self.by_key.insert(key, i);
+                self.records.push(rec);
+            }
+        }
+        Ok(())
+    }
+
+    /// Put one invite (replacing the one for the same id).
+    pub(crate) fn put_invite(&mut self, invite: Invite) {
+        self.invites.retain(|i| i.instance_id != invite.instance_id);
+        self.invites.push(invite);
+    }
+
+    /// Drop the invite for `instance_id`, if any.
+    pub(crate) fn remove_invite(&mut self, instance_id: &str) {
+        self.invites.retain(|i| i.instance_id != instance_id);
+    }
 }
 
 #[cfg(test)]
