@@ -1,0 +1,200 @@
+//! The fleet's registry on a real 3-node NATS cluster on loopback: two
+//! relays registering one id at once (exactly one wins), a revoke written
+//! through one relay read through the other, and NATS unreachable at start
+//! (a clear error, never a relay running alone).
+//!
+//! Needs `nats-server` (Debian's 2.9.10 will do) on PATH or in
+//! `AGENT_LINK_NATS_SERVER`; without it the test skips, unless
+//! `AGENT_LINK_REQUIRE_NATS` is set (CI sets it).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_link_crypto::Identity;
+use agent_link_relay::cluster::{registry, Cluster, ClusterError};
+use agent_link_relay::registry::RegisterError;
+use agent_link_relay::ClusterConfig;
+
+fn nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AGENT_LINK_NATS_SERVER") {
+        return Some(p.into());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three nats-server processes clustered with JetStream; killed on drop.
+struct NatsCluster {
+    children: Vec<Child>,
+    client_ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl NatsCluster {
+    fn start(bin: &PathBuf) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let children = (0..3)
+            .map(|i| {
+                Command::new(bin)
+                    .args(["-a", "127.0.0.1", "-p", &client_ports[i].to_string()])
+                    .args([
+                        "-js",
+                        "-sd",
+                        &dir.path().join(format!("n{i}")).display().to_string(),
+                    ])
+                    .args(["-n", &format!("n{i}"), "--cluster_name", "agent-link-test"])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{}", route_ports[i])])
+                    .args(["--routes", &routes])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start nats-server")
+            })
+            .collect();
+        Self {
+            children,
+            client_ports,
+            _dir: dir,
+        }
+    }
+
+    fn config(&self, node: usize, relay_id: &str) -> ClusterConfig {
+        ClusterConfig {
+            nats: vec![format!("nats://127.0.0.1:{}", self.client_ports[node])],
+            relay_id: relay_id.into(),
+            replicas: Some(3),
+            advertise: None,
+        }
+    }
+
+    /// Connect once the cluster has elected its JetStream leader (bounded:
+    /// 60 s, on a loaded 2-core machine it takes a few).
+    async fn connect(&self, node: usize, relay_id: &str) -> Cluster {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Cluster::connect(&self.config(node, relay_id)).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("cluster not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("the NATS cluster never became ready: {e}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_id_registered_at_once_through_two_relays_has_exactly_one_owner() {
+    let Some(bin) = nats_server() else {
+        assert!(
+            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
+            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
+        );
+        eprintln!("skipped: nats-server not found");
+        return;
+    };
+    let nats = NatsCluster::start(&bin);
+    let r1 = nats.connect(0, "relay-1").await;
+    let r2 = nats.connect(1, "relay-2").await;
+
+    for round in 0..5 {
+        let id = format!("race-{round}");
+        let (a, b) = (
+            Identity::generate().public_key(),
+            Identity::generate().public_key(),
+        );
+        let (s1, s2) = (r1.registry_store().clone(), r2.registry_store().clone());
+        let (id1, id2) = (id.clone(), id.clone());
+        let one = tokio::spawn(async move {
+            registry::update(&s1, None, |r| r.register(&id1, &a, "a")).await
+        });
+        let two = tokio::spawn(async move {
+            registry::update(&s2, None, |r| r.register(&id2, &b, "b")).await
+        });
+        let outcomes = [one.await.unwrap().unwrap(), two.await.unwrap().unwrap()];
+        let won = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok((true, _))))
+            .count();
+        let lost = outcomes
+            .iter()
+            .filter(|o| matches!(o, Err(RegisterError::IdTaken(_))))
+            .count();
+        assert_eq!((won, lost), (1, 1), "round {round}: {outcomes:?}");
+        // Both relays read the same owner.
+        let k1 = registry::load(r1.registry_store()).await.unwrap().0;
+        let k2 = registry::load(r2.registry_store()).await.unwrap().0;
+        let owner = k1.registry.get(&id).unwrap().public_key.clone();
+        assert_eq!(k2.registry.get(&id).unwrap().public_key, owner);
+        assert!(owner == a.to_string() || owner == b.to_string());
+    }
+
+    // A revoke through relay 2 is what relay 1 reads.
+    let revoked = registry::update(r2.registry_store(), None, |r| r.revoke("race-0"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.0);
+    let seen = registry::load(r1.registry_store()).await.unwrap().0;
+    assert!(seen.registry.get("race-0").unwrap().revoked);
+    // And it stays revoked: registering it again is refused.
+    let again = registry::update(r1.registry_store(), None, |r| {
+        r.register("race-0", &Identity::generate().public_key(), "x")
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        again,
+        Err(RegisterError::IdTaken(_) | RegisterError::Revoked(_))
+    ));
+}
+
+#[tokio::test]
+async fn nats_unreachable_at_start_is_a_clear_error() {
+    let port = free_port(); // nothing listens there now
+    let cfg = ClusterConfig {
+        nats: vec![format!("nats://127.0.0.1:{port}")],
+        relay_id: "relay-1".into(),
+        replicas: None,
+        advertise: None,
+    };
+    let started = Instant::now();
+    let err = Cluster::connect(&cfg).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(matches!(err, ClusterError::Connect { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&port.to_string()) && msg.contains("does not run alone"),
+        "{msg}"
+    );
+}
