@@ -198,3 +198,25 @@ async fn nats_unreachable_at_start_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// Until the relay serves in a fleet, a config with `cluster` is refused at
+/// start: it must never run alone on its own registry.
+#[tokio::test]
+async fn a_relay_configured_for_a_fleet_does_not_run_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("relay");
+    let mut st = agent_link_relay::state::init(&d, Some("127.0.0.1:0".parse().unwrap())).unwrap();
+    st.config.cluster = Some(ClusterConfig {
+        nats: vec!["nats://127.0.0.1:4222".into()],
+        relay_id: "relay-1".into(),
+        replicas: None,
+        advertise: None,
+    });
+    let err = agent_link_relay::Relay::spawn(st, Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, agent_link_relay::SpawnError::ClusterUnsupported),
+        "{err}"
+    );
+}

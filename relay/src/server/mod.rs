@@ -77,6 +77,11 @@ pub enum SpawnError {
     /// The registry could not be read.
     #[error(transparent)]
     Registry(#[from] StoreError),
+    /// The config has `cluster`, and this build cannot run as one relay of
+    /// a fleet yet (issue 12): refused, never run alone on its own
+    /// registry, which would split the fleet without anyone noticing.
+    #[error("relay-config.json has `cluster`, but this build of the relay cannot serve in a fleet yet; remove `cluster` to run this relay alone")]
+    ClusterUnsupported,
 }
 
 /// Optional listeners.
@@ -162,6 +167,9 @@ impl Relay {
     /// Bind and start serving `state`.
     pub async fn spawn(state: RelayState, opts: SpawnOptions) -> Result<Relay, SpawnError> {
         let mut config = state.config.clone();
+        if config.cluster.is_some() {
+            return Err(SpawnError::ClusterUnsupported);
+        }
         if let Some(l) = opts.listen {
             config.listen = l;
         }
