@@ -1,24 +1,23 @@
-//! A fleet of relays on a NATS cluster (DESIGN.md, "A fleet of relays";
-//! PROTOCOL.md §11). NATS is the distributed engine; this module only
-//! decides what goes where:
-//! - the registry lives in the JetStream KV bucket [`REGISTRY_BUCKET`]
-//!   (`registry`: first key wins by create-if-absent, every relay watches
-//!   it, so a revoke reaches all of them);
-//! - which relay holds which receiving agent lives in [`ATTACH_BUCKET`]
-//!   (`attach`: the newest attach by KV revision wins cluster-wide);
-//! - a message for an agent attached on another relay goes to that relay
-//!   as a core NATS request on its deliver subject, the envelope's bytes
-//!   unchanged, and the answer is the receipt or named error (`deliver`);
-//! - relays that are up announce themselves in [`RELAYS_BUCKET`] (`relays`),
-//!   which join tokens list.
+//! A fleet of relays on a NATS cluster (DESIGN.md, "A fleet of relays").
+//! NATS is the distributed engine; this module decides what goes where.
 //!
-//! Without `cluster` in its config a relay never touches any of this.
+//! Built so far (issue 12, in progress):
+//! - [`Cluster::connect`]: the NATS connection (a clear error when no server
+//!   answers) and the fleet's buckets, created as plain JetStream streams so
+//!   that nats-server 2.9 accepts them;
+//! - [`registry`]: the registry in [`REGISTRY_BUCKET`], one key per record,
+//!   changes committed by create-if-absent and revision-checked updates, so
+//!   the first key wins cluster-wide (tested against a real 3-node cluster
+//!   in `relay/tests/cluster_registry.rs`);
+//! - [`attach`]: the decisions about [`ATTACH_BUCKET`], which relay holds
+//!   which receiving agent (the newest attach by KV revision wins).
 //!
-//! State of this module (issue 12, in progress): the connection and bucket
-//! set-up, the registry's KV encoding with its commit-and-retry (tested
-//! against a real NATS cluster in `tests/tests/cluster.rs`) and the attach
-//! table's decisions are here; the relay does not use them yet (no
-//! relay-to-relay forwarding, no failover).
+//! Planned, not built: the running relay using these (watching the registry
+//! to close revoked connections, putting its attaches), forwarding a
+//! message for an agent held by another relay as a NATS request on that
+//! relay's [`deliver_subject`] with the envelope's bytes unchanged, presence
+//! in [`RELAYS_BUCKET`] for join tokens that list every relay, and peer
+//! failover. Until then `Relay::spawn` refuses a config with `cluster`.
 
 use std::time::Duration;
 
