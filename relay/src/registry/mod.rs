@@ -121,6 +121,17 @@ impl From<InviteError> for ErrorCode {
     }
 }
 
+/// A stored record's key, with its id checked (a file or bucket entry may
+/// have been edited by hand).
+fn checked_key(rec: &InstanceRecord) -> Result<PublicKey, String> {
+    let key: PublicKey = rec
+        .public_key
+        .parse()
+        .map_err(|e| format!("instance {:?}: {e}", rec.instance_id))?;
+    agent_link_proto::check_id(&rec.instance_id).map_err(|e| e.to_string())?;
+    Ok(key)
+}
+
 /// Registry contents with both lookups.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
@@ -134,11 +145,7 @@ impl Registry {
     pub(super) fn from_records(records: Vec<InstanceRecord>) -> Result<Self, String> {
         let mut r = Registry::default();
         for rec in records {
-            let key: PublicKey = rec
-                .public_key
-                .parse()
-                .map_err(|e| format!("instance {:?}: {e}", rec.instance_id))?;
-            agent_link_proto::check_id(&rec.instance_id).map_err(|e| e.to_string())?;
+            let key = checked_key(&rec)?;
             if r.by_id.contains_key(&rec.instance_id) || r.by_key.contains_key(&key) {
                 return Err(format!("instance {:?} appears twice", rec.instance_id));
             }
@@ -310,11 +317,7 @@ impl Registry {
     /// to another id here (the bucket's `key.` entries keep that from
     /// happening; a record that breaks it is not applied).
     pub(crate) fn put_record(&mut self, rec: InstanceRecord) -> Result<(), String> {
-        let key: PublicKey = rec
-            .public_key
-            .parse()
-            .map_err(|e| format!("instance {:?}: {e}", rec.instance_id))?;
-        agent_link_proto::check_id(&rec.instance_id).map_err(|e| e.to_string())?;
+        let key = checked_key(&rec)?;
         if let Some(&i) = self.by_key.get(&key) {
             if self.records[i].instance_id != rec.instance_id {
                 return Err(format!(
