@@ -2,21 +2,21 @@
 //! NATS is the distributed engine; this module decides what goes where.
 //!
 //! Built so far (issue 12, in progress):
-//! - [`Cluster::connect`]: the NATS connection (a clear error when no server
+//! - [`Cluster::connect`](crate::cluster::Cluster::connect): the NATS connection (a clear error when no server
 //!   answers) and the fleet's buckets, created as plain JetStream streams so
 //!   that nats-server 2.9 accepts them;
-//! - [`registry`]: the registry in [`REGISTRY_BUCKET`], one key per record,
+//! - [`registry`](crate::cluster::registry): the registry in [`REGISTRY_BUCKET`](crate::cluster::REGISTRY_BUCKET), one key per record,
 //!   changes committed by create-if-absent and revision-checked updates, so
 //!   the first key wins cluster-wide (tested against a real 3-node cluster
 //!   in `relay/tests/cluster_registry.rs`);
-//! - [`attach`]: the decisions about [`ATTACH_BUCKET`], which relay holds
+//! - [`attach`](crate::cluster::attach): the decisions about [`ATTACH_BUCKET`](crate::cluster::ATTACH_BUCKET), which relay holds
 //!   which receiving agent (the newest attach by KV revision wins).
 //!
 //! Planned, not built: the running relay using these (watching the registry
 //! to close revoked connections, putting its attaches), forwarding a
 //! message for an agent held by another relay as a NATS request on that
-//! relay's [`deliver_subject`] with the envelope's bytes unchanged, presence
-//! in [`RELAYS_BUCKET`] for join tokens that list every relay, and peer
+//! relay's [`deliver_subject`](crate::cluster::deliver_subject) with the envelope's bytes unchanged, presence
+//! in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET) for join tokens that list every relay, and peer
 //! failover. Until then `Relay::spawn` refuses a config with `cluster`.
 
 use std::time::Duration;
