@@ -261,70 +261,82 @@ pub async fn update<T, E>(
 
 type Done = Vec<(String, Operation, Bytes, u64)>;
 
+impl Op {
+    fn key(&self) -> &str {
+        match self {
+            Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// What one write of a commit came to.
+enum Outcome {
+    /// Stored at this revision.
+    Written(Operation, Bytes, u64),
+    /// The key was not as this commit read it: someone else changed it.
+    Conflict,
+    /// Any other failure.
+    Failed(String),
+}
+
 /// Carry out `ops` in order. `None`: one of them met a change made by
 /// someone else; what this commit created is deleted again.
 async fn commit(store: &kv::Store, ops: &[Op]) -> Result<Option<Done>, ClusterError> {
     use kv::{CreateErrorKind, UpdateErrorKind};
     let mut done: Done = Vec::with_capacity(ops.len());
-    let mut conflict = false;
+    // Keys this commit created, with their revisions: the only writes a
+    // rollback may take back (deleting an updated record would erase it).
+    let mut created: Vec<(String, u64)> = Vec::new();
     for op in ops {
-        match op {
+        let outcome = match op {
             Op::Create { key, value } => match store.create(key, value.clone()).await {
-                Ok(rev) => done.push((key.clone(), Operation::Put, value.clone(), rev)),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                    conflict = true;
-                    break;
+                Ok(rev) => {
+                    created.push((key.clone(), rev));
+                    Outcome::Written(Operation::Put, value.clone(), rev)
                 }
-                Err(e) => {
-                    rollback(store, &done).await;
-                    return Err(ClusterError::js("writing the registry")(e.to_string()));
-                }
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Outcome::Conflict,
+                Err(e) => Outcome::Failed(e.to_string()),
             },
             Op::Update {
                 key,
                 value,
                 revision,
             } => match store.update(key, value.clone(), *revision).await {
-                Ok(rev) => done.push((key.clone(), Operation::Put, value.clone(), rev)),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-                    conflict = true;
-                    break;
-                }
-                Err(e) => {
-                    rollback(store, &done).await;
-                    return Err(ClusterError::js("writing the registry")(e.to_string()));
-                }
+                Ok(rev) => Outcome::Written(Operation::Put, value.clone(), rev),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Outcome::Conflict,
+                Err(e) => Outcome::Failed(e.to_string()),
             },
+            // A delete names its revision too; a failure is most likely a
+            // change by someone else, which the retry reads.
             Op::Delete { key, revision } => {
-                // A delete names its revision too; a failure is most likely
-                // a change by someone else, which the retry reads.
-                if store
-                    .delete_expect_revision(key, Some(*revision))
-                    .await
-                    .is_err()
-                {
-                    conflict = true;
-                    break;
+                match store.delete_expect_revision(key, Some(*revision)).await {
+                    Ok(()) => Outcome::Written(Operation::Delete, Bytes::new(), *revision),
+                    Err(_) => Outcome::Conflict,
                 }
-                done.push((key.clone(), Operation::Delete, Bytes::new(), *revision));
+            }
+        };
+        match outcome {
+            Outcome::Written(operation, value, rev) => {
+                done.push((op.key().to_string(), operation, value, rev))
+            }
+            Outcome::Conflict => {
+                rollback(store, &created).await;
+                return Ok(None);
+            }
+            Outcome::Failed(reason) => {
+                rollback(store, &created).await;
+                return Err(ClusterError::js("writing the registry")(reason));
             }
         }
-    }
-    if conflict {
-        rollback(store, &done).await;
-        return Ok(None);
     }
     Ok(Some(done))
 }
 
-/// Take back the creates of a commit that met a conflict (updates were not
-/// reached: every commit puts its creates first).
-async fn rollback(store: &kv::Store, done: &Done) {
-    for (key, op, _, rev) in done {
-        if *op == Operation::Put {
-            if let Err(e) = store.delete_expect_revision(key, Some(*rev)).await {
-                tracing::warn!(%key, "could not take back a half-made registry change: {e}");
-            }
+/// Take back the creates of a commit that did not complete.
+async fn rollback(store: &kv::Store, created: &[(String, u64)]) {
+    for (key, rev) in created {
+        if let Err(e) = store.delete_expect_revision(key, Some(*rev)).await {
+            tracing::warn!(%key, "could not take back a half-made registry change: {e}");
         }
     }
 }
