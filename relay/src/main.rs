@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use agent_link_crypto::CryptoError;
 use agent_link_proto::Exit;
-use agent_link_relay::registry::{RegisterError, RegistryStore};
+use agent_link_relay::registry::RegisterError;
 use agent_link_relay::state::{self, StateError};
 use agent_link_relay::{Relay, SpawnOptions};
 use clap::{Parser, Subcommand};
@@ -278,14 +278,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "--instance-id and --public-key are required".into(),
                 ));
             };
-            let dir = dir.path();
-            state::load(&dir)?;
+            let st = state::load(&dir.path())?;
             let key: agent_link_crypto::PublicKey = public_key
                 .parse()
                 .map_err(|e| Failure(Exit::Usage, format!("--public-key: {e}")))?;
             let name = name.unwrap_or_else(|| instance_id.clone());
-            let res = RegistryStore::new(&dir)
-                .update(|r| r.register(&instance_id, &key, &name))
+            let res = st
+                .update_registry(|r| r.register(&instance_id, &key, &name))
                 .map_err(|e| Failure(Exit::Other, e.to_string()))?;
             match res {
                 Ok((true, _)) => println!("registered {instance_id}"),
@@ -298,10 +297,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Revoke { dir, instance_id } => {
-            let dir = dir.path();
-            state::load(&dir)?;
-            let res = RegistryStore::new(&dir)
-                .update(|r| r.revoke(&instance_id))
+            let st = state::load(&dir.path())?;
+            let res = st
+                .update_registry(|r| r.revoke(&instance_id))
                 .map_err(|e| Failure(Exit::Other, e.to_string()))?;
             match res {
                 Ok((true, _)) => println!("revoked {instance_id}"),
@@ -330,7 +328,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 /// registry untouched and names the line.
 fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
     use std::io::Read;
-    state::load(dir)?;
+    let st = state::load(dir)?;
     let mut text = String::new();
     let read = if file == Path::new("-") {
         std::io::stdin().read_to_string(&mut text)
@@ -368,8 +366,8 @@ fn register_batch(dir: &Path, file: &Path) -> Result<(), Failure> {
         })?;
         entries.push((n, id.to_string(), key));
     }
-    let res = RegistryStore::new(dir)
-        .update(|r| {
+    let res = st
+        .update_registry(|r| {
             let mut added = 0usize;
             for (n, id, key) in &entries {
                 match r.register(id, key, id) {
@@ -414,9 +412,9 @@ fn first_invite_hint(dir: &Path) -> String {
 }
 
 fn instances(dir: &Path, json: bool) -> Result<(), Failure> {
-    state::load(dir)?;
-    let reg = RegistryStore::new(dir)
-        .load()
+    let st = state::load(dir)?;
+    let reg = st
+        .load_registry()
         .map_err(|e| Failure(Exit::Other, e.to_string()))?;
     let online = agent_link_relay::query_online(dir);
     let relay_running = online.is_some();

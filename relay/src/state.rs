@@ -19,8 +19,9 @@ use agent_link_crypto::tls::TlsIdentity;
 use agent_link_crypto::{FleetSecret, Identity};
 use agent_link_proto::{JoinSecret, JoinToken};
 
-use crate::config::{ConfigError, RelayConfig};
-use crate::registry::{RegistryStore, StoreError};
+use crate::cluster::{Cluster, ClusterError};
+use crate::config::{ClusterConfig, ConfigError, RelayConfig};
+use crate::registry::{Registry, RegistryStore, StoreError};
 
 /// File names inside the state directory.
 pub const CONFIG_FILE: &str = "relay-config.json";
@@ -223,8 +224,7 @@ impl RelayState {
         let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
         let expires = now.saturating_add(u64::try_from(valid_for.as_millis()).unwrap_or(u64::MAX));
         let hex = hex::encode(secret.expose());
-        RegistryStore::new(&self.dir)
-            .update(|r| r.add_invite(instance_id, hex, expires, now))?
+        self.update_registry(|r| r.add_invite(instance_id, hex.clone(), expires, now))?
             .map_err(InviteStateError::Refused)?;
         Ok(JoinToken {
             addr: addr.to_string(),
@@ -237,13 +237,82 @@ impl RelayState {
     }
 }
 
+/// Why an operator's command could not read or change the registry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryAccessError {
+    /// The relay's own registry file.
+    #[error(transparent)]
+    File(#[from] StoreError),
+    /// The fleet's registry bucket (the config has `cluster`).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The runtime the NATS client runs on could not start.
+    #[error("starting the NATS client: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl RelayState {
+    /// Apply `change` to the registry this relay serves: its own file, or
+    /// with `cluster` in the config the fleet's bucket, so that `register`,
+    /// `revoke` and `invite` run from any relay's directory change the one
+    /// registry of the fleet. `change` may run more than once against the
+    /// bucket (once per attempt that met someone else's write); it must
+    /// only change the registry it is given.
+    pub fn update_registry<T, E>(
+        &self,
+        change: impl FnMut(&mut Registry) -> Result<T, E>,
+    ) -> Result<Result<(T, Registry), E>, RegistryAccessError> {
+        let Some(cluster) = &self.config.cluster else {
+            return Ok(RegistryStore::new(&self.dir).update(change)?);
+        };
+        on_cluster(cluster, |c| async move {
+            let out = crate::cluster::registry::update(c.registry_store(), None, change).await?;
+            Ok(out.map(|(t, replica)| (t, replica.registry)))
+        })
+    }
+
+    /// The registry this relay serves, as it stands now (see
+    /// [`RelayState::update_registry`]).
+    pub fn load_registry(&self) -> Result<Registry, RegistryAccessError> {
+        let Some(cluster) = &self.config.cluster else {
+            return Ok(RegistryStore::new(&self.dir).load()?);
+        };
+        on_cluster(cluster, |c| async move {
+            Ok(crate::cluster::registry::load(c.registry_store())
+                .await?
+                .0
+                .registry)
+        })
+    }
+}
+
+/// Connect to the fleet's cluster and run `f` on it, on a runtime of its
+/// own (the operator's commands are not async).
+fn on_cluster<T, F>(
+    cfg: &ClusterConfig,
+    f: impl FnOnce(Cluster) -> F,
+) -> Result<T, RegistryAccessError>
+where
+    F: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RegistryAccessError::Runtime)?;
+    rt.block_on(async {
+        let cluster = Cluster::connect(cfg).await?;
+        Ok(f(cluster).await?)
+    })
+}
+
 /// Why `invite` made no invite.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InviteStateError {
     /// The registry could not be read or written.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] RegistryAccessError),
     /// The id cannot be invited (registered, revoked, invalid).
     #[error(transparent)]
     Refused(crate::registry::InviteError),

@@ -199,6 +199,152 @@ async fn nats_unreachable_at_start_is_a_clear_error() {
     );
 }
 
+/// A relay directory whose config joins the fleet through NATS node `node`.
+fn fleet_dir(parent: &std::path::Path, nats: &NatsCluster, node: usize, relay_id: &str) -> PathBuf {
+    let d = parent.join(relay_id);
+    agent_link_relay::state::init(&d, Some("127.0.0.1:0".parse().unwrap())).unwrap();
+    let path = d.join(agent_link_relay::state::CONFIG_FILE);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg["cluster"] = serde_json::to_value(nats.config(node, relay_id)).unwrap();
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    d
+}
+
+/// Run `agent-link-relay ARGS --dir DIR` (stdin from `input`); its exit
+/// code and stdout.
+fn relay_cli(dir: &std::path::Path, args: &[&str], input: &str) -> (i32, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agent-link-relay"))
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "agent-link-relay {args:?}: {:?} {stderr}",
+        out.status.code()
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn instances(dir: &std::path::Path) -> serde_json::Value {
+    let (code, out) = relay_cli(dir, &["instances", "--json"], "");
+    assert_eq!(code, 0);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `register`, `register --batch`, `revoke`, `invite` and `instances`
+/// run from either relay's directory read and change the one registry of
+/// the fleet, not the directory's own file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_commands_from_any_relays_directory_change_the_fleets_registry() {
+    let Some(bin) = nats_server() else {
+        assert!(
+            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
+            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
+        );
+        eprintln!("skipped: nats-server not found");
+        return;
+    };
+    let nats = NatsCluster::start(&bin);
+    // Ready (leader elected, buckets made) before the commands' 5 s connect.
+    drop(nats.connect(0, "relay-1").await);
+    let parent = tempfile::tempdir().unwrap();
+    let d1 = fleet_dir(parent.path(), &nats, 0, "relay-1");
+    let d2 = fleet_dir(parent.path(), &nats, 1, "relay-2");
+    let (a, b) = (
+        Identity::generate().public_key().to_string(),
+        Identity::generate().public_key().to_string(),
+    );
+    let register = |dir: &std::path::Path, id: &str, key: &str| {
+        relay_cli(
+            dir,
+            &["register", "--instance-id", id, "--public-key", key],
+            "",
+        )
+        .0
+    };
+    assert_eq!(register(&d1, "laptop", &a), 0);
+    // Through the other relay: the id is taken, and so is the key.
+    assert_eq!(
+        register(&d2, "laptop", &b),
+        4,
+        "one id, one key, fleet-wide"
+    );
+    assert_eq!(register(&d2, "desk", &a), 4, "the key holds another id");
+    assert_eq!(
+        register(&d2, "laptop", &a),
+        0,
+        "the same pair again is fine"
+    );
+    let batch = format!(
+        "# two more\ndesk {b}\nci {}\n",
+        Identity::generate().public_key()
+    );
+    let (code, out) = relay_cli(&d2, &["register", "--batch", "-"], &batch);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "registered 2 new, 0 already registered (same key)")
+    );
+    let seen = instances(&d1);
+    let ids: Vec<&str> = seen["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["instance_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{seen}");
+    for id in ["laptop", "desk", "ci"] {
+        assert!(ids.contains(&id), "{id} missing from {seen}");
+    }
+    // Each relay's own file stays empty: nothing went around the fleet.
+    for d in [&d1, &d2] {
+        let file = agent_link_relay::registry::RegistryStore::new(d)
+            .load()
+            .unwrap();
+        assert!(file.records().is_empty());
+    }
+    // Revoked through relay 2, read through relay 1.
+    assert_eq!(
+        relay_cli(&d2, &["revoke", "--instance-id", "laptop"], "").0,
+        0
+    );
+    let seen = instances(&d1);
+    let laptop = seen["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["instance_id"] == "laptop")
+        .unwrap();
+    assert_eq!(laptop["revoked"], true, "{seen}");
+    // An invite made on relay 1 is pending for relay 2 too.
+    let (code, token) = relay_cli(
+        &d1,
+        &["invite", "--instance-id", "phone", "--addr", "127.0.0.1:9"],
+        "",
+    );
+    assert_eq!(code, 0);
+    assert!(!token.trim().is_empty());
+    let pending = instances(&d2)["pending_invites"].clone();
+    assert_eq!(pending[0]["instance_id"], "phone", "{pending}");
+}
+
 /// Until the relay serves in a fleet, a config with `cluster` is refused at
 /// start: it must never run alone on its own registry.
 #[tokio::test]
