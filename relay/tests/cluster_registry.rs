@@ -345,15 +345,16 @@ async fn the_operators_commands_from_any_relays_directory_change_the_fleets_regi
     assert_eq!(pending[0]["instance_id"], "phone", "{pending}");
 }
 
-/// Until the relay serves in a fleet, a config with `cluster` is refused at
-/// start: it must never run alone on its own registry.
+/// A relay whose config has `cluster` and whose NATS is unreachable does
+/// not start: it never runs alone on its own registry.
 #[tokio::test]
 async fn a_relay_configured_for_a_fleet_does_not_run_alone() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("relay");
     let mut st = agent_link_relay::state::init(&d, Some("127.0.0.1:0".parse().unwrap())).unwrap();
+    let port = free_port(); // nothing listens there now
     st.config.cluster = Some(ClusterConfig {
-        nats: vec!["nats://127.0.0.1:4222".into()],
+        nats: vec![format!("nats://127.0.0.1:{port}")],
         relay_id: "relay-1".into(),
         replicas: None,
         advertise: None,
@@ -362,7 +363,11 @@ async fn a_relay_configured_for_a_fleet_does_not_run_alone() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, agent_link_relay::SpawnError::ClusterUnsupported),
+        matches!(
+            err,
+            agent_link_relay::SpawnError::Cluster(ClusterError::Connect { .. })
+        ),
         "{err}"
     );
+    assert!(err.to_string().contains("does not run alone"), "{err}");
 }

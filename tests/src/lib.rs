@@ -9,6 +9,7 @@
 //! | `src/raw.rs` | [`RawClient`], [`RawStream`], [`OwnedFrame`]: one QUIC connection, frames by hand |
 //! | `src/peers.rs` | peer directories and the `agent-link` library: [`peer`], [`recv`], [`exchange`] |
 //! | `src/bins.rs` | the CLIs as child processes: [`workspace_bin`], [`relay_cmd`], [`peer_cmd`] |
+//! | `src/nats.rs` | [`NatsCluster`]: a 3-node nats-server cluster with JetStream on loopback, for the fleet tests |
 //! | `src/time.rs` | [`WAIT`], [`wait_until`], [`now_ms`] |
 //!
 //! Everything is re-exported here, so a test writes `use agent_link_tests::*;`.
@@ -17,7 +18,7 @@
 //!
 //! | binary | what |
 //! |---|---|
-//! | `tests/e2e/` | the peer library and the relay over QUIC on loopback: messages, protocol, limits, the peer under relay restarts, datagram size, storms |
+//! | `tests/e2e/` | the peer library and the relay over QUIC on loopback: messages, protocol, limits, the peer under relay restarts, datagram size, storms, a fleet of relays on NATS |
 //! | `tests/hostile/` | hostile input, one module per subject: handshakes, envelopes, framing, ids, deadlines, bounds, small-order keys, files |
 //! | `tests/cli/` | the real binaries as child processes: the command-line contract, batch registration |
 //! | `tests/faults.rs` | the delivery promise under SIGKILL, nftables loss in a network namespace, an impairing proxy |
@@ -28,12 +29,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bins;
+mod nats;
 mod peers;
 mod raw;
 mod relay;
 mod time;
 
 pub use bins::{peer_cmd, relay_cmd, text, workspace_bin};
+pub use nats::{nats_or_skip, nats_server, NatsCluster};
 pub use peers::{exchange, peer, peer_dir, recv, write_peer_dir};
 pub use raw::{client_config, random_id, OwnedFrame, RawClient, RawStream};
 pub use relay::{init_tracing, TestRelay};

@@ -33,6 +33,16 @@ pub struct TestRelay {
 impl TestRelay {
     /// Start with the default config, changed by `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut RelayConfig)) -> Self {
+        Self::start_with(tweak, |_| {}).await
+    }
+
+    /// Start with the config changed by `tweak`, after `prepare` has had
+    /// the state directory (to give relays of one fleet the same fleet
+    /// secret, say).
+    pub async fn start_with(
+        tweak: impl FnOnce(&mut RelayConfig),
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Self {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("relay");
@@ -44,6 +54,7 @@ impl TestRelay {
         cfg.open_registration = true;
         tweak(&mut cfg);
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        prepare(&state_dir);
         let mut me = Self {
             relay: None,
             dir,

@@ -139,6 +139,14 @@ impl AttachTable {
         None
     }
 
+    /// Whether the stream `token` is this relay's receiving stream for the
+    /// agent.
+    pub fn holds(&self, instance: &str, agent: &str, token: u64) -> bool {
+        self.local
+            .get(&(instance.to_string(), agent.to_string()))
+            .is_some_and(|l| l.token == token)
+    }
+
     /// The watch saw the agent's entry deleted at `revision`.
     pub fn seen_delete(&mut self, instance: &str, agent: &str, revision: u64) {
         let k = (instance.to_string(), agent.to_string());

@@ -1,23 +1,21 @@
 //! A fleet of relays on a NATS cluster (DESIGN.md, "A fleet of relays").
 //! NATS is the distributed engine; this module decides what goes where.
 //!
-//! Built so far (issue 12, in progress):
 //! - [`Cluster::connect`](crate::cluster::Cluster::connect): the NATS connection (a clear error when no server
-//!   answers) and the fleet's buckets, created as plain JetStream streams so
-//!   that nats-server 2.9 accepts them;
+//!   answers: a relay configured for a fleet never runs alone) and the
+//!   fleet's buckets, created as plain JetStream streams so that
+//!   nats-server 2.9 accepts them;
 //! - [`registry`](crate::cluster::registry): the registry in [`REGISTRY_BUCKET`](crate::cluster::REGISTRY_BUCKET), one key per record,
 //!   changes committed by create-if-absent and revision-checked updates, so
-//!   the first key wins cluster-wide (tested against a real 3-node cluster
-//!   in `relay/tests/cluster_registry.rs`);
+//!   the first key wins cluster-wide;
 //! - [`attach`](crate::cluster::attach): the decisions about [`ATTACH_BUCKET`](crate::cluster::ATTACH_BUCKET), which relay holds
 //!   which receiving agent (the newest attach by KV revision wins).
 //!
-//! Planned, not built: the running relay using these (watching the registry
-//! to close revoked connections, putting its attaches), forwarding a
-//! message for an agent held by another relay as a NATS request on that
-//! relay's [`deliver_subject`](crate::cluster::deliver_subject) with the envelope's bytes unchanged, presence
-//! in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET) for join tokens that list every relay, and peer
-//! failover. Until then `Relay::spawn` refuses a config with `cluster`.
+//! The running relay's side (the registry watch in `registry::live`, the
+//! attach puts and watch, forwarding on [`deliver_subject`](crate::cluster::deliver_subject) and serving it)
+//! is in `server::cluster`; the wire format is PROTOCOL.md §9.8. Not built
+//! yet: presence in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET), join tokens listing every relay, and
+//! peer failover.
 
 use std::time::Duration;
 

@@ -14,7 +14,11 @@ use agent_link_proto::ErrorCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use async_nats::jetstream::kv;
+
 use super::{Registry, RegistryStore, StoreError};
+use crate::cluster::registry::Replica;
+use crate::cluster::{Cluster, ClusterError};
 use crate::router::Router;
 
 /// Modification time, size and inode of a file: every registry write
@@ -27,10 +31,27 @@ pub(crate) fn file_stamp(p: &std::path::Path) -> Option<FileStamp> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
+/// The fleet's registry bucket as this relay follows it (the config has
+/// `cluster`): the replica its watch keeps current, and the revision the
+/// watch has applied so far, for those who wait for a write to arrive.
+#[derive(Debug)]
+struct Fleet {
+    store: kv::Store,
+    replica: Mutex<Replica>,
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+/// How long a registration, or a key nobody here knows, waits for the
+/// watch to bring the bucket's newest entries.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
 /// The running relay's registry.
 #[derive(Debug)]
 pub(crate) struct LiveRegistry {
     store: RegistryStore,
+    /// With `cluster`: the bucket, which is the registry then (the file in
+    /// the directory is not used).
+    fleet: Option<Fleet>,
     current: RwLock<Registry>,
     /// What the registry file looked like when last loaded.
     stamp: Mutex<Option<FileStamp>>,
@@ -45,6 +66,43 @@ pub(crate) struct LiveRegistry {
     unknown_key_reload: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
+impl Fleet {
+    /// Apply one entry of the watch; whether it changed anything.
+    fn apply(&self, item: Result<kv::Entry, kv::WatcherError>) -> bool {
+        let entry = match item {
+            Ok(e) => e,
+            Err(e) => {
+                warn!("fleet registry watch: {e}");
+                return false;
+            }
+        };
+        let mut replica = self.replica.lock().unwrap_or_else(|e| e.into_inner());
+        if entry.revision <= replica.revision {
+            return false;
+        }
+        if let Err(e) = replica.apply(&entry.key, entry.operation, &entry.value, entry.revision) {
+            warn!("fleet registry entry skipped: {e}");
+        }
+        true
+    }
+
+    /// Wait (at most [`CATCH_UP`]) until the watch has applied `revision`.
+    async fn caught_up(&self, revision: u64) {
+        let mut rx = self.applied.subscribe();
+        let _ = tokio::time::timeout(CATCH_UP, rx.wait_for(|&r| r >= revision)).await;
+    }
+
+    /// The bucket's newest revision.
+    async fn last_revision(&self) -> Result<u64, ClusterError> {
+        let mut stream = self.store.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| ClusterError::js("reading the registry")(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+}
+
 impl LiveRegistry {
     /// Load `store` (a missing file is an empty registry).
     pub(crate) fn load(store: RegistryStore) -> Result<Self, StoreError> {
@@ -52,6 +110,7 @@ impl LiveRegistry {
             .load_if_changed(None)?
             .expect("nothing was loaded before, so it always loads");
         Ok(Self {
+            fleet: None,
             stamp: Mutex::new(file_stamp(store.path())),
             digest: Mutex::new(Some(digest)),
             current: RwLock::new(registry),
@@ -59,6 +118,89 @@ impl LiveRegistry {
             generation: AtomicU64::new(0),
             unknown_key_reload: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The fleet's registry from `cluster`'s bucket, and the watch that
+    /// goes on from what was read (give it to [`LiveRegistry::follow`]).
+    pub(crate) async fn load_fleet(
+        store: RegistryStore,
+        cluster: &Cluster,
+    ) -> Result<(Self, kv::Watch), ClusterError> {
+        let bucket = cluster.registry_store().clone();
+        let (replica, watch) = crate::cluster::registry::load(&bucket).await?;
+        let (applied, _) = tokio::sync::watch::channel(replica.revision);
+        Ok((
+            Self {
+                current: RwLock::new(replica.registry.clone()),
+                fleet: Some(Fleet {
+                    store: bucket,
+                    replica: Mutex::new(replica),
+                    applied,
+                }),
+                stamp: Mutex::new(None),
+                digest: Mutex::new(None),
+                store,
+                generation: AtomicU64::new(0),
+                unknown_key_reload: tokio::sync::Mutex::new(None),
+            },
+            watch,
+        ))
+    }
+
+    /// Apply the fleet registry's changes as the watch brings them, and
+    /// install each batch (which closes the connections of instances
+    /// revoked anywhere in the fleet, within the watch's latency). A watch
+    /// that fails is opened again from the last applied revision. Returns
+    /// on `shutdown`.
+    pub(crate) async fn follow<M>(
+        &self,
+        mut watch: kv::Watch,
+        router: &Router<M>,
+        shutdown: &CancellationToken,
+    ) {
+        use futures_util::{FutureExt, StreamExt};
+        let Some(fleet) = &self.fleet else { return };
+        loop {
+            let first = tokio::select! {
+                n = watch.next() => n,
+                _ = shutdown.cancelled() => return,
+            };
+            let mut ended = first.is_none();
+            let mut changed = first.is_some_and(|item| fleet.apply(item));
+            // Everything already here goes into one install.
+            while !ended {
+                match watch.next().now_or_never() {
+                    Some(Some(item)) => changed |= fleet.apply(item),
+                    Some(None) => ended = true,
+                    None => break,
+                }
+            }
+            if changed {
+                let (reg, revision) = {
+                    let r = fleet.replica.lock().unwrap_or_else(|e| e.into_inner());
+                    (r.registry.clone(), r.revision)
+                };
+                self.install(reg, router);
+                fleet.applied.send_replace(revision);
+            }
+            if ended {
+                let from = *fleet.applied.borrow() + 1;
+                match fleet.store.watch_all_from_revision(from).await {
+                    Ok(w) => watch = w,
+                    Err(e) => {
+                        warn!("fleet registry watch ended and cannot be reopened yet: {e}");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.cancelled() => return,
+                        }
+                        // Try again at the next turn of the loop.
+                        if let Ok(w) = fleet.store.watch_all_from_revision(from).await {
+                            watch = w;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Installs so far: changes whenever the live registry may have.
@@ -148,6 +290,18 @@ impl LiveRegistry {
         router: &Router<M>,
     ) -> Result<(), StoreError> {
         const MIN_GAP: Duration = Duration::from_millis(100);
+        if let Some(fleet) = &self.fleet {
+            // The watch keeps this registry current; a registration made
+            // through another relay a moment ago may still be on its way:
+            // wait (bounded) for the bucket's newest entry to arrive. One
+            // stream-info request per stranger, which NATS answers cheaply;
+            // the connection's stranger slot bounds how many wait at once.
+            match fleet.last_revision().await {
+                Ok(last) => fleet.caught_up(last).await,
+                Err(e) => warn!("fleet registry: {e}"),
+            }
+            return Ok(());
+        }
         let seen = self.generation.load(Acquire);
         let mut last = self.unknown_key_reload.lock().await;
         if self.generation.load(Acquire) != seen {
@@ -211,22 +365,46 @@ impl LiveRegistry {
         key: &PublicKey,
         instance_id: &str,
         name: &str,
-        proof_ok: impl FnOnce(&[u8; 32]) -> bool + Send + 'static,
+        proof_ok: impl Fn(&[u8; 32]) -> bool + Send + 'static,
     ) -> Result<bool, ErrorCode> {
         let (id, name, k) = (instance_id.to_string(), name.to_string(), *key);
         let now = agent_link_proto::clock::unix_ms(SystemTime::now());
         self.change_online(router, move |r| {
-            r.redeem_invite(&id, &k, &name, now, proof_ok)
+            r.redeem_invite(&id, &k, &name, now, &proof_ok)
                 .map_err(ErrorCode::from)
         })
         .await
     }
 
+    /// Apply `change` durably (the file, or the fleet's bucket) and make the
+    /// result live before returning. Against the bucket `change` may run
+    /// more than once (see `cluster::registry::update`).
     async fn change_online<M>(
         &self,
         router: &Router<M>,
-        change: impl FnOnce(&mut Registry) -> Result<bool, ErrorCode> + Send + 'static,
+        change: impl FnMut(&mut Registry) -> Result<bool, ErrorCode> + Send + 'static,
     ) -> Result<bool, ErrorCode> {
+        if let Some(fleet) = &self.fleet {
+            let base = fleet
+                .replica
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return match crate::cluster::registry::update(&fleet.store, Some(base), change).await {
+                Ok(Ok((new, written))) => {
+                    // Live once the watch has brought this write (and
+                    // whatever came before it), so the registry this relay
+                    // serves never runs ahead of the bucket's order.
+                    fleet.caught_up(written.revision).await;
+                    Ok(new)
+                }
+                Ok(Err(refused)) => Err(refused),
+                Err(e) => {
+                    tracing::error!("fleet registry write failed: {e}");
+                    Err(ErrorCode::Internal)
+                }
+            };
+        }
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || store.update(change))
             .await

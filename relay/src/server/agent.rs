@@ -82,7 +82,16 @@ pub(crate) async fn serve_agent(
     // first frame the peer reads.
     let _ = tx.try_send(Outbound::Frame(attached));
     if receive {
-        match router.attach_receiver(&info.instance, &agent, handle) {
+        let outcome = router.attach_receiver(&info.instance, &agent, handle);
+        if matches!(
+            outcome,
+            AttachOutcome::Attached | AttachOutcome::Replaced(_)
+        ) {
+            if let Some(fleet) = hub.cluster() {
+                fleet.attached(&hub, &info.instance, &agent, token);
+            }
+        }
+        match outcome {
             AttachOutcome::Replaced(old) => {
                 debug!(
                     old = old.token,
@@ -176,6 +185,9 @@ impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         let receiving = self.agent.map(|a| (self.info.instance.as_str(), a));
         self.hub.router().remove_stream(self.token, receiving);
+        if let (Some((instance, agent)), Some(fleet)) = (receiving, self.hub.cluster()) {
+            fleet.detached(instance, agent, self.token);
+        }
         fail_outstanding(self.hub, self.ledger);
         self.info.agents.fetch_sub(1, Relaxed);
     }
@@ -199,10 +211,16 @@ fn fail_outstanding(hub: &Hub, ledger: &StreamLedger) {
             id,
             code: ErrorCode::TargetOffline,
         });
-        let sent = hub
-            .router()
-            .with_stream(reply_to, |s| s.tx.try_send(Outbound::Frame(f)).is_ok());
-        if sent != Some(true) {
+        let sent = match hub.router().with_stream(reply_to, |s| {
+            s.tx.try_send(Outbound::Frame(f.clone())).is_ok()
+        }) {
+            Some(sent) => sent,
+            // A delivery another relay forwarded: the answer goes there.
+            None => hub
+                .cluster()
+                .is_some_and(|fl| fl.answer_remote(reply_to, &f)),
+        };
+        if !sent {
             stats.receipts_orphaned.fetch_add(1, Relaxed);
         }
     }
@@ -210,7 +228,7 @@ fn fail_outstanding(hub: &Hub, ledger: &StreamLedger) {
 
 /// What the reading half of one agent stream uses to carry out actions.
 struct AgentTask<'a> {
-    hub: &'a Hub,
+    hub: &'a Arc<Hub>,
     info: &'a ConnInfo,
     agent: &'a str,
     /// The sending instance, as the targets' ledgers name it.
@@ -309,13 +327,13 @@ impl AgentTask<'_> {
                     Action::Refuse { id, code } => self.refuse(&mut replies, &mut arena, id, code),
                     Action::RouteReceipt { token, receipt } => {
                         let f = arena.frame(&RelayToPeer::Receipt { receipt });
-                        if self.route_reply(token, f).await {
+                        if route_reply(self.hub, token, f).await {
                             self.hub.stats().receipts_routed.fetch_add(1, Relaxed);
                         }
                     }
                     Action::RouteFailed { token, id, code } => {
                         let f = arena.frame(&RelayToPeer::Failed { id, code });
-                        self.route_reply(token, f).await;
+                        route_reply(self.hub, token, f).await;
                     }
                     Action::DropReply { id } => {
                         self.hub.stats().replies_dropped.fetch_add(1, Relaxed);
@@ -332,6 +350,9 @@ impl AgentTask<'_> {
                                 &self.info.instance,
                                 self.agent,
                             );
+                            if let Some(fleet) = self.hub.cluster() {
+                                fleet.detached(&self.info.instance, self.agent, self.token);
+                            }
                         }
                         replies.push(Outbound::Frame(arena.frame(&RelayToPeer::Detached)));
                     }
@@ -378,48 +399,22 @@ impl AgentTask<'_> {
     }
 
     /// Queue one checked envelope on its target's stream, under the
-    /// router's lock and without waiting.
+    /// router's lock and without waiting; or, in a fleet, forward it to the
+    /// relay holding its target.
     fn forward(&self, id: MessageId, to: Address<'_>, envelope: Bytes) -> Result<(), ErrorCode> {
         let size = envelope.len();
-        let key = self.info.key.as_bytes();
-        // Counted at the longest head (any token fits: the core checked).
-        let len = DeliverHead::new(u64::MAX, key, size)
-            .ok_or(ErrorCode::TooLarge)?
-            .as_bytes()
-            .len()
-            + size;
-        let queued = self
-            .hub
-            .router()
-            .with_route(to.instance, to.agent, |target| {
-                // Memory and fairness bounds (`core::deliveries`): a
-                // receiver that reads or answers slowly holds at most its
-                // queue's frames and bytes, its outstanding bound and its
-                // instance's byte budget at the relay, each sender at most
-                // a share of them; beyond that senders get `Busy`, nothing
-                // is dropped.
-                let mut ledger = target.ledger.lock().unwrap_or_else(|e| e.into_inner());
-                let token = ledger.admit(&self.sender_name, self.token, id, len)?;
-                let Some(head) = DeliverHead::new(token, key, size) else {
-                    ledger.cancel(token);
-                    return Err(ErrorCode::TooLarge);
-                };
-                // Never blocks: the router's lock is not held across a wait.
-                match target.tx.try_send(Outbound::Deliver {
-                    head,
-                    envelope,
-                    token,
-                }) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        ledger.cancel(token);
-                        Err(match e {
-                            TrySendError::Full(_) => ErrorCode::Busy,
-                            TrySendError::Closed(_) => ErrorCode::TargetOffline,
-                        })
-                    }
-                }
-            });
+        let fleet = self.hub.cluster();
+        let spare = fleet.map(|_| envelope.clone());
+        let queued = queue_delivery(
+            self.hub,
+            to.instance,
+            to.agent,
+            &self.sender_name,
+            self.token,
+            id,
+            self.info.key.as_bytes(),
+            envelope,
+        );
         match queued {
             Some(Ok(())) => {
                 let stats = self.hub.stats();
@@ -429,40 +424,107 @@ impl AgentTask<'_> {
                 Ok(())
             }
             Some(Err(code)) => Err(code),
-            None => Err(agent_stream::unrouted(
-                self.hub.registry().read().get(to.instance),
-            )),
+            None => {
+                if let (Some(fleet), Some(envelope)) = (fleet, spare) {
+                    if let Some(relay) = fleet.remote_holder(to.instance, to.agent) {
+                        return fleet.forward(self.hub, &relay, self.token, id, envelope);
+                    }
+                }
+                Err(agent_stream::unrouted(
+                    self.hub.registry().read().get(to.instance),
+                ))
+            }
         }
     }
+}
 
-    /// Send a frame to the stream with `reply_token`: at once when its
-    /// queue has room, else waiting (bounded) for room.
-    async fn route_reply(&self, reply_token: u64, f: Bytes) -> bool {
-        let stats = self.hub.stats();
-        let full = self.hub.router().with_stream(reply_token, |target| {
-            match target.tx.try_send(Outbound::Frame(f)) {
-                Ok(()) => Ok(None),
-                Err(TrySendError::Full(out)) => Ok(Some((target.tx.clone(), out))),
-                Err(TrySendError::Closed(_)) => Err(()),
-            }
-        });
-        let (tx, out) = match full {
-            Some(Ok(None)) => return true,
-            Some(Ok(Some(waiting))) => waiting,
-            // The sender's stream is gone; its retry after reconnecting gets
-            // the receiver's duplicate receipt instead.
-            Some(Err(())) | None => {
-                stats.receipts_orphaned.fetch_add(1, Relaxed);
-                return false;
-            }
+/// Queue an envelope (checked) on the receiving stream of
+/// `instance/agent`, its answer owed to the stream (or pending answer to
+/// another relay) `reply_token`; under the router's lock, without waiting.
+/// `None`: nobody receives for that agent on this relay.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn queue_delivery(
+    hub: &Hub,
+    instance: &str,
+    agent: &str,
+    sender_name: &Arc<str>,
+    reply_token: u64,
+    id: MessageId,
+    key: &[u8; 32],
+    envelope: Bytes,
+) -> Option<Result<(), ErrorCode>> {
+    let size = envelope.len();
+    // Counted at the longest head (any token fits: the core checked).
+    let Some(head) = DeliverHead::new(u64::MAX, key, size) else {
+        return Some(Err(ErrorCode::TooLarge));
+    };
+    let len = head.as_bytes().len() + size;
+    hub.router().with_route(instance, agent, |target| {
+        // Memory and fairness bounds (`core::deliveries`): a receiver that
+        // reads or answers slowly holds at most its queue's frames and
+        // bytes, its outstanding bound and its instance's byte budget at
+        // the relay, each sender at most a share of them; beyond that
+        // senders get `Busy`, nothing is dropped.
+        let mut ledger = target.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let token = ledger.admit(sender_name, reply_token, id, len)?;
+        let Some(head) = DeliverHead::new(token, key, size) else {
+            ledger.cancel(token);
+            return Err(ErrorCode::TooLarge);
         };
-        // Full: wait for room, with the router's lock released.
-        match tx.send_timeout(out, RECEIPT_WAIT).await {
-            Ok(()) => true,
-            Err(_) => {
-                stats.receipts_orphaned.fetch_add(1, Relaxed);
-                false
+        // Never blocks: the router's lock is not held across a wait.
+        match target.tx.try_send(Outbound::Deliver {
+            head,
+            envelope,
+            token,
+        }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                ledger.cancel(token);
+                Err(match e {
+                    TrySendError::Full(_) => ErrorCode::Busy,
+                    TrySendError::Closed(_) => ErrorCode::TargetOffline,
+                })
             }
+        }
+    })
+}
+
+/// Send a frame to the stream with `reply_token`: at once when its queue
+/// has room, else waiting (bounded) for room. In a fleet, a token no local
+/// stream has may be a delivery another relay forwarded: the frame goes
+/// back to that relay.
+pub(super) async fn route_reply(hub: &Hub, reply_token: u64, f: Bytes) -> bool {
+    let stats = hub.stats();
+    let f_copy = f.clone();
+    let full = hub.router().with_stream(reply_token, |target| {
+        match target.tx.try_send(Outbound::Frame(f)) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Full(out)) => Ok(Some((target.tx.clone(), out))),
+            Err(TrySendError::Closed(_)) => Err(()),
+        }
+    });
+    let (tx, out) = match full {
+        Some(Ok(None)) => return true,
+        Some(Ok(Some(waiting))) => waiting,
+        None if hub
+            .cluster()
+            .is_some_and(|fl| fl.answer_remote(reply_token, &f_copy)) =>
+        {
+            return true
+        }
+        // The sender's stream is gone; its retry after reconnecting gets
+        // the receiver's duplicate receipt instead.
+        Some(Err(())) | None => {
+            stats.receipts_orphaned.fetch_add(1, Relaxed);
+            return false;
+        }
+    };
+    // Full: wait for room, with the router's lock released.
+    match tx.send_timeout(out, RECEIPT_WAIT).await {
+        Ok(()) => true,
+        Err(_) => {
+            stats.receipts_orphaned.fetch_add(1, Relaxed);
+            false
         }
     }
 }

@@ -12,6 +12,7 @@ use agent_link_proto::{ErrorCode, RelayToPeer};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::ClusterLink;
 use super::writer::Outbound;
 use crate::config::RelayConfig;
 use crate::core::checks::CheckPolicy;
@@ -41,6 +42,8 @@ pub(crate) struct Hub {
     registrations: Mutex<TokenBucket>,
     /// The status snapshot and when to rebuild it.
     status: Mutex<StatusCache>,
+    /// With `cluster`: this relay's part in the fleet.
+    cluster: Option<ClusterLink>,
 }
 
 impl Hub {
@@ -49,8 +52,10 @@ impl Hub {
         fleet: &FleetSecret,
         previous: Option<&(FleetSecret, u64)>,
         registry: LiveRegistry,
+        cluster: Option<ClusterLink>,
     ) -> Self {
         Self {
+            cluster,
             fleet: RwLock::new(FleetState::new(&config, fleet, previous)),
             router: Router::default(),
             registry,
@@ -118,6 +123,11 @@ impl Hub {
     /// Who is connected, and where deliveries and receipts go.
     pub(crate) fn router(&self) -> &Routes {
         &self.router
+    }
+
+    /// This relay's part in a fleet, when it serves in one.
+    pub(crate) fn cluster(&self) -> Option<&ClusterLink> {
+        self.cluster.as_ref()
     }
 
     /// The registry as currently loaded.

@@ -32,6 +32,7 @@ use hub::Hub;
 
 pub(crate) mod admin;
 mod agent;
+mod cluster;
 mod connection;
 mod control;
 mod fleet;
@@ -77,11 +78,11 @@ pub enum SpawnError {
     /// The registry could not be read.
     #[error(transparent)]
     Registry(#[from] StoreError),
-    /// The config has `cluster`, and this build cannot run as one relay of
-    /// a fleet yet (issue 12): refused, never run alone on its own
-    /// registry, which would split the fleet without anyone noticing.
-    #[error("relay-config.json has `cluster`, but this build of the relay cannot serve in a fleet yet; remove `cluster` to run this relay alone")]
-    ClusterUnsupported,
+    /// The config has `cluster` and the fleet's NATS cluster cannot be
+    /// used: the relay does not start (it never runs alone on its own
+    /// registry, which would split the fleet without anyone noticing).
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Optional listeners.
@@ -167,13 +168,19 @@ impl Relay {
     /// Bind and start serving `state`.
     pub async fn spawn(state: RelayState, opts: SpawnOptions) -> Result<Relay, SpawnError> {
         let mut config = state.config.clone();
-        if config.cluster.is_some() {
-            return Err(SpawnError::ClusterUnsupported);
-        }
         if let Some(l) = opts.listen {
             config.listen = l;
         }
-        let registry = LiveRegistry::load(RegistryStore::new(&state.dir))?;
+        let store = RegistryStore::new(&state.dir);
+        let (registry, fleet) = match &config.cluster {
+            None => (LiveRegistry::load(store)?, None),
+            Some(c) => {
+                let cluster = crate::cluster::Cluster::connect(c).await?;
+                let (registry, watch) = LiveRegistry::load_fleet(store, &cluster).await?;
+                (registry, Some((cluster::ClusterLink::new(cluster), watch)))
+            }
+        };
+        let (fleet, registry_watch) = fleet.unzip();
         let server_config = build_server_config(&state)?;
         let bind_err = |source| SpawnError::Bind {
             addr: config.listen,
@@ -208,16 +215,28 @@ impl Relay {
             &state.fleet,
             state.previous.as_ref(),
             registry,
+            fleet,
         ));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(hub.clone(), endpoint.clone()));
         let watcher = hub.clone();
-        tasks.spawn(async move {
-            watcher
-                .registry()
-                .watch(watcher.router(), watcher.shutdown())
-                .await
-        });
+        match registry_watch {
+            None => tasks.spawn(async move {
+                watcher
+                    .registry()
+                    .watch(watcher.router(), watcher.shutdown())
+                    .await
+            }),
+            Some(watch) => {
+                tasks.spawn(cluster::serve(hub.clone()));
+                tasks.spawn(async move {
+                    watcher
+                        .registry()
+                        .follow(watch, watcher.router(), watcher.shutdown())
+                        .await
+                })
+            }
+        };
         tasks.spawn(fleet::watch(hub.clone(), state.dir.clone()));
         let mut metrics_addr = None;
         if let Some(addr) = opts.metrics {
@@ -280,11 +299,14 @@ impl Relay {
         instance_id: &str,
         valid_for: Duration,
     ) -> Result<String, crate::state::InviteStateError> {
-        let t = self.state.invite(
-            &crate::state::dial_addr(self.local_addr),
-            instance_id,
-            valid_for,
-        )?;
+        let addr = crate::state::dial_addr(self.local_addr);
+        // On a thread of its own: in a fleet it runs the NATS client on a
+        // runtime of its own, which cannot start inside this one.
+        let t = std::thread::scope(|s| {
+            s.spawn(|| self.state.invite(&addr, instance_id, valid_for))
+                .join()
+                .expect("invite does not panic")
+        })?;
         Ok(t.encode()
             .expect("a join token of a bound address, fingerprint and id encodes"))
     }

@@ -8,6 +8,7 @@
 //! | `peer_faults` | the peer's delivery rules while the relay is down or an attach is replaced |
 //! | `relay_protocol` | the relay frame by frame through raw clients: routing, receipts, every refusal code, registration, revocation |
 //! | `rotation` | fleet secret rotation: pushed to live members, to offline ones at connect, never to a revoked one; the grace period |
+//! | `fleet` | two relays on a 3-node NATS cluster: messages and receipts across relays, the newest attach wins across relays, a revoke through one relay reaches the other |
 //! | `limits` | connection limits, idle and handshake timeouts |
 //! | `stream_limit` | the QUIC stream limit growing to every allowed agent |
 //! | `datagram_size` | how far path MTU discovery grows a connection's datagrams |
@@ -15,6 +16,7 @@
 
 mod daemon_replay;
 mod datagram_size;
+mod fleet;
 mod limits;
 mod peer;
 mod peer_faults;

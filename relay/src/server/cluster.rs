@@ -1,0 +1,411 @@
+//! This relay's part in a fleet (DESIGN.md, "A fleet of relays";
+//! PROTOCOL.md, "Relay to relay"): where its receiving agents are attached
+//! (puts and deletes in the attach bucket, and a watch of everyone else's),
+//! forwarding a message for an agent another relay holds as a NATS request
+//! carrying the envelope's bytes unchanged, and serving such requests for
+//! its own agents. The decisions are in `crate::cluster::attach`; this is
+//! the I/O around them.
+//!
+//! Trust: NATS is inside the fleet's trust boundary, but not trusted with
+//! identities. A relay serving a request takes the sender's key from the
+//! fleet registry by the envelope's own `from` (never from the request),
+//! and checks the fleet tag and the clock as for a local send; the
+//! receiving peer verifies the signature against that key. A reply is
+//! accepted only as a `Receipt` or `Failed` naming the forwarded id.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_link_crypto::PublicKey;
+use agent_link_proto::codec::FRAME_HEADER_LEN;
+use agent_link_proto::{ErrorCode, MessageId, OpenedEnvelope, RelayToPeer};
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use super::hub::Hub;
+use super::writer::{error_frame, frame, Outbound};
+use crate::cluster::attach::{self, AttachTable, AttachValue};
+use crate::cluster::{deliver_subject, Cluster};
+use crate::core::checks::{check_send, SenderContext};
+
+/// Requests to other relays in flight at once; beyond it senders get
+/// `Busy`, as for a full local queue.
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// How long a forwarded message waits for the owning relay's answer. A
+/// timeout answers the sender nothing: its own deadline and retry (same
+/// id, de-duplicated by the receiver) take over, as for a lost packet.
+pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the owning relay keeps the way back for a delivery its agent
+/// has not answered (the asking relay stopped waiting long before).
+const PENDING_TTL: Duration = Duration::from_secs(60);
+
+/// The fleet as one running relay takes part in it.
+#[derive(Debug)]
+pub(crate) struct ClusterLink {
+    cluster: Cluster,
+    attach: Mutex<AttachTable>,
+    /// Deliveries from other relays not answered yet: the reply token the
+    /// target's ledger holds, to the NATS subject the answer goes to.
+    pending: Mutex<HashMap<u64, (async_nats::Subject, Instant)>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl ClusterLink {
+    pub(crate) fn new(cluster: Cluster) -> Self {
+        Self {
+            attach: Mutex::new(AttachTable::new(cluster.relay_id())),
+            cluster,
+            pending: Mutex::default(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, AttachTable> {
+        self.attach.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The relay holding `instance/agent`'s receiving stream, when it is
+    /// another one.
+    pub(crate) fn remote_holder(&self, instance: &str, agent: &str) -> Option<Arc<str>> {
+        self.table().remote_holder(instance, agent)
+    }
+
+    /// Forward a checked envelope to `relay`, which holds its target; the
+    /// answer goes to the stream `reply_token`. Never waits: the request
+    /// runs as its own task (bounded in number and in time).
+    pub(crate) fn forward(
+        &self,
+        hub: &Arc<Hub>,
+        relay: &str,
+        reply_token: u64,
+        id: MessageId,
+        envelope: Bytes,
+    ) -> Result<(), ErrorCode> {
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ErrorCode::Busy)?;
+        let client = self.cluster.client().clone();
+        let subject = deliver_subject(relay);
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let request = async_nats::Request::new()
+                .payload(envelope)
+                .timeout(Some(FORWARD_TIMEOUT));
+            let answer = match client.send_request(subject, request).await {
+                Ok(msg) => match checked_answer(&msg.payload, id) {
+                    Some(f) => f,
+                    None => {
+                        warn!("a relay answered a forwarded message with something else; ignored");
+                        return;
+                    }
+                },
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    // Its holder is gone (killed, or not up yet): nobody
+                    // can deliver it now.
+                    frame(&RelayToPeer::Failed {
+                        id,
+                        code: ErrorCode::TargetOffline,
+                    })
+                }
+                Err(e) => {
+                    debug!("forward to another relay got no answer: {e}");
+                    return;
+                }
+            };
+            super::agent::route_reply(&hub, reply_token, answer).await;
+        });
+        Ok(())
+    }
+
+    /// Send the answer `f` (a whole frame) to the relay that forwarded the
+    /// delivery `token`, if it was one of theirs. Never waits.
+    pub(crate) fn answer_remote(&self, token: u64, f: &Bytes) -> bool {
+        let Some((reply, _)) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token)
+        else {
+            return false;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let client = self.cluster.client().clone();
+        let body = f.slice(FRAME_HEADER_LEN..);
+        rt.spawn(async move {
+            if let Err(e) = client.publish(reply, body).await {
+                debug!("answer to another relay not sent: {e}");
+            }
+        });
+        true
+    }
+
+    /// The stream `token` became the receiving stream of `instance/agent`:
+    /// record it in the attach bucket (the put runs as its own task).
+    pub(crate) fn attached(&self, hub: &Arc<Hub>, instance: &str, agent: &str, token: u64) {
+        self.table().local_attached(instance, agent, token);
+        let store = self.cluster.attach_store().clone();
+        let value = serde_json::to_vec(&AttachValue {
+            relay: self.cluster.relay_id().to_string(),
+        })
+        .expect("an attach value encodes");
+        let (hub, instance, agent) = (hub.clone(), instance.to_string(), agent.to_string());
+        tokio::spawn(async move {
+            let key = attach::key(&instance, &agent);
+            let revision = match store.put(&key, value.into()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("could not record an attach in the fleet: {e}");
+                    return;
+                }
+            };
+            let Some(fleet) = hub.cluster() else { return };
+            let (replace, gone) = {
+                let mut t = fleet.table();
+                let replace = t.put_done(&instance, &agent, token, revision);
+                (
+                    replace,
+                    replace.is_none() && !t.holds(&instance, &agent, token),
+                )
+            };
+            if let Some(token) = replace {
+                replace_local(&hub, &instance, &agent, token);
+            } else if gone {
+                // Detached while the put was in flight: take it back.
+                let _ = store.delete_expect_revision(&key, Some(revision)).await;
+            }
+        });
+    }
+
+    /// The stream `token` stopped receiving for `instance/agent`: delete
+    /// its entry if it is still this stream's.
+    pub(crate) fn detached(&self, instance: &str, agent: &str, token: u64) {
+        let Some(Some(revision)) = self.table().local_detached(instance, agent, token) else {
+            // Not ours, or the put is still in flight (it deletes itself).
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.cluster.attach_store().clone();
+        let key = attach::key(instance, agent);
+        rt.spawn(async move {
+            // Fails when a newer attach (anywhere) overwrote it: as meant.
+            let _ = store.delete_expect_revision(&key, Some(revision)).await;
+        });
+    }
+
+    fn forget_expired(&self, now: Instant) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (_, since)| now.duration_since(*since) < PENDING_TTL);
+    }
+}
+
+/// A relay's answer to a forwarded message: the frame to give the sender,
+/// when it is a `Receipt` or `Failed` for `id`.
+fn checked_answer(body: &[u8], id: MessageId) -> Option<Bytes> {
+    let answer: RelayToPeer<'_> = agent_link_proto::codec::decode(body).ok()?;
+    match answer {
+        RelayToPeer::Receipt { ref receipt } if receipt.id == id => Some(frame(&answer)),
+        RelayToPeer::Failed { id: got, .. } if got == id => Some(frame(&answer)),
+        _ => None,
+    }
+}
+
+/// Another relay's attach overtook this relay's stream `token`: it stops
+/// receiving and is told `Replaced`, as when a newer attach arrives here.
+fn replace_local(hub: &Hub, instance: &str, agent: &str, token: u64) {
+    debug!("a newer attach on another relay wins; closing this one");
+    hub.router().detach_receiver(token, instance, agent);
+    hub.router().with_stream(token, |s| {
+        if s.tx
+            .try_send(Outbound::Close(error_frame(ErrorCode::Replaced)))
+            .is_err()
+        {
+            s.cancel.cancel();
+        }
+    });
+}
+
+/// Follow the attach bucket (who holds which agent) and serve deliveries
+/// from other relays, until shutdown.
+pub(crate) async fn serve(hub: Arc<Hub>) {
+    let Some(fleet) = hub.cluster() else { return };
+    tokio::join!(follow_attaches(&hub, fleet), serve_deliveries(&hub, fleet));
+}
+
+async fn follow_attaches(hub: &Arc<Hub>, fleet: &ClusterLink) {
+    let store = fleet.cluster.attach_store();
+    let mut cleaned = false;
+    loop {
+        let mut watch = match store.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!("cannot watch the fleet's attaches: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = hub.shutdown().cancelled() => return,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                e = watch.next() => e,
+                _ = hub.shutdown().cancelled() => return,
+            };
+            let entry = match entry {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    warn!("fleet attach watch: {e}");
+                    continue;
+                }
+                None => break,
+            };
+            seen(hub, fleet, &entry);
+            if entry.delta == 0 && !cleaned {
+                cleaned = true;
+                // Entries an earlier run of this relay left (it died
+                // without deleting them): nobody holds those agents here.
+                let stale = fleet.table().stale_own();
+                for (i, a, revision) in stale {
+                    let _ = store
+                        .delete_expect_revision(attach::key(&i, &a), Some(revision))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+fn seen(hub: &Hub, fleet: &ClusterLink, entry: &kv::Entry) {
+    let Some((instance, agent)) = attach::parse_key(&entry.key) else {
+        warn!(key = %entry.key, "fleet attach entry with a foreign key; ignored");
+        return;
+    };
+    if entry.operation != kv::Operation::Put {
+        fleet.table().seen_delete(&instance, &agent, entry.revision);
+        return;
+    }
+    let Ok(value) = serde_json::from_slice::<AttachValue>(&entry.value) else {
+        warn!(key = %entry.key, "fleet attach entry that does not decode; ignored");
+        return;
+    };
+    let replace = fleet
+        .table()
+        .seen_put(&instance, &agent, &value.relay, entry.revision);
+    if let Some(token) = replace {
+        replace_local(hub, &instance, &agent, token);
+    }
+}
+
+async fn serve_deliveries(hub: &Arc<Hub>, fleet: &ClusterLink) {
+    let subject = deliver_subject(fleet.cluster.relay_id());
+    let mut sub = match fleet.cluster.client().subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Without it no other relay can reach this relay's agents.
+            tracing::error!("cannot serve deliveries from the fleet: {e}");
+            return;
+        }
+    };
+    let mut sweep = tokio::time::interval(PENDING_TTL / 4);
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => m,
+            _ = sweep.tick() => { fleet.forget_expired(Instant::now()); continue }
+            _ = hub.shutdown().cancelled() => return,
+        };
+        let Some(msg) = msg else { return };
+        // A request without a reply subject has nobody to answer to.
+        let Some(reply) = msg.reply else { continue };
+        if let Err((id, code)) = deliver(hub, fleet, msg.payload, reply.clone()) {
+            hub.refused(code);
+            let Some(id) = id else { continue };
+            let f = frame(&RelayToPeer::Failed { id, code });
+            let _ = fleet
+                .cluster
+                .client()
+                .publish(reply, f.slice(FRAME_HEADER_LEN..))
+                .await;
+        }
+    }
+}
+
+/// Check a forwarded envelope and queue it on its target's stream, its
+/// answer owed to `reply`.
+fn deliver(
+    hub: &Hub,
+    fleet: &ClusterLink,
+    envelope: Bytes,
+    reply: async_nats::Subject,
+) -> Result<(), (Option<MessageId>, ErrorCode)> {
+    let env = OpenedEnvelope::open(&envelope).map_err(|e| (None, e.code()))?;
+    let id = env.body.id;
+    let (from, to) = (env.body.from, env.body.to);
+    // The sender's key from the registry, by the envelope's own sender.
+    let key: PublicKey = {
+        let reg = hub.registry().read();
+        match reg.get(from.instance) {
+            Some(r) if r.revoked => return Err((Some(id), ErrorCode::Revoked)),
+            Some(r) => r
+                .public_key
+                .parse()
+                .map_err(|_| (Some(id), ErrorCode::Internal))?,
+            None => return Err((Some(id), ErrorCode::NotRegistered)),
+        }
+    };
+    let sender = SenderContext {
+        instance: from.instance,
+        agent: from.agent,
+        key: &key,
+    };
+    let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
+    check_send(&envelope, &sender, &hub.policy(), now).map_err(|r| (Some(id), r.code))?;
+    let token = hub.router().new_token();
+    // In the map before the delivery is queued: its answer may come at once.
+    fleet
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(token, (reply, Instant::now()));
+    let sender_name: Arc<str> = Arc::from(from.instance);
+    let (instance, agent) = (to.instance.to_string(), to.agent.to_string());
+    let queued = super::agent::queue_delivery(
+        hub,
+        &instance,
+        &agent,
+        &sender_name,
+        token,
+        id,
+        key.as_bytes(),
+        envelope.clone(),
+    );
+    let queued = queued.unwrap_or_else(|| {
+        Err(crate::core::agent_stream::unrouted(
+            hub.registry().read().get(&instance),
+        ))
+    });
+    if let Err(code) = queued {
+        fleet
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token);
+        return Err((Some(id), code));
+    }
+    hub.stats().messages_forwarded.fetch_add(1, Relaxed);
+    Ok(())
+}

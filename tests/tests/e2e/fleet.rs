@@ -1,0 +1,174 @@
+//! A fleet of two relays on a real 3-node NATS cluster on loopback
+//! (DESIGN.md, "A fleet of relays"): a message whose sender and receiver sit
+//! on different relays is forwarded and its receipt comes back, both ways;
+//! an agent attached on no relay fails with the cause; the newest attach
+//! wins across relays (the older gets `Replaced`); a revoke made through one
+//! relay closes the instance's connection on the other.
+//!
+//! Skips without nats-server unless `AGENT_LINK_REQUIRE_NATS` is set.
+
+use std::time::Duration;
+
+use agent_link::config::KEY_FILE;
+use agent_link_crypto::Identity;
+use agent_link_proto::{ErrorCode, RelayToPeer};
+use agent_link_tests::*;
+
+/// Two relays of one fleet (the same fleet secret), relay `i` served by
+/// NATS node `i`.
+async fn two_relays(nats: &NatsCluster) -> (TestRelay, TestRelay) {
+    nats.ready().await;
+    let r1 = TestRelay::start(|c| c.cluster = Some(nats.config(0, "relay-1"))).await;
+    let secret = r1.state_dir().join("fleet.secret");
+    let r2 = TestRelay::start_with(
+        |c| c.cluster = Some(nats.config(1, "relay-2")),
+        |dir| {
+            // Copies the mode (0600) too.
+            std::fs::copy(&secret, dir.join("fleet.secret")).unwrap();
+        },
+    )
+    .await;
+    (r1, r2)
+}
+
+/// Send until the attach has reached the sender's relay (the attach
+/// bucket's watch takes a moment): the first sends may find the agent
+/// offline. Bounded by [`WAIT`].
+async fn send_when_attached(
+    sender: &agent_link::Agent,
+    to: &str,
+    payload: &str,
+    receiver: &mut agent_link::Agent,
+) -> (agent_link::Receipt, agent_link::Message) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // The receipt comes once the receiver's application took the
+        // message: take it while the send waits.
+        let send = sender.send_with_timeout(to, payload.to_string(), WAIT);
+        tokio::pin!(send);
+        let mut taken = None;
+        let sent = loop {
+            tokio::select! {
+                r = &mut send => break r,
+                m = receiver.recv(), if taken.is_none() => taken = Some(m.expect("still attached")),
+            }
+        };
+        match sent {
+            Ok(r) => {
+                return (
+                    r,
+                    taken.expect("a receipt only after the message was taken"),
+                )
+            }
+            Err(e) if e.exit().code() == 3 && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("send to {to}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_crosses_relays_and_its_receipt_comes_back() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = NatsCluster::start(&bin);
+    let (r1, r2) = two_relays(&nats).await;
+    let alice = peer(&r1, "alice").await;
+    let bob = peer(&r2, "bob").await;
+    let mut a1 = alice.attach("a1").await.unwrap();
+    let mut b1 = bob.attach("b1").await.unwrap();
+
+    let (r, m) = send_when_attached(&a1, "bob/b1", "over there", &mut b1).await;
+    assert_eq!(r.to, "bob/b1");
+    assert_eq!(
+        (&m.payload[..], m.from.as_str()),
+        (&b"over there"[..], "alice/a1")
+    );
+    assert_eq!(m.id, r.id);
+    let (r, m) = send_when_attached(&b1, "alice/a1", "and back", &mut a1).await;
+    assert_eq!((&m.payload[..], m.id), (&b"and back"[..], r.id));
+    // Many in a row, each with its receipt.
+    for i in 0..20 {
+        let (r, m) = exchange(&a1, "bob/b1", format!("n{i}"), &mut b1).await;
+        assert_eq!(
+            (m.payload, m.id),
+            (format!("n{i}").into_bytes().into(), r.id)
+        );
+    }
+    // Registered, attached nowhere: the cause, from either relay.
+    let e = a1.send("bob/nobody", "x").await.unwrap_err();
+    assert_eq!(e.exit().code(), 3, "{e}");
+    let e = a1.send("carol/x", "x").await.unwrap_err();
+    assert_eq!(e.exit().code(), 3, "{e}");
+    alice.close().await;
+    bob.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_attach_wins_across_relays_and_a_revoke_reaches_every_relay() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = NatsCluster::start(&bin);
+    let (r1, r2) = two_relays(&nats).await;
+    let alice = peer(&r1, "alice").await;
+    let bob = peer(&r2, "bob").await;
+    let a1 = alice.attach_sender("a1").await.unwrap();
+    let mut old = bob.attach("b1").await.unwrap();
+    let _ = send_when_attached(&a1, "bob/b1", "first", &mut old).await;
+
+    // bob attaches b1 again, on relay 1: that one receives now, and the
+    // older attach on relay 2 is told `Replaced`.
+    let key = Identity::read(&r2.dir.path().join("bob").join(KEY_FILE)).unwrap();
+    let raw = RawClient::connect(&r1, key, "bob").await.unwrap();
+    let mut newer = raw.attach("b1", true).await;
+    let closed = tokio::time::timeout(WAIT, old.recv()).await.unwrap();
+    assert!(closed.is_none(), "the older attach is closed");
+    assert_eq!(old.stop_reason(), Some(ErrorCode::Replaced));
+    let send = tokio::spawn(async move { a1.send("bob/b1", "second").await });
+    let f = newer.read().await.expect("the newer attach receives");
+    assert!(
+        matches!(f.get(), RelayToPeer::Deliver { .. }),
+        "{:?}",
+        f.get()
+    );
+    drop(send);
+
+    // Revoked through relay 2's directory, while alice is connected to
+    // relay 1: her connection there is closed as `Revoked`.
+    // Made (and the CLI built, on first use) before the clock starts.
+    let mut revoke = relay_cmd();
+    revoke
+        .args(["revoke", "--instance-id", "alice", "--dir"])
+        .arg(r2.state_dir());
+    let t0 = std::time::Instant::now();
+    // Off the runtime: the relays run on its two workers.
+    let out = tokio::task::spawn_blocking(move || revoke.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    eprintln!("the revoke command took {:?}", t0.elapsed());
+    let a2 = alice.attach_sender("a2").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let e = match &a2 {
+            Err(e) => e.to_string(),
+            Ok(a) => match a.send("bob/nobody", "after").await {
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            },
+        };
+        if e.to_lowercase().contains("revoked") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice still sends {:?} after the revoke: {e}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "revoked through relay 2, refused on relay 1 after {:?}",
+        t0.elapsed()
+    );
+}
