@@ -73,6 +73,30 @@ pub struct PeerConfig {
     /// may use its socket (checked by the socket's peer credentials).
     #[serde(default)]
     pub local_api_uids: Vec<u32>,
+    /// The fleet's other relays, from the join token: tried in turn when
+    /// `relay_url` cannot be reached or goes away (DESIGN.md, "A fleet of
+    /// relays"). Empty for a relay alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_relays: Vec<OtherRelay>,
+}
+
+/// One of `other_relays` in `agent-link-config.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtherRelay {
+    /// Relay address, `host:port`.
+    pub relay_url: String,
+    /// SHA-256 fingerprint of its certificate, 64 hex digits.
+    pub relay_fingerprint: String,
+}
+
+fn check_relay(url: &str, fingerprint: &str) -> Result<[u8; 32], &'static str> {
+    if !url.contains(':') || url.len() > 255 {
+        return Err("relay_url");
+    }
+    let mut fp = [0u8; 32];
+    hex::decode_to_slice(fingerprint.trim(), &mut fp).map_err(|_| "relay_fingerprint")?;
+    Ok(fp)
 }
 
 impl PeerConfig {
@@ -91,7 +115,41 @@ impl PeerConfig {
             inbox_max_bytes: default_inbox_max_bytes(),
             inbox_ttl_secs: default_inbox_ttl_secs(),
             local_api_uids: Vec::new(),
+            other_relays: Vec::new(),
         }
+    }
+
+    /// A config for `instance_id` of the fleet `join` lists, its relays in
+    /// the token's order.
+    pub fn for_join(join: &agent_link_proto::JoinToken, instance_id: &str, name: &str) -> Self {
+        let mut c = Self::new(
+            &join.addr,
+            &hex::encode(join.fingerprint),
+            instance_id,
+            name,
+        );
+        c.other_relays = join
+            .other_relays
+            .iter()
+            .map(|r| OtherRelay {
+                relay_url: r.addr.clone(),
+                relay_fingerprint: hex::encode(r.fingerprint),
+            })
+            .collect();
+        c
+    }
+
+    /// Every relay to dial, `relay_url` first, with its fingerprint (the
+    /// config is validated: every fingerprint decodes).
+    pub fn relays(&self) -> Vec<(String, [u8; 32])> {
+        std::iter::once((&self.relay_url, &self.relay_fingerprint))
+            .chain(
+                self.other_relays
+                    .iter()
+                    .map(|r| (&r.relay_url, &r.relay_fingerprint)),
+            )
+            .filter_map(|(u, f)| Some((u.clone(), check_relay(u, f).ok()?)))
+            .collect()
     }
 
     /// Read and validate `DIR/agent-link-config.json`.
@@ -121,13 +179,38 @@ impl PeerConfig {
 
     /// Check every field; the error names it (and says what is wrong).
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if !self.relay_url.contains(':') || self.relay_url.len() > 255 {
-            return Err(("relay_url", "field `relay_url` must be HOST:PORT".into()));
+        match check_relay(&self.relay_url, &self.relay_fingerprint) {
+            Ok(_) => {}
+            Err("relay_url") => {
+                return Err(("relay_url", "field `relay_url` must be HOST:PORT".into()))
+            }
+            Err(_) => {
+                return Err((
+                    "relay_fingerprint",
+                    "field `relay_fingerprint` must be 64 hex digits".into(),
+                ))
+            }
         }
-        if self.fingerprint().is_err() {
+        for (i, r) in self.other_relays.iter().enumerate() {
+            if let Err(field) = check_relay(&r.relay_url, &r.relay_fingerprint) {
+                let what = if field == "relay_url" {
+                    "HOST:PORT"
+                } else {
+                    "64 hex digits"
+                };
+                return Err((
+                    "other_relays",
+                    format!("field `other_relays`: entry {i}'s `{field}` must be {what}"),
+                ));
+            }
+        }
+        if self.other_relays.len() >= agent_link_proto::MAX_RELAYS {
             return Err((
-                "relay_fingerprint",
-                "field `relay_fingerprint` must be 64 hex digits".into(),
+                "other_relays",
+                format!(
+                    "field `other_relays` lists more than {} relays",
+                    agent_link_proto::MAX_RELAYS - 1
+                ),
             ));
         }
         agent_link_proto::check_id(&self.instance_id)
@@ -188,6 +271,7 @@ mod tests {
             inbox_max_bytes: 1000,
             inbox_ttl_secs: 60,
             local_api_uids: vec![],
+            other_relays: vec![],
         }
     }
 
@@ -223,12 +307,54 @@ mod tests {
                 },
                 "send_timeout_secs",
             ),
+            (
+                PeerConfig {
+                    other_relays: vec![OtherRelay {
+                        relay_url: "127.0.0.1:1".into(),
+                        relay_fingerprint: "00".into(),
+                    }],
+                    ..good()
+                },
+                "other_relays",
+            ),
         ] {
             let (named, reason) = cfg.validate().unwrap_err();
             assert_eq!(named, field);
             assert!(reason.contains(field));
         }
         assert_eq!(good().fingerprint().unwrap(), [0xab; 32]);
+    }
+
+    #[test]
+    fn the_relays_come_in_the_tokens_order() {
+        let join = agent_link_proto::JoinToken {
+            addr: "127.0.0.1:1".into(),
+            fingerprint: [1; 32],
+            secret: agent_link_proto::JoinSecret::Fleet(
+                agent_link_crypto::FleetSecret::from_bytes([0; 32]),
+            ),
+            other_relays: vec![agent_link_proto::RelayEndpoint {
+                addr: "127.0.0.1:2".into(),
+                fingerprint: [2; 32],
+            }],
+        };
+        let c = PeerConfig::for_join(&join, "instance-001", "one");
+        c.validate().unwrap();
+        assert_eq!(
+            c.relays(),
+            [
+                ("127.0.0.1:1".to_string(), [1; 32]),
+                ("127.0.0.1:2".to_string(), [2; 32])
+            ]
+        );
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(serde_json::from_value::<PeerConfig>(json).unwrap(), c);
+        let alone =
+            serde_json::to_value(PeerConfig::new("h:1", &"ab".repeat(32), "i", "i")).unwrap();
+        assert!(
+            alone.get("other_relays").is_none(),
+            "a lone relay's config is as before"
+        );
     }
 
     #[test]

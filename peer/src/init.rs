@@ -12,7 +12,7 @@ use agent_link_quic::frames::{write_frame, FrameReader};
 
 use crate::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
 use crate::error::{LinkError, Phase};
-use crate::transport::{self, CONNECT_TIMEOUT};
+use crate::transport::{self, CONNECT_TIMEOUT, FAILOVER_CONNECT_TIMEOUT};
 
 /// How long registration may take once connected.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,22 +55,8 @@ pub async fn init(
         agent_link_crypto::files::check_private_dir(dir)?;
     }
     let identity = Identity::generate();
-    let addr = transport::resolve(&join.addr).await?;
-    let endpoint = transport::endpoint(&identity, join.fingerprint, addr.is_ipv6())?;
-    let conn = transport::connect(&endpoint, addr, &join.addr, CONNECT_TIMEOUT).await?;
-    let result = register(
-        &conn,
-        &identity,
-        instance_id,
-        name.unwrap_or(instance_id),
-        join,
-    )
-    .await;
-    conn.close(0u32.into(), b"registered");
-    // Registration is durable once answered; only the close is left to go
-    // out, and the relay times a silent connection out anyway.
-    let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
-    let fleet = result?;
+    let fleet =
+        register_with_fleet(&identity, instance_id, name.unwrap_or(instance_id), join).await?;
 
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -87,22 +73,62 @@ pub async fn init(
     agent_link_crypto::files::check_private_dir(dir)?;
     identity.write_new(&dir.join(KEY_FILE))?;
     fleet.write_new(&dir.join(SECRET_FILE))?;
-    let config = PeerConfig::new(
-        &join.addr,
-        &hex::encode(join.fingerprint),
-        instance_id,
-        name.unwrap_or(instance_id),
-    );
+    let config = PeerConfig::for_join(join, instance_id, name.unwrap_or(instance_id));
     let json = serde_json::to_vec_pretty(&config).expect("a PeerConfig always serialises");
     agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;
     Ok(identity.public_key())
 }
 
-/// Register over `conn`; the fleet secret on success (the open token's
+/// Register with the first relay the token lists that can be reached (a
+/// refusal is final: the relays of a fleet share one registry); the fleet
+/// secret on success.
+async fn register_with_fleet(
+    identity: &Identity,
+    instance_id: &str,
+    name: &str,
+    join: &JoinToken,
+) -> Result<FleetSecret, LinkError> {
+    let tls = transport::tls_identity(identity)?;
+    let limit = if join.other_relays.is_empty() {
+        CONNECT_TIMEOUT
+    } else {
+        FAILOVER_CONNECT_TIMEOUT
+    };
+    let mut unreachable = None;
+    for (label, fingerprint) in join.relays() {
+        let addr = match transport::resolve(label).await {
+            Ok(a) => a,
+            Err(e) => {
+                unreachable = Some(e);
+                continue;
+            }
+        };
+        let endpoint = transport::endpoint(addr.is_ipv6())?;
+        let config = transport::client_config(&tls, *fingerprint, false)?;
+        let conn = match transport::connect(&endpoint, &config, addr, label, limit).await {
+            Ok(c) => c,
+            Err(e @ LinkError::Unreachable { .. }) => {
+                unreachable = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let result = register(&conn, identity, label, instance_id, name, join).await;
+        conn.close(0u32.into(), b"registered");
+        // Registration is durable once answered; only the close is left to
+        // go out, and the relay times a silent connection out anyway.
+        let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
+        return result;
+    }
+    Err(unreachable.expect("a join token lists a relay"))
+}
+
+/// Register over `conn` (to the relay `label`); the fleet secret on success (the open token's
 /// own, or the one the relay hands an invite's holder once registered).
 async fn register(
     conn: &quinn::Connection,
     identity: &Identity,
+    label: &str,
     instance_id: &str,
     name: &str,
     join: &JoinToken,
@@ -126,7 +152,7 @@ async fn register(
             );
             transport::request(
                 conn,
-                &join.addr,
+                label,
                 &PeerToRelay::Register {
                     instance_id,
                     name,
@@ -154,7 +180,7 @@ async fn register(
                 name,
                 proof,
             };
-            tokio::time::timeout(REGISTER_TIMEOUT, redeem(conn, &join.addr, &req))
+            tokio::time::timeout(REGISTER_TIMEOUT, redeem(conn, label, &req))
                 .await
                 .map_err(|_| LinkError::Timeout(Phase::Register))?
         }

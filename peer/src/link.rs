@@ -22,7 +22,7 @@ use crate::core::receiver::Receiver;
 use crate::core::AgentCore;
 use crate::error::{CloseReason, LinkError, Phase};
 use crate::pins::Pins;
-use crate::supervisor::{supervise, ConnState, Dialer};
+use crate::supervisor::{supervise, ConnState, Dialer, RelayTarget};
 use crate::task::AgentTask;
 use crate::transport;
 
@@ -67,6 +67,9 @@ struct LinkState {
     /// The agents' driver tasks, so `close` can wait for their goodbyes.
     agents: TaskTracker,
     setup_timeout: Duration,
+    /// The relay connected to (or being tried): `relay_url` or one of
+    /// `other_relays`.
+    relay: Arc<Mutex<Arc<str>>>,
     endpoint: quinn::Endpoint,
     _supervisor: AbortOnDropHandle<()>,
 }
@@ -135,22 +138,12 @@ impl AgentLinkBuilder {
         let pins_path = dir.join(PINS_FILE);
         let pins = Pins::load(pins_path.clone())
             .map_err(|reason| LinkError::config(pins_path, None, reason))?;
-        let fingerprint = config.fingerprint().map_err(|_| {
-            LinkError::config(
-                dir.join(crate::config::CONFIG_FILE),
-                Some("relay_fingerprint"),
-                "field `relay_fingerprint` must be 64 hex digits".into(),
-            )
-        })?;
         let deadline = Instant::now() + self.connect_timeout;
-        let addr = transport::resolve(&config.relay_url).await?;
-        let dialer = Dialer {
-            endpoint: transport::endpoint(&identity, fingerprint, addr.is_ipv6())?,
-            addr,
-            label: config.relay_url.clone(),
-        };
+        let dialer = dialer(&identity, &config).await?;
+        let mut dialer = dialer;
         let conn = dialer.connect_by(deadline).await?;
-        info!(relay = %dialer.label, "connected");
+        let relay = dialer.current();
+        info!(relay = %relay.lock().unwrap_or_else(|e| e.into_inner()), "connected");
         let (tx, rx) = watch::channel(ConnState::Up(conn.clone()));
         let shutdown = CancellationToken::new();
         let endpoint = dialer.endpoint.clone();
@@ -172,11 +165,47 @@ impl AgentLinkBuilder {
                 stop_agents: CancellationToken::new(),
                 agents: TaskTracker::new(),
                 setup_timeout: self.setup_timeout,
+                relay,
                 endpoint,
                 _supervisor: AbortOnDropHandle::new(supervisor),
             }),
         })
     }
+}
+
+/// The dialer of the relays in `config`: one client configuration per
+/// relay (each pins its own certificate), on one endpoint of the address
+/// family of the first relay that resolves.
+async fn dialer(identity: &Identity, config: &PeerConfig) -> Result<Dialer, LinkError> {
+    let relays = config.relays();
+    let tls = transport::tls_identity(identity)?;
+    let failover = relays.len() > 1;
+    let targets = relays
+        .iter()
+        .map(|(label, fingerprint)| {
+            Ok(RelayTarget {
+                label: label.clone(),
+                config: transport::client_config(&tls, *fingerprint, failover)?,
+            })
+        })
+        .collect::<Result<Vec<_>, LinkError>>()?;
+    let mut v6 = None;
+    let mut unresolved = None;
+    for (label, _) in &relays {
+        match transport::resolve(label).await {
+            Ok(a) => {
+                v6 = Some(a.is_ipv6());
+                break;
+            }
+            Err(e) => unresolved = Some(e),
+        }
+    }
+    let v6 = match (v6, unresolved) {
+        (Some(v6), _) => v6,
+        (None, Some(e)) => return Err(e),
+        (None, None) => unreachable!("a validated config lists a relay"),
+    };
+    Ok(Dialer::new(transport::endpoint(v6)?, targets))
 }
 
 impl AgentLink {
@@ -293,6 +322,15 @@ impl AgentLink {
         ))
     }
 
+    /// The relay connected to (or being tried), `host:port`.
+    pub fn relay(&self) -> Arc<str> {
+        self.state
+            .relay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The connection, or why there is none.
     fn connection(&self) -> Result<quinn::Connection, LinkError> {
         // Closed here, even before the supervisor has published it.
@@ -304,7 +342,7 @@ impl AgentLink {
             ConnState::Failed(code) => Err(LinkError::Refused(*code)),
             ConnState::Closed(reason) => Err(LinkError::Closed(*reason)),
             ConnState::Connecting => Err(LinkError::Unreachable {
-                addr: self.state.config.relay_url.clone(),
+                addr: self.relay().to_string(),
                 reason: "not connected (reconnecting)".into(),
             }),
         }
@@ -320,7 +358,7 @@ impl AgentLink {
             Err(LinkError::Refused(agent_link_proto::ErrorCode::Malformed)) => {
                 transport::request(
                     &conn,
-                    &self.state.config.relay_url,
+                    &self.relay(),
                     &PeerToRelay::StatusRequest,
                     Phase::Status,
                     self.state.setup_timeout,
@@ -334,7 +372,7 @@ impl AgentLink {
             other => other?,
         };
         Ok(StatusReport {
-            relay: self.state.config.relay_url.clone(),
+            relay: self.relay().to_string(),
             rtt: t0.elapsed(),
             quic_rtt: conn.rtt(),
             you,
@@ -360,7 +398,7 @@ impl AgentLink {
                     u32::try_from(list.len()).map_err(|_| LinkError::Protocol(Phase::Status))?;
                 let (you, snapshot, at, total, page) = transport::request(
                     conn,
-                    &self.state.config.relay_url,
+                    &self.relay(),
                     &PeerToRelay::StatusPageRequest { start },
                     Phase::Status,
                     self.state.setup_timeout,

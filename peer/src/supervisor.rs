@@ -3,8 +3,7 @@
 //! connection's state on a `watch` channel that every agent's driver
 //! follows.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_link_proto::ErrorCode;
@@ -15,7 +14,7 @@ use tracing::{debug, info};
 
 use crate::core::backoff::Backoff;
 use crate::error::{CloseReason, LinkError};
-use crate::transport::{self, CONNECT_TIMEOUT};
+use crate::transport::{self, CONNECT_TIMEOUT, FAILOVER_CONNECT_TIMEOUT};
 
 /// The connection as the agents see it.
 #[derive(Clone, Debug)]
@@ -30,31 +29,95 @@ pub(crate) enum ConnState {
     Closed(CloseReason),
 }
 
-/// Where to connect.
+/// One relay to dial: its `host:port` and the client configuration that
+/// pins its certificate.
 #[derive(Clone, Debug)]
+pub(crate) struct RelayTarget {
+    pub(crate) label: String,
+    pub(crate) config: quinn::ClientConfig,
+}
+
+/// Where to connect: the relays of the peer's config, tried in turn from
+/// the one that served last (a fleet of relays: any of them will do).
+#[derive(Debug)]
 pub(crate) struct Dialer {
     pub(crate) endpoint: quinn::Endpoint,
-    pub(crate) addr: SocketAddr,
-    pub(crate) label: String,
+    relays: Vec<RelayTarget>,
+    /// The relay to try next.
+    next: usize,
+    /// The relay the connection is to (its label), for errors and status.
+    current: Arc<Mutex<Arc<str>>>,
 }
 
 impl Dialer {
-    /// Connect, retrying with backoff until `deadline`. A refusal by the
-    /// relay is final; each attempt is bounded by what is left.
+    /// A dialer over `relays` (at least one), the first tried first.
+    pub(crate) fn new(endpoint: quinn::Endpoint, relays: Vec<RelayTarget>) -> Self {
+        assert!(!relays.is_empty(), "a dialer needs a relay");
+        let current = Arc::new(Mutex::new(Arc::from(relays[0].label.as_str())));
+        Self {
+            endpoint,
+            relays,
+            next: 0,
+            current,
+        }
+    }
+
+    /// The label of the relay connected to (or last tried), shared.
+    pub(crate) fn current(&self) -> Arc<Mutex<Arc<str>>> {
+        self.current.clone()
+    }
+
+    /// The connection to the current relay was lost: with other relays to
+    /// go to, start with the next one (a relay killed or cut off would cost
+    /// a whole connect timeout first).
+    fn lost(&mut self) {
+        self.next = (self.next + 1) % self.relays.len();
+    }
+
+    /// How long one attempt may take: less with other relays to try.
+    fn attempt_limit(&self) -> Duration {
+        if self.relays.len() > 1 {
+            FAILOVER_CONNECT_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        }
+    }
+
+    /// Connect, retrying with backoff until `deadline`: each round tries
+    /// every relay once, and pauses only after all failed. A refusal by a
+    /// relay is final (the fleet shares one registry); each attempt is
+    /// bounded by what is left.
     pub(crate) async fn connect_by(
-        &self,
+        &mut self,
         deadline: Instant,
     ) -> Result<quinn::Connection, LinkError> {
         let mut backoff = Backoff::new();
+        let mut failed = 0;
         loop {
+            let target = &self.relays[self.next];
             let left = deadline.saturating_duration_since(Instant::now());
-            let limit = left.min(CONNECT_TIMEOUT).max(Duration::from_millis(1));
-            match transport::connect(&self.endpoint, self.addr, &self.label, limit).await {
-                Ok(c) => return Ok(c),
+            let limit = left.min(self.attempt_limit()).max(Duration::from_millis(1));
+            let attempt = async {
+                let addr = transport::resolve(&target.label).await?;
+                transport::connect(&self.endpoint, &target.config, addr, &target.label, limit).await
+            };
+            match attempt.await {
+                Ok(c) => {
+                    *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Arc::from(target.label.as_str());
+                    return Ok(c);
+                }
                 Err(e @ LinkError::Refused(_)) => return Err(e),
-                Err(e) if Instant::now() + backoff.peek() / 2 >= deadline => return Err(e),
                 Err(e) => {
-                    debug!("connect failed: {e}");
+                    debug!(relay = %target.label, "connect failed: {e}");
+                    self.next = (self.next + 1) % self.relays.len();
+                    failed += 1;
+                    if failed % self.relays.len() != 0 && Instant::now() < deadline {
+                        continue;
+                    }
+                    if Instant::now() + backoff.peek() / 2 >= deadline {
+                        return Err(e);
+                    }
                     let pause = backoff.next_delay(rand::random());
                     tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
                 }
@@ -68,7 +131,7 @@ const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Keep the connection up until `shutdown`; publish each change.
 pub(crate) async fn supervise(
-    dialer: Dialer,
+    mut dialer: Dialer,
     auto_reconnect: bool,
     mut conn: quinn::Connection,
     state: watch::Sender<ConnState>,
@@ -98,6 +161,7 @@ pub(crate) async fn supervise(
             return;
         }
         state.send_replace(ConnState::Connecting);
+        dialer.lost();
         // The same loop as the first connect, without a deadline: only a
         // refusal or `shutdown` ends it. A short pause first, so a fleet
         // that lost its relay does not come back in lockstep.
@@ -123,7 +187,7 @@ pub(crate) async fn supervise(
                 return;
             }
         };
-        info!("reconnected to the relay");
+        info!(relay = %dialer.current.lock().unwrap_or_else(|e| e.into_inner()), "reconnected");
         state.send_replace(ConnState::Up(conn.clone()));
     }
 }

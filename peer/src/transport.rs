@@ -10,7 +10,8 @@ use agent_link_crypto::tls::{instance_client_config, TlsIdentity, RELAY_SERVER_N
 use agent_link_crypto::Identity;
 use agent_link_proto::{codec, PeerToRelay, RelayToPeer};
 use agent_link_quic::endpoint::{
-    client_transport_config, connection_error, endpoint_config, udp_socket, UDP_RECV_BUFFER,
+    client_transport_config, connection_error, endpoint_config, failover_client_transport_config,
+    udp_socket, UDP_RECV_BUFFER,
 };
 use agent_link_quic::frames;
 
@@ -19,20 +20,39 @@ use crate::error::{CloseReason, LinkError, Phase};
 /// How long one connection attempt may take (at most; less when the
 /// caller's deadline is nearer).
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take when other relays are left to
+/// try: a relay that is down answers nothing, and each second spent on it
+/// is a second longer to fail over.
+pub(crate) const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A client endpoint presenting `identity` and pinning the relay's
-/// certificate `fingerprint`.
-pub(crate) fn endpoint(
-    identity: &Identity,
+/// The client configuration for one relay: present `tls` and pin the
+/// relay's certificate `fingerprint`; with `failover` (other relays to go
+/// to) the transport notices a silent relay sooner.
+pub(crate) fn client_config(
+    tls: &TlsIdentity,
     fingerprint: [u8; 32],
-    v6: bool,
-) -> Result<quinn::Endpoint, LinkError> {
-    let tls_id = TlsIdentity::self_signed(identity, "agent-link-instance")?;
-    let tls = instance_client_config(&tls_id, fingerprint)?;
+    failover: bool,
+) -> Result<quinn::ClientConfig, LinkError> {
+    let tls = instance_client_config(tls, fingerprint)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .expect("our TLS config is TLS 1.3 with an initial suite QUIC accepts");
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(client_transport_config()));
+    cfg.transport_config(Arc::new(if failover {
+        failover_client_transport_config()
+    } else {
+        client_transport_config()
+    }));
+    Ok(cfg)
+}
+
+/// This instance's TLS identity (a certificate of its own key).
+pub(crate) fn tls_identity(identity: &Identity) -> Result<TlsIdentity, LinkError> {
+    Ok(TlsIdentity::self_signed(identity, "agent-link-instance")?)
+}
+
+/// A client endpoint on a fresh UDP socket, of IPv6 when `v6`; each
+/// connection brings its own [`client_config`].
+pub(crate) fn endpoint(v6: bool) -> Result<quinn::Endpoint, LinkError> {
     let bind: SocketAddr = if v6 {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -43,15 +63,13 @@ pub(crate) fn endpoint(
         source,
     };
     let socket = udp_socket(bind, UDP_RECV_BUFFER).map_err(socket_err)?;
-    let mut ep = quinn::Endpoint::new(
+    quinn::Endpoint::new(
         endpoint_config(),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(socket_err)?;
-    ep.set_default_client_config(cfg);
-    Ok(ep)
+    .map_err(socket_err)
 }
 
 /// Resolve `host:port`.
@@ -72,6 +90,7 @@ pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
 /// One connection attempt, bounded by `limit`.
 pub(crate) async fn connect(
     ep: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
     addr: SocketAddr,
     label: &str,
     limit: Duration,
@@ -81,7 +100,7 @@ pub(crate) async fn connect(
         reason,
     };
     let connecting = ep
-        .connect(addr, RELAY_SERVER_NAME)
+        .connect_with(config.clone(), addr, RELAY_SERVER_NAME)
         .map_err(|e| unreachable(e.to_string()))?;
     match tokio::time::timeout(limit, connecting).await {
         Ok(Ok(c)) => Ok(c),

@@ -9,7 +9,13 @@
 //! - version 2, an **invite**: `(version: u8 = 2, addr: str, fingerprint:
 //!   [u8; 32], instance_id: str, invite_secret: [u8; 32])`, good for one
 //!   registration of that one id; the fleet secret comes from the relay once
-//!   registered.
+//!   registered;
+//! - versions 3 and 4, the same two for a **fleet of relays**: the single
+//!   `addr, fingerprint` pair becomes `relays: [(addr: str, fingerprint:
+//!   [u8; 32])]`, one to [`MAX_RELAYS`], the first the one to dial first:
+//!   `(3, relays, fleet_secret)` and `(4, relays, instance_id,
+//!   invite_secret)`. A token of one relay is still written as version 1
+//!   or 2, so a relay alone keeps handing out tokens every peer reads.
 //!
 //! base64url uses only `A-Z a-z 0-9 - _`, so the line survives shells, chat
 //! and double-click selection. Either secret lets its holder join: treat the
@@ -24,6 +30,20 @@ use crate::{codec, ProtoError};
 const PREFIX: &str = "al1";
 /// Longest relay address accepted in a token.
 const MAX_ADDR_LEN: usize = 255;
+/// Most relays one token lists.
+pub const MAX_RELAYS: usize = 16;
+/// Longest token text accepted (a token of [`MAX_RELAYS`] relays with
+/// long host names fits).
+const MAX_TEXT_LEN: usize = 8192;
+
+/// One relay a token lists: where to dial it and which certificate to pin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayEndpoint {
+    /// `host:port` to dial.
+    pub addr: String,
+    /// SHA-256 of the relay's certificate.
+    pub fingerprint: [u8; 32],
+}
 
 /// What a join token lets its holder do.
 #[derive(Clone)]
@@ -50,6 +70,9 @@ pub struct JoinToken {
     pub fingerprint: [u8; 32],
     /// The fleet secret or an invite.
     pub secret: JoinSecret,
+    /// The fleet's other relays, in the order to try them when the first
+    /// (`addr`) cannot be reached or goes away. Empty for a relay alone.
+    pub other_relays: Vec<RelayEndpoint>,
 }
 
 impl std::fmt::Debug for JoinToken {
@@ -62,6 +85,7 @@ impl std::fmt::Debug for JoinToken {
             .field("addr", &self.addr)
             .field("fingerprint", &hex_short(&self.fingerprint))
             .field("kind", &kind)
+            .field("other_relays", &self.other_relays.len())
             .finish_non_exhaustive()
     }
 }
@@ -87,23 +111,67 @@ struct InviteWire<'a> {
     secret: [u8; 32],
 }
 
+#[derive(Encode, BorrowDecode)]
+struct RelayWire<'a> {
+    addr: &'a str,
+    fingerprint: [u8; 32],
+}
+
+#[derive(Encode, BorrowDecode)]
+struct FleetOfRelaysWire<'a> {
+    version: u8,
+    relays: Vec<RelayWire<'a>>,
+    secret: [u8; 32],
+}
+
+#[derive(Encode, BorrowDecode)]
+struct InviteOfRelaysWire<'a> {
+    version: u8,
+    relays: Vec<RelayWire<'a>>,
+    instance_id: &'a str,
+    secret: [u8; 32],
+}
+
 impl JoinToken {
     /// The one-line text form.
     pub fn encode(&self) -> Result<String, ProtoError> {
+        let relays = || -> Vec<RelayWire<'_>> {
+            self.relays()
+                .map(|(addr, fingerprint)| RelayWire {
+                    addr,
+                    fingerprint: *fingerprint,
+                })
+                .collect()
+        };
+        let alone = self.other_relays.is_empty();
         let body = match &self.secret {
-            JoinSecret::Fleet(s) => codec::encode_body(&FleetWire {
+            JoinSecret::Fleet(s) if alone => codec::encode_body(&FleetWire {
                 version: 1,
                 addr: &self.addr,
                 fingerprint: self.fingerprint,
                 secret: *s.expose(),
             })?,
+            JoinSecret::Fleet(s) => codec::encode_body(&FleetOfRelaysWire {
+                version: 3,
+                relays: relays(),
+                secret: *s.expose(),
+            })?,
             JoinSecret::Invite {
                 instance_id,
                 secret,
-            } => codec::encode_body(&InviteWire {
+            } if alone => codec::encode_body(&InviteWire {
                 version: 2,
                 addr: &self.addr,
                 fingerprint: self.fingerprint,
+                instance_id,
+                secret: *secret.expose(),
+            })?,
+            JoinSecret::Invite {
+                instance_id,
+                secret,
+            } => codec::encode_body(&InviteOfRelaysWire {
+                version: 4,
+                relays: relays(),
                 instance_id,
                 secret: *secret.expose(),
             })?,
@@ -112,6 +180,16 @@ impl JoinToken {
             "{PREFIX}{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body)
         ))
+    }
+
+    /// Every relay the token lists, the first to dial first: `addr` and
+    /// `fingerprint`, then [`JoinToken::other_relays`].
+    pub fn relays(&self) -> impl Iterator<Item = (&str, &[u8; 32])> {
+        std::iter::once((self.addr.as_str(), &self.fingerprint)).chain(
+            self.other_relays
+                .iter()
+                .map(|r| (r.addr.as_str(), &r.fingerprint)),
+        )
     }
 
     /// The fleet secret of an open fleet token (`None` for an invite).
@@ -136,47 +214,82 @@ impl JoinToken {
         let rest = text
             .strip_prefix(PREFIX)
             .ok_or(ProtoError::BadJoinToken("it does not start with \"al1\""))?;
-        if rest.len() > 1024 {
+        if rest.len() > MAX_TEXT_LEN {
             return Err(ProtoError::BadJoinToken("it is too long"));
         }
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(rest)
             .map_err(|_| ProtoError::BadJoinToken("it is not valid base64url (truncated?)"))?;
         let undecodable = ProtoError::BadJoinToken("its contents do not decode (truncated?)");
-        let (addr, fingerprint, secret) = match bytes.first() {
+        let invite = |instance_id: &str, secret: [u8; 32]| {
+            crate::check_id(instance_id)
+                .map_err(|_| ProtoError::BadJoinToken("its instance id is not valid"))?;
+            Ok(JoinSecret::Invite {
+                instance_id: instance_id.to_owned(),
+                secret: FleetSecret::from_bytes(secret),
+            })
+        };
+        let (relays, secret) = match bytes.first() {
             Some(1) => {
                 let w: FleetWire<'_> = codec::decode(&bytes).map_err(|_| undecodable)?;
+                let relay = RelayWire {
+                    addr: w.addr,
+                    fingerprint: w.fingerprint,
+                };
                 (
-                    w.addr,
-                    w.fingerprint,
+                    vec![relay],
                     JoinSecret::Fleet(FleetSecret::from_bytes(w.secret)),
                 )
             }
             Some(2) => {
                 let w: InviteWire<'_> = codec::decode(&bytes).map_err(|_| undecodable)?;
-                crate::check_id(w.instance_id)
-                    .map_err(|_| ProtoError::BadJoinToken("its instance id is not valid"))?;
+                let relay = RelayWire {
+                    addr: w.addr,
+                    fingerprint: w.fingerprint,
+                };
+                (vec![relay], invite(w.instance_id, w.secret)?)
+            }
+            Some(3) => {
+                let w: FleetOfRelaysWire<'_> = codec::decode(&bytes).map_err(|_| undecodable)?;
                 (
-                    w.addr,
-                    w.fingerprint,
-                    JoinSecret::Invite {
-                        instance_id: w.instance_id.to_owned(),
-                        secret: FleetSecret::from_bytes(w.secret),
-                    },
+                    w.relays,
+                    JoinSecret::Fleet(FleetSecret::from_bytes(w.secret)),
                 )
             }
-            Some(_) => return Err(ProtoError::BadJoinToken("unsupported token version")),
+            Some(4) => {
+                let w: InviteOfRelaysWire<'_> = codec::decode(&bytes).map_err(|_| undecodable)?;
+                let secret = invite(w.instance_id, w.secret)?;
+                (w.relays, secret)
+            }
+            Some(_) => {
+                return Err(ProtoError::BadJoinToken(
+                    "unsupported token version (made by a newer relay? upgrade agent-link)",
+                ))
+            }
             None => return Err(undecodable),
         };
-        if addr.is_empty() || addr.len() > MAX_ADDR_LEN || !addr.contains(':') {
+        if relays.is_empty() || relays.len() > MAX_RELAYS {
             return Err(ProtoError::BadJoinToken(
-                "its relay address is not HOST:PORT",
+                "it lists no relay, or more than 16",
             ));
         }
+        let mut relays = relays.into_iter().map(|r| {
+            if r.addr.is_empty() || r.addr.len() > MAX_ADDR_LEN || !r.addr.contains(':') {
+                return Err(ProtoError::BadJoinToken(
+                    "its relay address is not HOST:PORT",
+                ));
+            }
+            Ok(RelayEndpoint {
+                addr: r.addr.to_owned(),
+                fingerprint: r.fingerprint,
+            })
+        });
+        let first = relays.next().expect("one relay at least, checked above")?;
         Ok(Self {
-            addr: addr.to_owned(),
-            fingerprint,
+            addr: first.addr,
+            fingerprint: first.fingerprint,
             secret,
+            other_relays: relays.collect::<Result<_, _>>()?,
         })
     }
 }
@@ -193,6 +306,7 @@ mod tests {
         let back = JoinToken::parse(&format!("  {s}\n")).unwrap();
         assert_eq!(back.addr, t.addr);
         assert_eq!(back.fingerprint, t.fingerprint);
+        assert_eq!(back.other_relays, t.other_relays);
         match (&back.secret, &t.secret) {
             (JoinSecret::Fleet(a), JoinSecret::Fleet(b)) => assert_eq!(a.expose(), b.expose()),
             (
@@ -222,6 +336,7 @@ mod tests {
             addr: "127.0.0.1:8765".into(),
             fingerprint: [3; 32],
             secret: JoinSecret::Fleet(FleetSecret::from_bytes([4; 32])),
+            other_relays: vec![],
         });
         check_round_trip(&JoinToken {
             addr: "127.0.0.1:8765".into(),
@@ -230,6 +345,19 @@ mod tests {
                 instance_id: "instance-007".into(),
                 secret: FleetSecret::from_bytes([4; 32]),
             },
+            other_relays: vec![RelayEndpoint {
+                addr: "127.0.0.1:8766".into(),
+                fingerprint: [5; 32],
+            }],
+        });
+        check_round_trip(&JoinToken {
+            addr: "127.0.0.1:8765".into(),
+            fingerprint: [3; 32],
+            secret: JoinSecret::Invite {
+                instance_id: "instance-007".into(),
+                secret: FleetSecret::from_bytes([4; 32]),
+            },
+            other_relays: vec![],
         });
     }
 
@@ -242,6 +370,7 @@ mod tests {
                 instance_id: "a b".into(),
                 secret: FleetSecret::from_bytes([4; 32]),
             },
+            other_relays: vec![],
         };
         assert!(JoinToken::parse(&bad.encode().unwrap()).is_err());
         let body = codec::encode_body(&FleetWire {
@@ -256,5 +385,40 @@ mod tests {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body)
         );
         assert!(JoinToken::parse(&text).is_err());
+    }
+
+    fn wrap(body: Vec<u8>) -> String {
+        format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body)
+        )
+    }
+
+    #[test]
+    fn a_fleet_token_lists_one_to_sixteen_good_relays() {
+        let relay = |addr| RelayWire {
+            addr,
+            fingerprint: [1; 32],
+        };
+        let token = |relays: Vec<RelayWire<'_>>| {
+            wrap(
+                codec::encode_body(&FleetOfRelaysWire {
+                    version: 3,
+                    relays,
+                    secret: [2; 32],
+                })
+                .unwrap(),
+            )
+        };
+        let sixteen: Vec<_> = (0..16).map(|_| relay("h:1")).collect();
+        let t = JoinToken::parse(&token(sixteen)).unwrap();
+        assert_eq!(t.relays().count(), 16);
+        for bad in [
+            vec![],
+            (0..17).map(|_| relay("h:1")).collect(),
+            vec![relay("h:1"), relay("no-port")],
+        ] {
+            assert!(JoinToken::parse(&token(bad)).is_err());
+        }
     }
 }

@@ -104,7 +104,7 @@ fn envelope_vector() {
 
 /// Every vector file this test writes; a stray or missing file fails
 /// `vector_files_are_exactly_these`.
-const VECTORS: [&str; 26] = [
+const VECTORS: [&str; 27] = [
     "envelope",
     "envelope_body",
     "public_key",
@@ -125,6 +125,7 @@ const VECTORS: [&str; 26] = [
     "frame_failed",
     "frame_error",
     "frame_detached",
+    "join_token_fleet_invite",
     "join_token_invite",
     "invite_proof",
     "frame_register_invite",
@@ -219,6 +220,7 @@ fn join_token_vector() {
         addr: "127.0.0.1:8765".into(),
         fingerprint: [3; 32],
         secret: JoinSecret::Fleet(FleetSecret::from_bytes(FLEET)),
+        other_relays: vec![],
     };
     let text = token.encode().unwrap();
     check("join_token", text.as_bytes());
@@ -231,6 +233,45 @@ fn join_token_vector() {
 
 const INVITE: [u8; 32] = [7; 32];
 
+/// A fleet of relays' invite (version 4): three relays, the first to dial
+/// first.
+#[test]
+fn fleet_invite_vector() {
+    let token = JoinToken {
+        addr: "127.0.0.1:8765".into(),
+        fingerprint: [3; 32],
+        secret: JoinSecret::Invite {
+            instance_id: "instance-001".into(),
+            secret: FleetSecret::from_bytes(INVITE),
+        },
+        other_relays: vec![
+            agent_link_proto::RelayEndpoint {
+                addr: "127.0.0.1:8766".into(),
+                fingerprint: [5; 32],
+            },
+            agent_link_proto::RelayEndpoint {
+                addr: "relay-3.example:443".into(),
+                fingerprint: [6; 32],
+            },
+        ],
+    };
+    let text = token.encode().unwrap();
+    check("join_token_fleet_invite", text.as_bytes());
+    let back =
+        JoinToken::parse(std::str::from_utf8(&read("join_token_fleet_invite")).unwrap()).unwrap();
+    let relays: Vec<_> = back.relays().map(|(a, f)| (a.to_string(), *f)).collect();
+    assert_eq!(
+        relays,
+        [
+            ("127.0.0.1:8765".to_string(), [3; 32]),
+            ("127.0.0.1:8766".to_string(), [5; 32]),
+            ("relay-3.example:443".to_string(), [6; 32]),
+        ]
+    );
+    assert_eq!(back.invited_id(), Some("instance-001"));
+    assert_eq!(back.encode().unwrap(), text);
+}
+
 #[test]
 fn invite_vectors() {
     let token = JoinToken {
@@ -240,6 +281,7 @@ fn invite_vectors() {
             instance_id: "instance-001".into(),
             secret: FleetSecret::from_bytes(INVITE),
         },
+        other_relays: vec![],
     };
     let text = token.encode().unwrap();
     check("join_token_invite", text.as_bytes());

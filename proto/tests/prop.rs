@@ -589,11 +589,16 @@ proptest! {
         port in any::<u16>(),
         fingerprint in any::<[u8; 32]>(),
         secret in any::<[u8; 32]>(),
+        others in proptest::collection::vec(("[a-z0-9.-]{1,40}", any::<u16>(), any::<[u8; 32]>()), 0..16),
     ) {
         let t = JoinToken {
             addr: format!("{host}:{port}"),
             fingerprint,
             secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes(secret)),
+            other_relays: others
+                .iter()
+                .map(|(h, p, f)| agent_link_proto::RelayEndpoint { addr: format!("{h}:{p}"), fingerprint: *f })
+                .collect(),
         };
         let text = t.encode().unwrap();
         prop_assert!(text.starts_with("al1"));
@@ -602,6 +607,7 @@ proptest! {
         prop_assert_eq!(&back.addr, &t.addr);
         prop_assert_eq!(back.fingerprint, fingerprint);
         prop_assert_eq!(back.fleet_secret().unwrap().expose(), &secret);
+        prop_assert_eq!(&back.other_relays, &t.other_relays);
         let shown = format!("{back:?}");
         prop_assert!(!shown.contains(&hex::encode(secret)));
     }
@@ -622,11 +628,17 @@ proptest! {
     fn mutated_join_tokens_never_panic(
         m in mutation_strategy(),
         inner in any::<bool>(),
+        fleet in any::<bool>(),
     ) {
         let good = JoinToken {
             addr: "relay.example:8765".into(),
             fingerprint: [3; 32],
             secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes([2; 32])),
+            other_relays: if fleet {
+                vec![agent_link_proto::RelayEndpoint { addr: "relay-2.example:8765".into(), fingerprint: [4; 32] }]
+            } else {
+                vec![]
+            },
         }
         .encode()
         .unwrap();
@@ -638,7 +650,10 @@ proptest! {
             String::from_utf8_lossy(&mutate(good.as_bytes(), &m)).into_owned()
         };
         if let Ok(t) = JoinToken::parse(&text) {
-            prop_assert!(t.addr.contains(':') && !t.addr.is_empty() && t.addr.len() <= 255);
+            for (addr, _) in t.relays() {
+                prop_assert!(addr.contains(':') && !addr.is_empty() && addr.len() <= 255);
+            }
+            prop_assert!(t.other_relays.len() < agent_link_proto::MAX_RELAYS);
         }
     }
 }

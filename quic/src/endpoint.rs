@@ -79,6 +79,27 @@ pub fn client_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// How long a peer with other relays to go to keeps a quiet connection
+/// before it sends a PING, and how long a silent one lives
+/// ([`failover_client_transport_config`]).
+pub const FAILOVER_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// See [`FAILOVER_KEEP_ALIVE`].
+pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// [`client_transport_config`] for a peer of a fleet of relays: a relay
+/// killed with -9 sends no close, so only silence shows it is gone; after
+/// [`FAILOVER_IDLE_TIMEOUT`] (three PINGs unanswered) the peer moves to
+/// another relay, in time to be attached again within 10 s. The price is a
+/// PING every [`FAILOVER_KEEP_ALIVE`] per quiet connection.
+pub fn failover_client_transport_config() -> quinn::TransportConfig {
+    let mut t = client_transport_config();
+    t.keep_alive_interval(Some(FAILOVER_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(FAILOVER_IDLE_TIMEOUT).expect("7 s is a valid idle timeout"),
+    ));
+    t
+}
+
 /// Endpoint settings of a client: datagrams up to [`MAX_UDP_PAYLOAD`]
 /// accepted.
 pub fn endpoint_config() -> quinn::EndpointConfig {

@@ -211,15 +211,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             reusable,
         } => {
             let st = state::load(&dir.path())?;
-            let addr = match addr {
+            let addr = match addr.or_else(|| st.default_dial_addr()) {
                 Some(a) => a,
-                None if st.config.listen.port() == 0 => {
+                None => {
                     return Err(Failure(
                         Exit::Usage,
                         "the configured listen port is 0; pass --addr HOST:PORT".into(),
                     ))
                 }
-                None => state::dial_addr(st.config.listen),
             };
             let token = match instance_id {
                 Some(id) if !reusable => {
@@ -249,6 +248,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         ));
                     }
                     st.open_token(&addr)
+                        .map_err(|e| Failure(Exit::Other, e.to_string()))?
                 }
             };
             println!(

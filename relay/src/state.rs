@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use agent_link_crypto::tls::TlsIdentity;
 use agent_link_crypto::{FleetSecret, Identity};
-use agent_link_proto::{JoinSecret, JoinToken};
+use agent_link_proto::{JoinSecret, JoinToken, RelayEndpoint};
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{ClusterConfig, ConfigError, RelayConfig};
@@ -202,18 +202,16 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
 impl RelayState {
     /// The open fleet token for instances dialling `addr`: it carries the
     /// fleet secret and registers any free id, so a relay accepts it only
-    /// with `open_registration` on (`invite --reusable`).
-    pub fn open_token(&self, addr: &str) -> JoinToken {
-        JoinToken {
-            addr: addr.to_string(),
-            fingerprint: self.tls.fingerprint(),
-            secret: JoinSecret::Fleet(self.fleet.clone()),
-        }
+    /// with `open_registration` on (`invite --reusable`). In a fleet it
+    /// lists the relays that are up besides this one.
+    pub fn open_token(&self, addr: &str) -> Result<JoinToken, RegistryAccessError> {
+        self.token(addr, JoinSecret::Fleet(self.fleet.clone()))
     }
 
     /// Make a single-use invite for `instance_id`, valid for `valid_for`,
     /// recorded durably in the registry (a running relay reads it from
-    /// there), and return its join token for instances dialling `addr`.
+    /// there), and return its join token for instances dialling `addr`
+    /// (in a fleet, and the other relays that are up).
     pub fn invite(
         &self,
         addr: &str,
@@ -226,14 +224,48 @@ impl RelayState {
         let hex = hex::encode(secret.expose());
         self.update_registry(|r| r.add_invite(instance_id, hex.clone(), expires, now))?
             .map_err(InviteStateError::Refused)?;
-        Ok(JoinToken {
+        let secret = JoinSecret::Invite {
+            instance_id: instance_id.to_string(),
+            secret,
+        };
+        Ok(self.token(addr, secret)?)
+    }
+
+    /// A token for `secret`: this relay at `addr`, and in a fleet the
+    /// relays that are up ([`crate::cluster::presence::token_relays`]).
+    fn token(&self, addr: &str, secret: JoinSecret) -> Result<JoinToken, RegistryAccessError> {
+        let own = RelayEndpoint {
             addr: addr.to_string(),
             fingerprint: self.tls.fingerprint(),
-            secret: JoinSecret::Invite {
-                instance_id: instance_id.to_string(),
-                secret,
-            },
+        };
+        let (first, other_relays) = match &self.config.cluster {
+            None => (own, Vec::new()),
+            Some(cluster) => {
+                let up = on_cluster(cluster, |c| async move {
+                    crate::cluster::presence::relays_up(c.relays_store()).await
+                })?;
+                crate::cluster::presence::token_relays(&cluster.relay_id, own, up)
+            }
+        };
+        Ok(JoinToken {
+            addr: first.addr,
+            fingerprint: first.fingerprint,
+            secret,
+            other_relays,
         })
+    }
+
+    /// The address a token names this relay by unless told otherwise: in
+    /// a fleet its `advertise` address, else the listen address (loopback
+    /// for an unspecified one); `None` for a listen port of 0.
+    pub fn default_dial_addr(&self) -> Option<String> {
+        let advertised = self
+            .config
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.advertise.is_some());
+        (advertised || self.config.listen.port() != 0)
+            .then(|| advertise_addr(&self.config, self.config.listen))
     }
 }
 
@@ -365,6 +397,16 @@ pub fn dial_addr(listen: SocketAddr) -> String {
     a.to_string()
 }
 
+/// The address peers dial for a relay of `config` bound at `bound`: in a
+/// fleet its `advertise` address when set, else [`dial_addr`] of `bound`.
+pub fn advertise_addr(config: &RelayConfig, bound: SocketAddr) -> String {
+    config
+        .cluster
+        .as_ref()
+        .and_then(|c| c.advertise.clone())
+        .unwrap_or_else(|| dial_addr(bound))
+}
+
 /// The default state directory: `$XDG_DATA_HOME/agent-link-relay`, else
 /// `~/.local/share/agent-link-relay`.
 pub fn default_dir() -> PathBuf {
@@ -391,7 +433,7 @@ mod tests {
             init(&dir, None),
             Err(StateError::AlreadyInitialised(_))
         ));
-        let tok = l.open_token("127.0.0.1:8765").encode().unwrap();
+        let tok = l.open_token("127.0.0.1:8765").unwrap().encode().unwrap();
         assert_eq!(
             JoinToken::parse(&tok).unwrap().fingerprint,
             s.tls.fingerprint()

@@ -26,12 +26,7 @@ pub fn write_peer_dir(dir: &Path, instance_id: &str, identity: &Identity, token:
         .expect("an open fleet token")
         .write_new(&dir.join(SECRET_FILE))
         .unwrap();
-    let cfg = PeerConfig::new(
-        &token.addr,
-        &hex::encode(token.fingerprint),
-        instance_id,
-        instance_id,
-    );
+    let cfg = PeerConfig::for_join(token, instance_id, instance_id);
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg).unwrap()).unwrap();
 }
 

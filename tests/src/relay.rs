@@ -84,7 +84,7 @@ impl TestRelay {
         .await
         .unwrap();
         self.addr = relay.local_addr();
-        self.token = JoinToken::parse(&relay.open_token()).unwrap();
+        self.token = JoinToken::parse(&relay.open_token().unwrap()).unwrap();
         self.relay = Some(relay);
     }
 
@@ -172,5 +172,6 @@ fn placeholder_token() -> JoinToken {
         addr: "127.0.0.1:1".into(),
         fingerprint: [0; 32],
         secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes([0; 32])),
+        other_relays: vec![],
     }
 }

@@ -296,7 +296,7 @@ async fn status(d: &Daemon) -> Result<Response<Body>, Failure> {
     let mut v = json!({
         "daemon": true,
         "instance_id": d.instance_id(),
-        "relay": d.config().relay_url,
+        "relay": &*d.link().relay(),
         "local_agents": local,
     });
     match d.link().status().await {

@@ -9,13 +9,15 @@
 //!   changes committed by create-if-absent and revision-checked updates, so
 //!   the first key wins cluster-wide;
 //! - [`attach`](crate::cluster::attach): the decisions about [`ATTACH_BUCKET`](crate::cluster::ATTACH_BUCKET), which relay holds
-//!   which receiving agent (the newest attach by KV revision wins).
+//!   which receiving agent (the newest attach by KV revision wins);
+//! - [`presence`](crate::cluster::presence): which relays are up, in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET), and
+//!   the relays a join token lists.
 //!
 //! The running relay's side (the registry watch in `registry::live`, the
 //! attach puts and watch, forwarding on [`deliver_subject`](crate::cluster::deliver_subject) and serving it)
-//! is in `server::cluster`; the wire format is PROTOCOL.md §9.8. Not built
-//! yet: presence in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET), join tokens listing every relay, and
-//! peer failover.
+//! is in `server::cluster`; the wire format is PROTOCOL.md §9.8. Peers fail
+//! over between the relays their join token lists (`agent_link`'s
+//! supervisor).
 
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use async_nats::jetstream::{self, kv, stream};
 use crate::config::ClusterConfig;
 
 pub mod attach;
+pub mod presence;
 pub mod registry;
 
 /// The registry: `id.<hex id>`, `key.<hex key>`, `invite.<hex id>`.

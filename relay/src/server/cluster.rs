@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use agent_link_crypto::PublicKey;
 use agent_link_proto::codec::FRAME_HEADER_LEN;
-use agent_link_proto::{ErrorCode, MessageId, OpenedEnvelope, RelayToPeer};
+use agent_link_proto::{ErrorCode, MessageId, OpenedEnvelope, RelayEndpoint, RelayToPeer};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use super::hub::Hub;
 use super::writer::{error_frame, frame, Outbound};
 use crate::cluster::attach::{self, AttachTable, AttachValue};
-use crate::cluster::{deliver_subject, Cluster};
+use crate::cluster::{deliver_subject, presence, Cluster};
 use crate::core::checks::{check_send, SenderContext};
 
 /// Requests to other relays in flight at once; beyond it senders get
@@ -240,11 +240,34 @@ fn replace_local(hub: &Hub, instance: &str, agent: &str, token: u64) {
     });
 }
 
-/// Follow the attach bucket (who holds which agent) and serve deliveries
-/// from other relays, until shutdown.
-pub(crate) async fn serve(hub: Arc<Hub>) {
+/// Announce this relay as up at `me`, follow the attach bucket (who holds
+/// which agent) and serve deliveries from other relays, until shutdown.
+pub(crate) async fn serve(hub: Arc<Hub>, me: RelayEndpoint) {
     let Some(fleet) = hub.cluster() else { return };
-    tokio::join!(follow_attaches(&hub, fleet), serve_deliveries(&hub, fleet));
+    tokio::join!(
+        announce(&hub, fleet, &me),
+        follow_attaches(&hub, fleet),
+        serve_deliveries(&hub, fleet)
+    );
+}
+
+/// Keep this relay's presence entry fresh until shutdown, then take it
+/// away (a relay killed with -9 drops out when the entry expires).
+async fn announce(hub: &Hub, fleet: &ClusterLink, me: &RelayEndpoint) {
+    let store = fleet.cluster.relays_store();
+    let id = fleet.cluster.relay_id();
+    let mut tick = tokio::time::interval(presence::REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hub.shutdown().cancelled() => break,
+        }
+        if let Err(e) = presence::announce(store, id, me).await {
+            warn!("cannot refresh this relay's presence: {e}");
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), presence::withdraw(store, id)).await;
 }
 
 async fn follow_attaches(hub: &Arc<Hub>, fleet: &ClusterLink) {

@@ -164,6 +164,16 @@ fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnE
     Ok(server)
 }
 
+/// Run `f` on a thread of its own: in a fleet it runs the NATS client on
+/// a runtime of its own, which cannot start inside the caller's.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .expect("a registry command does not panic")
+    })
+}
+
 impl Relay {
     /// Bind and start serving `state`.
     pub async fn spawn(state: RelayState, opts: SpawnOptions) -> Result<Relay, SpawnError> {
@@ -228,7 +238,11 @@ impl Relay {
                     .await
             }),
             Some(watch) => {
-                tasks.spawn(cluster::serve(hub.clone()));
+                let me = agent_link_proto::RelayEndpoint {
+                    addr: crate::state::advertise_addr(&state.config, local_addr),
+                    fingerprint: state.tls.fingerprint(),
+                };
+                tasks.spawn(cluster::serve(hub.clone(), me));
                 tasks.spawn(async move {
                     watcher
                         .registry()
@@ -278,37 +292,36 @@ impl Relay {
         self.metrics_addr
     }
 
-    /// The open fleet token for this relay at its bound address (accepted
-    /// only with `open_registration` on).
-    ///
-    /// # Panics
-    /// Never in practice: a token of a bound address, a certificate
-    /// fingerprint and a fleet secret always encodes.
-    pub fn open_token(&self) -> String {
-        self.state
-            .open_token(&crate::state::dial_addr(self.local_addr))
-            .encode()
-            .expect("a join token of a bound address, fingerprint and secret encodes")
+    /// The address peers dial for this relay: in a fleet its `advertise`
+    /// address when set, else its bound address (loopback for an
+    /// unspecified one).
+    pub fn dial_addr(&self) -> String {
+        crate::state::advertise_addr(&self.state.config, self.local_addr)
     }
 
-    /// A single-use invite for `instance_id` to this relay at its bound
-    /// address, valid for `valid_for` (what `agent-link-relay invite
-    /// --instance-id` prints).
+    /// The open fleet token for this relay at [`Relay::dial_addr`]
+    /// (accepted only with `open_registration` on); in a fleet it lists
+    /// the other relays that are up.
+    pub fn open_token(&self) -> Result<String, crate::state::RegistryAccessError> {
+        let addr = self.dial_addr();
+        let t = off_runtime(|| self.state.open_token(&addr))?;
+        Ok(t.encode()
+            .expect("a join token of relay addresses, fingerprints and a secret encodes"))
+    }
+
+    /// A single-use invite for `instance_id` to this relay at
+    /// [`Relay::dial_addr`], valid for `valid_for` (what `agent-link-relay
+    /// invite --instance-id` prints); in a fleet it lists the other relays
+    /// that are up.
     pub fn invite(
         &self,
         instance_id: &str,
         valid_for: Duration,
     ) -> Result<String, crate::state::InviteStateError> {
-        let addr = crate::state::dial_addr(self.local_addr);
-        // On a thread of its own: in a fleet it runs the NATS client on a
-        // runtime of its own, which cannot start inside this one.
-        let t = std::thread::scope(|s| {
-            s.spawn(|| self.state.invite(&addr, instance_id, valid_for))
-                .join()
-                .expect("invite does not panic")
-        })?;
+        let addr = self.dial_addr();
+        let t = off_runtime(|| self.state.invite(&addr, instance_id, valid_for))?;
         Ok(t.encode()
-            .expect("a join token of a bound address, fingerprint and id encodes"))
+            .expect("a join token of relay addresses, fingerprints and an id encodes"))
     }
 
     /// Counters.

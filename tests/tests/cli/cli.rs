@@ -141,6 +141,7 @@ fn member_fleet_token(dir: &Path) -> String {
         addr: cfg["relay_url"].as_str().unwrap().to_string(),
         fingerprint: fp,
         secret: agent_link_proto::JoinSecret::Fleet(secret),
+        other_relays: vec![],
     }
     .encode()
     .unwrap()

@@ -16,6 +16,7 @@
 
 mod daemon_replay;
 mod datagram_size;
+mod failover;
 mod fleet;
 mod limits;
 mod peer;

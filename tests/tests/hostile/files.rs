@@ -84,7 +84,7 @@ fn join_tokens_malformed_in_each_way_are_refused_with_the_reason() {
         ("prefix only", "al1".into(), "do not decode"),
         (
             "too long",
-            format!("{good}{}", "A".repeat(1024)),
+            format!("{good}{}", "A".repeat(8192)),
             "too long",
         ),
         ("padded", format!("{good}="), "not valid base64url"),
@@ -110,9 +110,14 @@ fn join_tokens_malformed_in_each_way_are_refused_with_the_reason() {
             "unsupported token version",
         ),
         (
-            "version 3",
-            token(3, b"127.0.0.1:8765"),
+            "version 5",
+            token(5, b"127.0.0.1:8765"),
             "unsupported token version",
+        ),
+        (
+            "version 3 (a fleet of relays) in the one relay layout",
+            token(3, b"127.0.0.1:8765"),
+            "do not decode",
         ),
         (
             "version 2 (an invite) in the open token's layout",
@@ -161,6 +166,7 @@ fn peer_dir(base: &Path) -> std::path::PathBuf {
         addr: "127.0.0.1:9".into(),
         fingerprint: [3; 32],
         secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::generate()),
+        other_relays: vec![],
     };
     write_peer_dir(&dir, "inst-x", &Identity::generate(), &token);
     dir
@@ -554,15 +560,15 @@ fn the_peer_cli_refuses_bad_join_tokens_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("p");
     let d = dir.to_str().unwrap();
-    let v3 = token(3, b"127.0.0.1:8765");
+    let v5 = token(5, b"127.0.0.1:8765");
     refused(
         &run(
             "agent-link",
-            &["init", "--dir", d, "--instance-id", "i", "--join", &v3],
+            &["init", "--dir", d, "--instance-id", "i", "--join", &v5],
         ),
         2,
         &["--join", "unsupported token version"],
-        "version 3 token",
+        "version 5 token",
     );
     assert!(
         !dir.join(KEY_FILE).exists() && !dir.join(CONFIG_FILE).exists(),
@@ -654,6 +660,7 @@ fn directories_others_can_change_are_refused() {
         addr: "127.0.0.1:9".into(),
         fingerprint: [3; 32],
         secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::generate()),
+        other_relays: vec![],
     }
     .encode()
     .unwrap();

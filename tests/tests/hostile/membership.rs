@@ -29,6 +29,7 @@ fn fleet_token_from(relay: &TestRelay, dir: &Path) -> JoinToken {
         addr: relay.token.addr.clone(),
         fingerprint: relay.token.fingerprint,
         secret: JoinSecret::Fleet(FleetSecret::read(&dir.join("fleet.secret")).unwrap()),
+        other_relays: vec![],
     }
 }
 
