@@ -27,6 +27,11 @@ pub enum Domain {
     /// HMAC-SHA256 registration proof keyed by a single-use invite's own
     /// secret (not the fleet secret), bound to one TLS session.
     InviteProof,
+    /// HMAC-SHA256 of nothing under the fleet key: the mark a fleet of
+    /// relays keeps in its registry bucket, so a relay joining with the
+    /// wrong fleet secret is refused (it proves the secret without showing
+    /// it).
+    FleetCheck,
 }
 
 impl Domain {
@@ -37,6 +42,7 @@ impl Domain {
             Domain::EnvelopeTag => b"agent-link/1 envelope tag\0",
             Domain::RegisterProof => b"agent-link/1 register proof\0",
             Domain::InviteProof => b"agent-link/1 invite proof\0",
+            Domain::FleetCheck => b"agent-link/1 fleet check\0",
         }
     }
 
@@ -270,6 +276,7 @@ mod tests {
             Domain::EnvelopeTag,
             Domain::RegisterProof,
             Domain::InviteProof,
+            Domain::FleetCheck,
         ];
         for a in all {
             for b in all {

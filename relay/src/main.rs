@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use agent_link_crypto::CryptoError;
+use agent_link_crypto::{CryptoError, FleetSecret};
 use agent_link_proto::Exit;
+use agent_link_relay::cluster::membership::Claim;
 use agent_link_relay::registry::RegisterError;
 use agent_link_relay::state::{self, StateError};
 use agent_link_relay::{Relay, SpawnOptions};
@@ -63,6 +64,21 @@ enum Command {
         /// Listen address to write into the config
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Serve in a fleet of relays on this NATS cluster: found the fleet, or with
+        /// --fleet-secret-file join it (NATS must be up)
+        #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+        cluster: Vec<String>,
+        /// Join the fleet whose secret is in FILE: a copy of the first relay's fleet.secret
+        #[arg(long, value_name = "FILE", requires = "cluster")]
+        fleet_secret_file: Option<PathBuf>,
+        /// This relay's name in the fleet, unique among its relays (default: relay- and 8 hex
+        /// digits of its key)
+        #[arg(long, value_name = "ID", requires = "cluster")]
+        relay_id: Option<String>,
+        /// The address peers dial for this relay, as join tokens list it (default: the listen
+        /// address)
+        #[arg(long, value_name = "HOST:PORT", requires = "cluster")]
+        advertise: Option<String>,
     },
     /// Print one line: a single-use join token for one instance id (relay address, certificate
     /// fingerprint, the invite's own secret), or with --reusable the open fleet token.
@@ -144,7 +160,11 @@ impl From<StateError> for Failure {
             StateError::Config(_) | StateError::NotInitialised(_) | StateError::NotEmpty(_) => {
                 Exit::Usage
             }
-            StateError::AlreadyInitialised(_) => Exit::Usage,
+            StateError::AlreadyInitialised(_) | StateError::FleetRotation => Exit::Usage,
+            // The wrong fleet secret for this cluster: the operator's to fix.
+            StateError::Cluster(agent_link_relay::state::RegistryAccessError::Cluster(
+                agent_link_relay::cluster::ClusterError::NotThisFleet,
+            )) => Exit::Usage,
             // Files or a directory others could read or change: the
             // operator's to fix (as the peer answers them).
             StateError::Crypto(
@@ -196,10 +216,52 @@ fn run(cli: Cli) -> Result<(), Failure> {
             listen,
             metrics,
         } => serve(&dir.path(), listen, metrics),
-        Command::Init { dir, listen } => {
+        Command::Init {
+            dir,
+            listen,
+            cluster,
+            fleet_secret_file,
+            relay_id,
+            advertise,
+        } => {
             let dir = dir.path();
-            state::init(&dir, listen)?;
+            let fleet_secret = match &fleet_secret_file {
+                None => None,
+                Some(f) => Some(FleetSecret::read(f).map_err(|e| {
+                    Failure(
+                        Exit::Usage,
+                        format!("--fleet-secret-file {}: {e}", f.display()),
+                    )
+                })?),
+            };
+            let founding_or_joining = !cluster.is_empty();
+            let cluster = founding_or_joining.then_some(state::ClusterInit {
+                nats: cluster,
+                relay_id,
+                advertise,
+            });
+            let (st, claim) = state::init_with(
+                &dir,
+                state::InitOptions {
+                    listen,
+                    cluster,
+                    fleet_secret,
+                },
+            )?;
             eprintln!("initialised {}", dir.display());
+            if let (Some(c), Some(claim)) = (&st.config.cluster, claim) {
+                let urls = c.nats.join(",");
+                match claim {
+                    Claim::Founded => eprintln!(
+                        "relay {} founded a fleet on {urls}; join more relays with \
+                         `agent-link-relay init --dir DIR --listen ADDR --cluster {urls} \
+                         --fleet-secret-file COPY`, COPY a copy (mode 0600) of {}",
+                        c.relay_id,
+                        dir.join("fleet.secret").display()
+                    ),
+                    Claim::Member => eprintln!("relay {} joined the fleet on {urls}", c.relay_id),
+                }
+            }
             eprintln!("{}", first_invite_hint(&dir));
             Ok(())
         }

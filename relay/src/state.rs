@@ -52,6 +52,15 @@ pub enum StateError {
     /// Registry problem.
     #[error(transparent)]
     Registry(#[from] StoreError),
+    /// The fleet's NATS cluster refused or could not be reached.
+    #[error(transparent)]
+    Cluster(RegistryAccessError),
+    /// `rotate-secret` on a relay of a fleet.
+    #[error(
+        "rotating the fleet secret of a fleet of relays is not supported yet: every relay \
+             and the fleet's mark in NATS would have to change together"
+    )]
+    FleetRotation,
     /// Other file-system error.
     #[error("{path}: {source}")]
     Io {
@@ -127,6 +136,48 @@ pub fn is_empty(dir: &Path) -> bool {
 /// Create relay state in `dir` (missing or empty). The configuration file is
 /// written last: a directory without it is not initialised.
 pub fn init(dir: &Path, listen: Option<SocketAddr>) -> Result<RelayState, StateError> {
+    init_with(
+        dir,
+        InitOptions {
+            listen,
+            ..InitOptions::default()
+        },
+    )
+    .map(|(st, _)| st)
+}
+
+/// What `init` sets up besides the defaults.
+#[derive(Debug, Default)]
+pub struct InitOptions {
+    /// The listen address.
+    pub listen: Option<SocketAddr>,
+    /// Serve in a fleet on these NATS servers.
+    pub cluster: Option<ClusterInit>,
+    /// The fleet secret to take (a joining relay: a copy of the first
+    /// relay's `fleet.secret`); absent, a new one.
+    pub fleet_secret: Option<FleetSecret>,
+}
+
+/// `init --cluster`: the config's `cluster` section.
+#[derive(Debug, Clone)]
+pub struct ClusterInit {
+    /// NATS servers, `nats://HOST:PORT`.
+    pub nats: Vec<String>,
+    /// This relay's id in the fleet; absent, `relay-` and 8 hex digits of
+    /// its key.
+    pub relay_id: Option<String>,
+    /// The address peers dial for it; absent, its listen address.
+    pub advertise: Option<String>,
+}
+
+/// [`init`] with options: with `cluster`, the fleet is founded (no fleet
+/// secret given, a cluster that has no fleet yet) or joined (the given
+/// secret is the cluster's fleet's) before anything stays written; the
+/// answer says which.
+pub fn init_with(
+    dir: &Path,
+    opts: InitOptions,
+) -> Result<(RelayState, Option<crate::cluster::membership::Claim>), StateError> {
     if is_initialised(dir) || dir.join(KEY_FILE).exists() {
         return Err(StateError::AlreadyInitialised(dir.display().to_string()));
     }
@@ -144,32 +195,92 @@ pub fn init(dir: &Path, listen: Option<SocketAddr>) -> Result<RelayState, StateE
     // Made here with 0700, or there already (empty): either way only ours.
     agent_link_crypto::files::check_private_dir(dir)?;
     let mut config = RelayConfig::default();
-    if let Some(l) = listen {
+    if let Some(l) = opts.listen {
         config.listen = l;
     }
     let identity = Identity::generate();
-    let tls = TlsIdentity::self_signed(&identity, agent_link_crypto::tls::RELAY_SERVER_NAME)?;
-    let fleet = FleetSecret::generate();
+    if let Some(c) = opts.cluster {
+        let fp = identity.public_key();
+        config.cluster = Some(ClusterConfig {
+            nats: c.nats,
+            relay_id: c
+                .relay_id
+                .unwrap_or_else(|| format!("relay-{}", &hex::encode(fp.as_bytes())[..8])),
+            replicas: None,
+            advertise: c.advertise,
+        });
+    }
+    config.validate(&dir.join(CONFIG_FILE).display().to_string())?;
+    let fleet = opts.fleet_secret.unwrap_or_else(FleetSecret::generate);
+    let written = write_state(dir, &config, &identity, &fleet);
+    // In a fleet: claim or check the cluster's fleet last, so that a
+    // founding relay never marks a cluster with a secret it failed to
+    // keep; refused, the directory is emptied again (it was empty).
+    let claim = written.and_then(|tls| {
+        let claim = match &config.cluster {
+            None => None,
+            Some(c) => {
+                let fleet = fleet.clone();
+                Some(
+                    on_cluster(c, |cl| async move {
+                        crate::cluster::membership::claim(cl.registry_store(), &fleet).await
+                    })
+                    .map_err(StateError::Cluster)?,
+                )
+            }
+        };
+        Ok((tls, claim))
+    });
+    let (tls, claim) = match claim {
+        Ok(v) => v,
+        Err(e) => {
+            empty_dir(dir);
+            return Err(e);
+        }
+    };
+    Ok((
+        RelayState {
+            dir: dir.to_path_buf(),
+            config,
+            tls,
+            fleet,
+            previous: None,
+            reset_key: reset_key(&identity),
+            cid_key: cid_key(&identity),
+        },
+        claim,
+    ))
+}
+
+/// Write a new relay's files, the configuration last.
+fn write_state(
+    dir: &Path,
+    config: &RelayConfig,
+    identity: &Identity,
+    fleet: &FleetSecret,
+) -> Result<TlsIdentity, StateError> {
+    let tls = TlsIdentity::self_signed(identity, agent_link_crypto::tls::RELAY_SERVER_NAME)?;
     identity.write_new(&dir.join(KEY_FILE))?;
     agent_link_crypto::files::write_atomic(&dir.join(CERT_FILE), tls.cert.as_ref(), 0o644)?;
     fleet.write_new(&dir.join(SECRET_FILE))?;
     RegistryStore::new(dir)
         .update(|_| Ok::<(), std::convert::Infallible>(()))?
         .ok();
-    let json = serde_json::to_vec_pretty(&config).map_err(|e| StateError::Io {
+    let json = serde_json::to_vec_pretty(config).map_err(|e| StateError::Io {
         path: dir.join(CONFIG_FILE).display().to_string(),
         source: std::io::Error::other(e),
     })?;
     agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;
-    Ok(RelayState {
-        dir: dir.to_path_buf(),
-        config,
-        tls,
-        fleet,
-        previous: None,
-        reset_key: reset_key(&identity),
-        cid_key: cid_key(&identity),
-    })
+    Ok(tls)
+}
+
+/// Remove what a failed `init` wrote into `dir` (which was empty).
+fn empty_dir(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Load existing state, validating everything.
@@ -369,6 +480,9 @@ pub(crate) fn read_fleet(
 pub fn rotate_secret(dir: &Path, grace: std::time::Duration) -> Result<u64, StateError> {
     if !is_initialised(dir) {
         return Err(StateError::NotInitialised(dir.display().to_string()));
+    }
+    if RelayConfig::load(&dir.join(CONFIG_FILE))?.cluster.is_some() {
+        return Err(StateError::FleetRotation);
     }
     agent_link_crypto::files::check_private_dir(dir)?;
     let old = FleetSecret::read(&dir.join(SECRET_FILE))?;

@@ -10,6 +10,8 @@
 //!   the first key wins cluster-wide;
 //! - [`attach`](crate::cluster::attach): the decisions about [`ATTACH_BUCKET`](crate::cluster::ATTACH_BUCKET), which relay holds
 //!   which receiving agent (the newest attach by KV revision wins);
+//! - [`membership`](crate::cluster::membership): which fleet (secret) the cluster serves, so
+//!   a relay with another fleet's secret never joins it;
 //! - [`presence`](crate::cluster::presence): which relays are up, in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET), and
 //!   the relays a join token lists.
 //!
@@ -26,6 +28,7 @@ use async_nats::jetstream::{self, kv, stream};
 use crate::config::ClusterConfig;
 
 pub mod attach;
+pub mod membership;
 pub mod presence;
 pub mod registry;
 
@@ -75,6 +78,11 @@ pub enum ClusterError {
         /// Why it does not decode.
         reason: String,
     },
+    /// The cluster serves another fleet: this relay's fleet secret is not
+    /// the one its first relay made.
+    #[error("this NATS cluster serves another fleet: the fleet secret here is not its secret; \
+             join with `init --cluster URL --fleet-secret-file FILE`, FILE a copy of the first relay's fleet.secret")]
+    NotThisFleet,
     /// Others kept changing the same keys: the change was retried and
     /// given up.
     #[error("the registry kept changing under this write ({0} attempts); try again")]

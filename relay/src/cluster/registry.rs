@@ -101,8 +101,9 @@ impl Replica {
             self.revisions.remove(key);
         }
         let (kind, rest) = key.split_once('.').ok_or_else(|| corrupt(key, "no kind"))?;
-        if kind == "key" {
-            // Only guards one id per key: nothing to apply.
+        if kind == "key" || key == super::membership::FLEET_CHECK_KEY {
+            // Only guards one id per key, or marks which fleet this is:
+            // nothing to apply.
             return Ok(Applied::Other);
         }
         let id = untoken(rest).ok_or_else(|| corrupt(key, "not a hex id"))?;

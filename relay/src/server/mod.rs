@@ -186,6 +186,8 @@ impl Relay {
             None => (LiveRegistry::load(store)?, None),
             Some(c) => {
                 let cluster = crate::cluster::Cluster::connect(c).await?;
+                // Never serve a fleet with another fleet's secret.
+                crate::cluster::membership::verify(cluster.registry_store(), &state.fleet).await?;
                 let (registry, watch) = LiveRegistry::load_fleet(store, &cluster).await?;
                 (registry, Some((cluster::ClusterLink::new(cluster), watch)))
             }

@@ -11,3 +11,4 @@
 mod cli;
 mod cli_batch;
 mod daemon;
+mod fleet_init;
