@@ -16,6 +16,11 @@ use crate::core::backoff::Backoff;
 use crate::error::{CloseReason, LinkError};
 use crate::transport::{self, CONNECT_TIMEOUT, FAILOVER_CONNECT_TIMEOUT};
 
+/// How long a round of dialling waits for a relay before it also dials the
+/// next: a handshake takes one round trip and a little, so a relay that
+/// answers wins long before this, and one that is down costs only this.
+const RACE_STAGGER: Duration = Duration::from_millis(250);
+
 /// The connection as the agents see it.
 #[derive(Clone, Debug)]
 pub(crate) enum ConnState {
@@ -84,45 +89,74 @@ impl Dialer {
     }
 
     /// Connect, retrying with backoff until `deadline`: each round tries
-    /// every relay once, and pauses only after all failed. A refusal by a
-    /// relay is final (the fleet shares one registry); each attempt is
-    /// bounded by what is left.
+    /// every relay ([`Dialer::race`]), and pauses only after all failed. A
+    /// refusal by a relay is final (the fleet shares one registry); each
+    /// attempt is bounded by what is left.
     pub(crate) async fn connect_by(
         &mut self,
         deadline: Instant,
     ) -> Result<quinn::Connection, LinkError> {
         let mut backoff = Backoff::new();
-        let mut failed = 0;
         loop {
-            let target = &self.relays[self.next];
             let left = deadline.saturating_duration_since(Instant::now());
             let limit = left.min(self.attempt_limit()).max(Duration::from_millis(1));
-            let attempt = async {
-                let addr = transport::resolve(&target.label).await?;
-                transport::connect(&self.endpoint, &target.config, addr, &target.label, limit).await
-            };
-            match attempt.await {
-                Ok(c) => {
+            match self.race(limit).await {
+                Ok((i, c)) => {
+                    self.next = i;
                     *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Arc::from(target.label.as_str());
+                        Arc::from(self.relays[i].label.as_str());
                     return Ok(c);
                 }
                 Err(e @ LinkError::Refused(_)) => return Err(e),
+                Err(e) if Instant::now() + backoff.peek() / 2 >= deadline => return Err(e),
                 Err(e) => {
-                    debug!(relay = %target.label, "connect failed: {e}");
-                    self.next = (self.next + 1) % self.relays.len();
-                    failed += 1;
-                    if failed % self.relays.len() != 0 && Instant::now() < deadline {
-                        continue;
-                    }
-                    if Instant::now() + backoff.peek() / 2 >= deadline {
-                        return Err(e);
-                    }
+                    debug!("connect failed: {e}");
                     let pause = backoff.next_delay(rand::random());
                     tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
                 }
             }
         }
+    }
+
+    /// One round: dial the relays from `next` on, each [`RACE_STAGGER`]
+    /// after the one before (a relay that is down answers nothing, so the
+    /// next must not wait for its timeout), each attempt bounded by `limit`;
+    /// the first connection wins and the others are dropped. The error of
+    /// the last attempt to fail when none connects.
+    async fn race(&self, limit: Duration) -> Result<(usize, quinn::Connection), LinkError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt as _};
+        let n = self.relays.len();
+        let mut attempts: FuturesUnordered<_> = (0..n)
+            .map(|k| {
+                let i = (self.next + k) % n;
+                let target = &self.relays[i];
+                let endpoint = &self.endpoint;
+                async move {
+                    tokio::time::sleep(RACE_STAGGER * k as u32).await;
+                    let addr = transport::resolve(&target.label).await;
+                    let r = match addr {
+                        Ok(addr) => {
+                            transport::connect(endpoint, &target.config, addr, &target.label, limit)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (i, r)
+                }
+            })
+            .collect();
+        let mut last = None;
+        while let Some((i, r)) = attempts.next().await {
+            match r {
+                Ok(c) => return Ok((i, c)),
+                Err(e @ LinkError::Refused(_)) => return Err(e),
+                Err(e) => {
+                    debug!(relay = %self.relays[i].label, "connect failed: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("a dialer has a relay"))
     }
 }
 

@@ -189,12 +189,18 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // The operator's commands (init, invite, register…) in a fleet connect
+    // to NATS once each: the client's connection notes are noise there.
+    let default_filter = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "info,async_nats=warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     if let Err(e) = core_dumps {
@@ -259,7 +265,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         c.relay_id,
                         dir.join("fleet.secret").display()
                     ),
-                    Claim::Member => eprintln!("relay {} joined the fleet on {urls}", c.relay_id),
+                    Claim::Member => {
+                        eprintln!("relay {} joined the fleet on {urls}", c.relay_id);
+                        // Its registry is the fleet's: not a new relay's.
+                        return Ok(());
+                    }
                 }
             }
             eprintln!("{}", first_invite_hint(&dir));

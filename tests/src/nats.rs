@@ -127,6 +127,12 @@ impl NatsCluster {
         }
     }
 
+    /// SIGKILL node `node` (a crash: no goodbye to its routes or clients).
+    pub fn kill(&mut self, node: usize) {
+        let _ = self.children[node].kill();
+        let _ = self.children[node].wait();
+    }
+
     /// Wait until the cluster serves JetStream and the fleet's buckets
     /// exist (bounded like [`NatsCluster::connect`]).
     pub async fn ready(&self) {

@@ -3,7 +3,8 @@
 //! on different relays is forwarded and its receipt comes back, both ways;
 //! an agent attached on no relay fails with the cause; the newest attach
 //! wins across relays (the older gets `Replaced`); a revoke made through one
-//! relay closes the instance's connection on the other.
+//! relay closes the instance's connection on the other; a NATS node killed
+//! with -9 (the one a relay was connected to) does not stop the fleet.
 //!
 //! Skips without nats-server unless `AGENT_LINK_REQUIRE_NATS` is set.
 
@@ -171,4 +172,78 @@ async fn the_newest_attach_wins_across_relays_and_a_revoke_reaches_every_relay()
         "revoked through relay 2, refused on relay 1 after {:?}",
         t0.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
+    let Some(bin) = nats_or_skip() else { return };
+    let mut nats = NatsCluster::start(&bin);
+    let (r1, r2) = two_relays(&nats).await;
+    let alice = peer(&r1, "alice").await;
+    let bob = peer(&r2, "bob").await;
+    let a1 = alice.attach("a1").await.unwrap();
+    let mut b1 = bob.attach("b1").await.unwrap();
+    let _ = send_when_attached(&a1, "bob/b1", "before", &mut b1).await;
+
+    // The node relay 1 talks to: its client moves to another node (it
+    // learnt them from the first), and the buckets (R3) keep a quorum.
+    nats.kill(0);
+    let t0 = tokio::time::Instant::now();
+    let deadline = t0 + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let send = a1.send_with_timeout("bob/b1", format!("after {n}"), WAIT);
+        tokio::pin!(send);
+        let mut taken = None;
+        let sent = loop {
+            tokio::select! {
+                r = &mut send => break r,
+                m = b1.recv(), if taken.is_none() => taken = Some(m.expect("still attached")),
+            }
+        };
+        match sent {
+            Ok(r) => {
+                assert_eq!(taken.map(|m| m.id), Some(r.id));
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no delivery after the kill: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!(
+        "a message crossed relays {:?} after the NATS node was killed",
+        t0.elapsed()
+    );
+
+    // The registry takes writes: a new instance joins through relay 1.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let invite = loop {
+        // It blocks this worker for one registry write; the relays go on
+        // on the other.
+        match r1.relay().invite("carol", Duration::from_secs(600)) {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no invite after the kill: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let dir = r1.dir.path().join("carol");
+    let token = agent_link_proto::JoinToken::parse(&invite).unwrap();
+    agent_link::init(&dir, "carol", &token, None).await.unwrap();
+    let carol = agent_link::AgentLink::connect(&dir).await.unwrap();
+    let c1 = carol.attach_sender("c1").await.unwrap();
+    let _ = send_when_attached(&c1, "bob/b1", "new member", &mut b1).await;
+    carol.close().await;
+    alice.close().await;
+    bob.close().await;
 }
