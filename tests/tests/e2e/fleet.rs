@@ -221,12 +221,14 @@ async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
         t0.elapsed()
     );
 
-    // The registry takes writes: a new instance joins through relay 1.
+    // The registry takes writes: a new instance joins (invited from relay
+    // 2's directory, whose config names a node that is up; relay 1's names
+    // only the dead one, so a command from there cannot connect).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let invite = loop {
         // It blocks this worker for one registry write; the relays go on
         // on the other.
-        match r1.relay().invite("carol", Duration::from_secs(600)) {
+        match r2.relay().invite("carol", Duration::from_secs(600)) {
             Ok(t) => break t,
             Err(e) => {
                 assert!(
@@ -237,7 +239,7 @@ async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
             }
         }
     };
-    let dir = r1.dir.path().join("carol");
+    let dir = r2.dir.path().join("carol");
     let token = agent_link_proto::JoinToken::parse(&invite).unwrap();
     agent_link::init(&dir, "carol", &token, None).await.unwrap();
     let carol = agent_link::AgentLink::connect(&dir).await.unwrap();
