@@ -28,6 +28,10 @@ pub enum RelayTarget {
     Own(PathBuf),
     /// A running relay: its address and a join token of its fleet.
     Remote { addr: SocketAddr, token: String },
+    /// A fleet of two relays of this binary on one JetStream nats-server
+    /// (`--cluster 2`): senders join relay 1, receivers relay 2, so every
+    /// message crosses relays.
+    Fleet { bin: PathBuf, nats_bin: PathBuf },
 }
 
 /// A relay for one run: where it is, its join token, and its process when
@@ -36,6 +40,11 @@ pub struct RelayUnderTest {
     pub addr: SocketAddr,
     pub token: JoinToken,
     pub process: Option<RelayProcess>,
+    /// Where receivers join, and its certificate fingerprint: `addr` but
+    /// in a fleet.
+    pub receivers_at: (SocketAddr, [u8; 32]),
+    /// A fleet's other relay, and the nats-server under both.
+    fleet: Option<(RelayProcess, crate::nats::NatsServer)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -53,40 +62,93 @@ impl RelayUnderTest {
         cfg: &RunCfg,
         members: &[(String, agent_link_crypto::PublicKey)],
     ) -> Result<Self> {
+        let batch_of = |dir: &std::path::Path| -> Result<PathBuf> {
+            let batch = dir.join("members.txt");
+            let lines: String = members
+                .iter()
+                .map(|(id, key)| format!("{id} {key}\n"))
+                .collect();
+            std::fs::write(&batch, lines)?;
+            Ok(batch)
+        };
+        let register = |bin: &std::path::Path, relay_dir: &std::path::Path, batch: &PathBuf| {
+            if members.is_empty() {
+                Ok(())
+            } else {
+                crate::relay_proc::register_batch(bin, relay_dir, batch)
+            }
+        };
         match target {
             RelayTarget::Own(bin) => {
                 let dir = tempfile::tempdir()?;
-                let batch = dir.path().join("members.txt");
-                let lines: String = members
-                    .iter()
-                    .map(|(id, key)| format!("{id} {key}\n"))
-                    .collect();
-                std::fs::write(&batch, lines)?;
+                let batch = batch_of(dir.path())?;
                 let relay = RelayProcess::start_with(
                     bin,
                     &dir.path().join("relay"),
                     &bench_relay_config(cfg),
-                    |relay_dir| {
-                        if members.is_empty() {
-                            Ok(())
-                        } else {
-                            crate::relay_proc::register_batch(bin, relay_dir, &batch)
-                        }
-                    },
+                    |relay_dir| register(bin, relay_dir, &batch),
                 )?;
+                let token = JoinToken::parse(&relay.token)?;
                 Ok(Self {
                     addr: relay.addr,
-                    token: JoinToken::parse(&relay.token)?,
+                    receivers_at: (relay.addr, token.fingerprint),
+                    token,
                     process: Some(relay),
+                    fleet: None,
                     _dir: Some(dir),
                 })
             }
-            RelayTarget::Remote { addr, token } => Ok(Self {
-                addr: *addr,
-                token: JoinToken::parse(token).context("--join")?,
-                process: None,
-                _dir: None,
-            }),
+            RelayTarget::Fleet { bin, nats_bin } => {
+                let dir = tempfile::tempdir()?;
+                let batch = batch_of(dir.path())?;
+                let nats = crate::nats::NatsServer::start_with(nats_bin, cfg.size + 4096, true)?;
+                let config = |id: &str| {
+                    let mut c = bench_relay_config(cfg);
+                    c["cluster"] = serde_json::json!({
+                        "nats": [format!("nats://127.0.0.1:{}", nats.port)],
+                        "relay_id": id,
+                        "replicas": 1,
+                    });
+                    c
+                };
+                let d1 = dir.path().join("relay-1");
+                // Members go into the fleet's registry (in NATS) through
+                // relay 1's directory, before either relay serves.
+                let r1 = RelayProcess::start_with(bin, &d1, &config("bench-1"), |relay_dir| {
+                    register(bin, relay_dir, &batch)
+                })?;
+                let r2 = RelayProcess::start_with(
+                    bin,
+                    &dir.path().join("relay-2"),
+                    &config("bench-2"),
+                    |relay_dir| {
+                        // One fleet: relay 2 takes relay 1's secret.
+                        std::fs::copy(d1.join("fleet.secret"), relay_dir.join("fleet.secret"))?;
+                        Ok(())
+                    },
+                )?;
+                let token = JoinToken::parse(&r1.token)?;
+                let fp2 = JoinToken::parse(&r2.token)?.fingerprint;
+                Ok(Self {
+                    addr: r1.addr,
+                    receivers_at: (r2.addr, fp2),
+                    token,
+                    process: Some(r1),
+                    fleet: Some((r2, nats)),
+                    _dir: Some(dir),
+                })
+            }
+            RelayTarget::Remote { addr, token } => {
+                let token = JoinToken::parse(token).context("--join")?;
+                Ok(Self {
+                    addr: *addr,
+                    receivers_at: (*addr, token.fingerprint),
+                    token,
+                    process: None,
+                    fleet: None,
+                    _dir: None,
+                })
+            }
         }
     }
 
@@ -94,9 +156,22 @@ impl RelayUnderTest {
         self.process.as_ref().map(RelayProcess::watch)
     }
 
+    /// Every relay process of ours (a fleet's two, and nats-server under
+    /// them), for CPU and memory.
+    pub fn watches(&self) -> Vec<ProcWatch> {
+        let fleet = self
+            .fleet
+            .iter()
+            .flat_map(|(r, nats)| [r.watch(), nats.watch()]);
+        self.watch().into_iter().chain(fleet).collect()
+    }
+
     pub fn stop(self) {
         if let Some(p) = self.process {
             p.stop();
+        }
+        if let Some((r, _nats)) = self.fleet {
+            r.stop();
         }
     }
 }
@@ -199,6 +274,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let mut conns = Vec::new();
     let secret = token.fleet_secret().expect("an open fleet token").clone();
     let (addr, fp) = (relay.addr, token.fingerprint);
+    let (raddr, rfp) = relay.receivers_at;
     let receiver_agents = topo.receivers.agents;
     let receiving = connect_all(topo.receivers.instances, {
         let (names, secret) = (names.clone(), secret.clone());
@@ -206,7 +282,8 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
             let (names, secret, id) = (names.clone(), secret.clone(), rids[i].clone());
             async move {
                 let instance = names.receiver_instance(i);
-                let c = RawConn::join(addr, fp, &id, &instance, online.then_some(&secret)).await?;
+                let c =
+                    RawConn::join(raddr, rfp, &id, &instance, online.then_some(&secret)).await?;
                 let mut agents = Vec::new();
                 for a in 0..receiver_agents {
                     let agent = Names::receiver_agent(a);
@@ -263,18 +340,21 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
         plan.measure_from,
         plan.measure_until,
     );
-    let watch = relay.watch();
+    let watches = relay.watches();
+    let cpu = |ws: &[ProcWatch]| ws.iter().map(ProcWatch::cpu_seconds).sum::<f64>();
     tokio::time::sleep_until(plan.measure_from.into()).await;
-    let cpu0 = watch.map(|w| w.cpu_seconds());
+    let cpu0 = (!watches.is_empty()).then(|| cpu(&watches));
     let packets = crate::netstat::PacketMeter::start();
     let quic0 = raw::QuicTally::of(&conns);
     let mut out = Outcome::new();
     while let Some(r) = senders.join_next().await {
         out.add(&r??);
     }
-    let server = watch
-        .zip(cpu0)
-        .map(|(w, c0)| (w.cpu_seconds() - c0, w.peak_rss_kib()));
+    // In a fleet: both relays' and nats-server's CPU, the largest RSS.
+    let server = cpu0.map(|c0| {
+        let rss = watches.iter().map(ProcWatch::peak_rss_kib).max();
+        (cpu(&watches) - c0, rss.unwrap_or(0))
+    });
     let packets = packets.stop();
     raw::QuicTally::of(&conns).print_since(&quic0, out.delivered);
     stop.store(true, Ordering::Relaxed);
@@ -283,13 +363,12 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
         c.conn.close(0u32.into(), b"done");
     }
     relay.stop();
-    Ok(Figure::new(
-        System::Ceiling,
-        &cfg.info(),
-        &out,
-        server,
-        packets,
-    ))
+    let system = if matches!(target, RelayTarget::Fleet { .. }) {
+        System::Fleet
+    } else {
+        System::Ceiling
+    };
+    Ok(Figure::new(system, &cfg.info(), &out, server, packets))
 }
 
 #[cfg(test)]

@@ -158,6 +158,11 @@ pub(crate) struct Args {
     join: Option<String>,
     #[command(flatten)]
     nats: nats::NatsArgs,
+    /// Also measure the ceiling through a fleet of this many relays on a
+    /// JetStream nats-server (2: senders on relay 1, receivers on relay 2,
+    /// every message forwarded between them), beside the single relay
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(2..=2), conflicts_with = "relay")]
+    cluster: Option<u8>,
     /// Also write the results as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -298,6 +303,19 @@ async fn run(args: Args) -> Result<()> {
     }
     let target = relay_target(&args)?;
     let nats_bin = args.nats.server()?;
+    let fleet = match (args.cluster, &target, &nats_bin) {
+        (None, ..) => None,
+        (Some(_), RelayTarget::Own(bin), Some(nats_bin)) => Some(RelayTarget::Fleet {
+            bin: bin.clone(),
+            nats_bin: nats_bin.clone(),
+        }),
+        (Some(_), RelayTarget::Own(_), None) => {
+            bail!("--cluster needs nats-server: {}", nats::INSTALL_HINT)
+        }
+        (Some(_), ..) => {
+            bail!("--cluster starts its own relays: it does not take --relay or --join")
+        }
+    };
     let mut figures: Vec<Figure> = Vec::new();
     for workload in Workload::expand(&args.workload) {
         let d = workload.defaults();
@@ -316,9 +334,21 @@ async fn run(args: Args) -> Result<()> {
                 relay_set: args.relay_set.clone(),
             };
             run_one(&args, &cfg, &target, nats_bin.as_deref(), &mut figures).await?;
+            if let Some(fleet) = &fleet {
+                if matches!(args.mode, Mode::Ceiling | Mode::Both | Mode::All) {
+                    figures.push(
+                        ceiling::run(&cfg, fleet)
+                            .await
+                            .context("relay-fleet ceiling run")?,
+                    );
+                }
+            }
         }
     }
     report::print_table(&figures);
+    if fleet.is_some() {
+        report::print_fleet_comparison(&figures);
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&figures)?)
             .with_context(|| format!("writing {}", path.display()))?;

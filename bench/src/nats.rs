@@ -82,13 +82,24 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start(bin: &Path, max_payload: usize) -> Result<Self> {
+        Self::start_with(bin, max_payload, false)
+    }
+
+    /// With `jetstream`: JetStream on (file store in its temporary
+    /// directory), as a fleet of relays needs.
+    pub fn start_with(bin: &Path, max_payload: usize, jetstream: bool) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = tempfile::tempdir()?;
         let conf = dir.path().join("nats.conf");
+        let js = if jetstream {
+            format!("jetstream {{ store_dir: {:?} }}\n", dir.path().join("js"))
+        } else {
+            String::new()
+        };
         std::fs::write(
             &conf,
             format!(
-                "host: 127.0.0.1\nport: {port}\nmax_payload: {}\n",
+                "host: 127.0.0.1\nport: {port}\nmax_payload: {}\n{js}",
                 max_payload.max(1 << 20)
             ),
         )?;

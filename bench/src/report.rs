@@ -18,6 +18,9 @@ pub enum System {
     Direct,
     /// nats-server, async-nats clients, request/reply.
     Nats,
+    /// As `Ceiling`, through a fleet of two relays on NATS: every sender on
+    /// relay 1, every receiver on relay 2 (`--cluster 2`).
+    Fleet,
 }
 
 impl System {
@@ -27,6 +30,7 @@ impl System {
             System::E2e => "e2e",
             System::Direct => "direct",
             System::Nats => "nats",
+            System::Fleet => "fleet-2",
         }
     }
 }
@@ -141,6 +145,30 @@ fn us(v: u64) -> String {
         format!("{:.1} ms", v as f64 / 1000.0)
     } else {
         format!("{v} µs")
+    }
+}
+
+/// Each fleet figure beside the single relay's ceiling of the same shape
+/// and size in the same run, against the targets of a fleet of relays
+/// (issue 12): at least half the throughput, p50 within +300 µs.
+pub fn print_fleet_comparison(figures: &[Figure]) {
+    for f in figures.iter().filter(|f| f.system == System::Fleet) {
+        let Some(one) = figures.iter().find(|c| {
+            c.system == System::Ceiling && c.shape == f.shape && c.payload_bytes == f.payload_bytes
+        }) else {
+            continue;
+        };
+        let ratio = f.messages_per_sec / one.messages_per_sec;
+        let extra = f.latency_us.p50 as f64 - one.latency_us.p50 as f64;
+        println!(
+            "fleet-2 vs one relay, {} {} B: {:.2}x the msg/s (target >= 0.5x: {}), p50 {:+.0} µs (target <= +300 µs: {})",
+            f.shape,
+            f.payload_bytes,
+            ratio,
+            if ratio >= 0.5 { "met" } else { "missed" },
+            extra,
+            if extra <= 300.0 { "met" } else { "missed" },
+        );
     }
 }
 

@@ -13,8 +13,13 @@ use clap::ValueEnum;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Fault {
-    /// SIGKILL the relay every --kill-every seconds, restart it on the same address
+    /// SIGKILL the relay every --kill-every seconds, restart it on the same address (with
+    /// --cluster: the fleet's relays in turn)
+    #[value(alias = "relay-kill")]
     Kill,
+    /// With --cluster: SIGKILL a NATS node (each in turn) every --kill-every seconds, restart
+    /// it after --down-ms
+    NatsKill,
     /// Random packet loss: nftables in a network namespace (needs root),
     /// else the UDP proxy
     Loss,
@@ -75,6 +80,14 @@ pub(crate) struct SoakArgs {
     /// The relay binary (default: beside this one, then PATH)
     #[arg(long)]
     relay_bin: Option<PathBuf>,
+    /// Run a fleet of N relays on a 3-node nats-server cluster (JetStream) instead of one
+    /// relay: pair k's sender on relay k mod N, its receiver on the next; faults kill and
+    /// nats-kill only
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(2..=8))]
+    cluster: Option<u8>,
+    /// The nats-server binary for --cluster (default: PATH)
+    #[arg(long)]
+    nats_bin: Option<PathBuf>,
     /// Also write the reconciliation as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -86,6 +99,25 @@ pub(crate) async fn run(args: SoakArgs) -> Result<bool> {
         bail!("--duration, --pairs and --window must be at least 1, --size at least 8");
     }
     let has = |f| args.faults.contains(&f);
+    if args.cluster.is_some()
+        && args
+            .faults
+            .iter()
+            .any(|f| !matches!(f, Fault::Kill | Fault::NatsKill))
+    {
+        bail!("with --cluster, --faults takes relay-kill and nats-kill only");
+    }
+    if args.cluster.is_none() && has(Fault::NatsKill) {
+        bail!("nats-kill needs --cluster");
+    }
+    let fleet = match args.cluster {
+        None => None,
+        Some(n) => Some(agent_link_faults::soak::FleetSoak {
+            relays: usize::from(n),
+            nats_bin: crate::nats::find_server(args.nats_bin.as_deref())
+                .ok_or_else(|| anyhow::anyhow!("{}", crate::nats::INSTALL_HINT))?,
+        }),
+    };
     let mut proxy = Impairment::none();
     let mut use_proxy = false;
     if has(Fault::Delay) {
@@ -126,11 +158,18 @@ pub(crate) async fn run(args: SoakArgs) -> Result<bool> {
             down_for: Duration::from_millis(args.down_ms),
             proxy: use_proxy.then_some(proxy),
             netns_loss_pct: netns_loss,
+            nats_kill_every: has(Fault::NatsKill)
+                .then(|| Duration::from_secs(args.kill_every.max(1))),
         },
+        fleet,
     };
     eprintln!(
-        "soak: {} pairs, {} s, faults: {}",
+        "soak: {} pairs{}, {} s, faults: {}",
         cfg.pairs,
+        cfg.fleet.as_ref().map_or(String::new(), |f| format!(
+            " on a fleet of {} relays",
+            f.relays
+        )),
         args.duration,
         cfg.faults.describe()
     );

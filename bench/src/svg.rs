@@ -11,11 +11,12 @@ use crate::report::{Figure, System};
 const W: f64 = 960.0;
 const CHART_H: f64 = 260.0;
 const LEFT: f64 = 80.0;
-const COLORS: [(System, &str); 4] = [
+const COLORS: [(System, &str); 5] = [
     (System::Ceiling, "#1f77b4"),
     (System::Nats, "#ff7f0e"),
     (System::Direct, "#2ca02c"),
     (System::E2e, "#9467bd"),
+    (System::Fleet, "#8c564b"),
 ];
 
 fn color(s: System) -> &'static str {

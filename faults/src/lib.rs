@@ -16,12 +16,14 @@
 //! because callers only report them.
 
 pub mod initials;
+pub mod nats_cluster;
 pub mod netns;
 pub mod proc_watch;
 pub mod proxy;
 pub mod relay_process;
 pub mod soak;
 
+pub use nats_cluster::{nats_server, NatsCluster};
 pub use netns::{LossyNamespace, NetnsError};
 pub use proc_watch::ProcWatch;
 pub use proxy::{Impairment, ProxyStats, UdpProxy};

@@ -147,6 +147,11 @@ impl RelayProcess {
         self.addr
     }
 
+    /// Its state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// How many times it has been started.
     pub fn starts(&self) -> u32 {
         self.starts

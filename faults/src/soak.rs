@@ -46,6 +46,9 @@ pub struct FaultPlan {
     /// Run the relay in a network namespace whose veth drops this percentage
     /// of packets each way (nftables; needs root).
     pub netns_loss_pct: Option<u32>,
+    /// A fleet only: SIGKILL a NATS node (each in turn) this often and
+    /// start it again after `down_for`.
+    pub nats_kill_every: Option<Duration>,
 }
 
 impl FaultPlan {
@@ -59,6 +62,12 @@ impl FaultPlan {
             parts.push(format!(
                 "proxy: loss {}%, delay {:?}+{:?} jitter, dup {}%, reorder {}% by {:?}",
                 p.loss_pct, p.delay, p.jitter, p.duplicate_pct, p.reorder_pct, p.reorder_hold
+            ));
+        }
+        if let Some(k) = self.nats_kill_every {
+            parts.push(format!(
+                "SIGKILL a NATS node every {:?} (down {:?})",
+                k, self.down_for
             ));
         }
         if let Some(l) = self.netns_loss_pct {
@@ -92,7 +101,25 @@ pub struct SoakConfig {
     pub send_timeout: Duration,
     /// Faults.
     pub faults: FaultPlan,
+    /// Run a fleet of relays on a 3-node NATS cluster instead of one relay.
+    pub fleet: Option<FleetSoak>,
 }
+
+/// A fleet for the soak: `relays` relays on a 3-node nats-server cluster;
+/// pair `k`'s sender joins relay `k mod relays`, its receiver the next one,
+/// so every message crosses relays. A relay kill takes the relays in turn.
+#[derive(Debug, Clone)]
+pub struct FleetSoak {
+    /// How many relays (at least 2).
+    pub relays: usize,
+    /// The nats-server binary.
+    pub nats_bin: PathBuf,
+}
+
+/// How long after a relay of a fleet comes back its peers may still be
+/// failing over (they notice a silent relay after 7 s, then dial): a send
+/// to an agent attached there may meet `TargetOffline` until then.
+const FLEET_FAILOVER_GRACE: Duration = Duration::from_secs(12);
 
 impl Default for SoakConfig {
     fn default() -> Self {
@@ -105,6 +132,7 @@ impl Default for SoakConfig {
             payload: 256,
             send_timeout: Duration::from_secs(30),
             faults: FaultPlan::default(),
+            fleet: None,
         }
     }
 }
@@ -262,6 +290,10 @@ enum Outcome {
 struct Outage {
     killed: Instant,
     restarted: Instant,
+    /// In a fleet: until when an agent attached to the killed relay may be
+    /// attached nowhere (its peer failing over), so `TargetOffline` for
+    /// it is the truth, however many sends meet it.
+    offline_until: Option<Instant>,
 }
 
 /// What the ledger holds at the end, reconciled (pure: no clock, no I/O).
@@ -307,6 +339,17 @@ fn reconcile(
                     report.refused_but_delivered += 1;
                 } else if delivered {
                     report.timed_out_but_delivered += 1;
+                }
+                // A fleet's receiver failing over is offline: the relay says
+                // so, each send at once (not capped: it is the truth).
+                let offline = *definite
+                    && cause == "refused TargetOffline"
+                    && outages.iter().any(|w| {
+                        w.offline_until
+                            .is_some_and(|until| *started <= until && *at >= w.killed)
+                    });
+                if offline {
+                    continue;
                 }
                 // The first outage this send's life overlaps, with room left.
                 let by = outages.iter().enumerate().position(|(k, w)| {
@@ -375,33 +418,59 @@ pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
         Some(ns) => (ns.inner_ip(), ns.wrapper()),
         None => (IpAddr::V4(Ipv4Addr::LOCALHOST), Vec::new()),
     };
-    let relay_dir = tmp.path().join("relay");
-    RelayProcess::init(
-        &cfg.relay_bin,
-        &relay_dir,
-        SocketAddr::new(listen_ip, 0),
-        &serde_json::json!({
-            // The soak measures delivery, not the rate limiter.
-            "rate_per_instance": 1_000_000,
-            "rate_burst": 1_000_000,
-        }),
-    )?;
-    let relay = RelayProcess::start(&cfg.relay_bin, &relay_dir, wrapper)?;
+    let relay_config = serde_json::json!({
+        // The soak measures delivery, not the rate limiter.
+        "rate_per_instance": 1_000_000,
+        "rate_burst": 1_000_000,
+    });
+    let (relays, nats, tokens) = match &cfg.fleet {
+        None => {
+            let relay_dir = tmp.path().join("relay");
+            RelayProcess::init(
+                &cfg.relay_bin,
+                &relay_dir,
+                SocketAddr::new(listen_ip, 0),
+                &relay_config,
+            )?;
+            let relay = RelayProcess::start(&cfg.relay_bin, &relay_dir, wrapper)?;
+            (vec![relay], None, Vec::new())
+        }
+        Some(fleet) => {
+            if netns.is_some() || cfg.faults.proxy.is_some() {
+                anyhow::bail!("a fleet soak takes relay and NATS kills only");
+            }
+            let (relays, nats) = start_fleet(cfg, fleet, tmp.path(), &relay_config)?;
+            let tokens = fleet_tokens(&relays).await?;
+            (relays, Some(nats), tokens)
+        }
+    };
     let proxy = match cfg.faults.proxy {
-        Some(_) => Some(UdpProxy::start(relay.addr(), Impairment::none()).await?),
+        Some(_) => Some(UdpProxy::start(relays[0].addr(), Impairment::none()).await?),
         None => None,
     };
-    let dial = proxy.as_ref().map_or(relay.addr(), |p| p.addr());
-    let token = JoinToken::parse(&relay.invite(dial)?)?;
-    let relay = Arc::new(Mutex::new(relay));
+    let dial = proxy.as_ref().map_or(relays[0].addr(), |p| p.addr());
+    let lone_token = match tokens.is_empty() {
+        true => Some(JoinToken::parse(&relays[0].invite(dial)?)?),
+        false => None,
+    };
+    // Pair k's sender on relay k mod n, its receiver on the next relay.
+    let token_for = |k: usize, receiver: bool| -> &JoinToken {
+        match &lone_token {
+            Some(t) => t,
+            None => &tokens[(k + usize::from(receiver)) % tokens.len()],
+        }
+    };
+    let n_relays = relays.len();
+    let relays = Arc::new(Mutex::new(relays));
+    let nats = nats.map(|n| Arc::new(Mutex::new(n)));
 
     // Instances join before any fault starts.
     let mut links = Vec::new();
     for k in 0..cfg.pairs {
-        for role in ["s", "r"] {
+        for (role, receiver) in [("s", false), ("r", true)] {
             let id = format!("soak-{role}{k}");
             let dir = tmp.path().join(&id);
-            agent_link::init(&dir, &id, &token, None)
+            agent_link::init(&dir, &id, token_for(k, receiver), None)
                 .await
                 .with_context(|| format!("init {id}"))?;
             links.push(
@@ -453,43 +522,104 @@ pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let last_restart = Arc::new(Mutex::new(None::<Instant>));
     let outages = Arc::new(Mutex::new(Vec::<Outage>::new()));
+    let fleet_grace = cfg.fleet.as_ref().map(|_| FLEET_FAILOVER_GRACE);
     let killer = cfg.faults.kill_every.map(|every| {
-        let (relay, stop, last_restart, outages, down) = (
-            relay.clone(),
+        let (relays, stop, last_restart, outages, down) = (
+            relays.clone(),
             stop.clone(),
             last_restart.clone(),
             outages.clone(),
             cfg.faults.down_for,
         );
         tokio::spawn(async move {
-            loop {
+            for cycle in 0.. {
                 tokio::time::sleep(every).await;
                 if stop.load(Ordering::Relaxed) {
                     return anyhow::Ok(());
                 }
-                let r = relay.clone();
+                // A fleet's relays in turn.
+                let which = cycle % n_relays;
+                let r = relays.clone();
                 // Taken before the kill: a send that failed as the kill
                 // began is explained by it.
                 let killed = Instant::now();
                 tokio::task::spawn_blocking(move || {
-                    r.lock().unwrap_or_else(|e| e.into_inner()).kill()
+                    r.lock().unwrap_or_else(|e| e.into_inner())[which].kill()
                 })
                 .await?;
                 tokio::time::sleep(down).await;
-                let r = relay.clone();
+                let r = relays.clone();
                 tokio::task::spawn_blocking(move || {
-                    r.lock().unwrap_or_else(|e| e.into_inner()).restart()
+                    r.lock().unwrap_or_else(|e| e.into_inner())[which].restart()
                 })
                 .await??;
                 let restarted = Instant::now();
                 outages
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(Outage { killed, restarted });
+                    .push(Outage {
+                        killed,
+                        restarted,
+                        offline_until: fleet_grace.map(|g| restarted + g),
+                    });
                 *last_restart.lock().unwrap_or_else(|e| e.into_inner()) = Some(restarted);
             }
+            anyhow::Ok(())
         })
     });
+    let nats_killer = match (&nats, cfg.faults.nats_kill_every) {
+        (Some(nats), Some(every)) => {
+            let (nats, stop, last_restart, outages, down) = (
+                nats.clone(),
+                stop.clone(),
+                last_restart.clone(),
+                outages.clone(),
+                cfg.faults.down_for,
+            );
+            Some(tokio::spawn(async move {
+                // Half a period after the relay kills, when both run.
+                tokio::time::sleep(every / 2).await;
+                for cycle in 0.. {
+                    tokio::time::sleep(every).await;
+                    if stop.load(Ordering::Relaxed) {
+                        return anyhow::Ok(());
+                    }
+                    let n = nats.clone();
+                    let killed = Instant::now();
+                    tokio::task::spawn_blocking(move || {
+                        let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+                        let which = cycle % n.len();
+                        n.kill(which);
+                        which
+                    })
+                    .await
+                    .map(|which| tracing::info!("soak: NATS node {which} killed"))?;
+                    tokio::time::sleep(down).await;
+                    let n = nats.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+                        let which = cycle % n.len();
+                        n.restart(which)
+                    })
+                    .await??;
+                    let restarted = Instant::now();
+                    // A relay whose node died reconnects to another; a
+                    // forward caught in between times out at the sender.
+                    outages
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Outage {
+                            killed,
+                            restarted,
+                            offline_until: None,
+                        });
+                    *last_restart.lock().unwrap_or_else(|e| e.into_inner()) = Some(restarted);
+                }
+                anyhow::Ok(())
+            }))
+        }
+        _ => None,
+    };
 
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
@@ -579,6 +709,9 @@ pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
     if let Some(k) = killer {
         k.await??;
     }
+    if let Some(k) = nats_killer {
+        k.await??;
+    }
     if let Some(p) = &proxy {
         p.set(Impairment::none());
     }
@@ -635,16 +768,83 @@ pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
         r.abort();
     }
     drop(proxy);
-    let relay = Arc::try_unwrap(relay)
-        .map_err(|_| anyhow::anyhow!("relay still shared"))?
+    let relays = Arc::try_unwrap(relays)
+        .map_err(|_| anyhow::anyhow!("relays still shared"))?
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
-    let mut relay = relay;
-    report.relay_starts = relay.starts();
-    report.relay_peak_rss_kib = relay.peak_rss_kib();
-    relay.stop();
+    for mut relay in relays {
+        report.relay_starts += relay.starts();
+        report.relay_peak_rss_kib = report.relay_peak_rss_kib.max(relay.peak_rss_kib());
+        relay.stop();
+    }
+    drop(nats);
     drop(netns);
     Ok(report)
+}
+
+/// A fleet's relays, each on all of a fresh 3-node NATS cluster; the
+/// first founds the fleet, the others take its secret. A relay that finds
+/// JetStream not ready yet (it elects a leader after start) is started
+/// again, for up to a minute.
+fn start_fleet(
+    cfg: &SoakConfig,
+    fleet: &FleetSoak,
+    base: &std::path::Path,
+    config: &serde_json::Value,
+) -> Result<(Vec<RelayProcess>, crate::NatsCluster)> {
+    let nats = crate::NatsCluster::start(&fleet.nats_bin, 3)?;
+    let mut relays: Vec<RelayProcess> = Vec::new();
+    for i in 0..fleet.relays.max(2) {
+        let dir = base.join(format!("relay-{i}"));
+        let mut c = config.clone();
+        c["cluster"] = serde_json::json!({
+            "nats": nats.urls(),
+            "relay_id": format!("soak-{i}"),
+            "replicas": 3,
+        });
+        RelayProcess::init(&cfg.relay_bin, &dir, "127.0.0.1:0".parse()?, &c)?;
+        if let Some(first) = relays.first() {
+            std::fs::copy(first.dir().join("fleet.secret"), dir.join("fleet.secret"))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let relay = loop {
+            match RelayProcess::start(&cfg.relay_bin, &dir, Vec::new()) {
+                Ok(r) => break r,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::info!("soak: relay {i} not up yet ({e:#}); again");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.context(format!("starting relay {i}"))),
+            }
+        };
+        relays.push(relay);
+    }
+    Ok((relays, nats))
+}
+
+/// Each relay's open fleet token, once it lists every relay (their
+/// presence entries take a moment to appear; bounded).
+async fn fleet_tokens(relays: &[RelayProcess]) -> Result<Vec<JoinToken>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tokens = Vec::new();
+    for r in relays {
+        loop {
+            let t = JoinToken::parse(&r.invite(r.addr())?)?;
+            if t.relays().count() == relays.len() {
+                tokens.push(t);
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "relay {} lists {} relays of {}",
+                r.addr(),
+                t.relays().count(),
+                relays.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(tokens)
 }
 
 #[cfg(test)]
@@ -685,6 +885,7 @@ mod tests {
         let outage = Outage {
             killed: t0 + 10 * s,
             restarted: t0 + 11 * s,
+            offline_until: None,
         };
         let mut r = SoakReport::default();
         reconcile(&outcomes, &deliveries, &sent, &[outage], 16, None, &mut r);
@@ -700,6 +901,7 @@ mod tests {
         let early = Outage {
             killed: t0 + 31 * s,
             restarted: t0 + 32 * s,
+            offline_until: None,
         };
         let mut r = SoakReport::default();
         reconcile(&outcomes, &deliveries, &sent, &[early], 16, None, &mut r);

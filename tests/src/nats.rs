@@ -4,25 +4,13 @@
 //! test without it skips, unless `AGENT_LINK_REQUIRE_NATS` is set (CI sets
 //! it), see [`nats_or_skip`].
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_link_relay::cluster::Cluster;
 use agent_link_relay::ClusterConfig;
 
-/// The nats-server binary, if there is one.
-pub fn nats_server() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AGENT_LINK_NATS_SERVER") {
-        return Some(p.into());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-}
+pub use agent_link_faults::nats_server;
 
 /// The nats-server binary; `None` (the test skips) when there is none and
 /// `AGENT_LINK_REQUIRE_NATS` is unset.
@@ -41,70 +29,24 @@ pub fn nats_or_skip() -> Option<PathBuf> {
     bin
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Three nats-server processes clustered with JetStream; killed on drop.
+/// Three nats-server processes clustered with JetStream
+/// ([`agent_link_faults::NatsCluster`]); killed on drop.
 pub struct NatsCluster {
-    children: Vec<Child>,
-    client_ports: Vec<u16>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    nodes: agent_link_faults::NatsCluster,
 }
 
 impl NatsCluster {
     /// Start the three nodes (not ready yet: see [`NatsCluster::ready`]).
-    pub fn start(bin: &PathBuf) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes = route_ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let children = (0..3)
-            .map(|i| {
-                Command::new(bin)
-                    .args(["-a", "127.0.0.1", "-p", &client_ports[i].to_string()])
-                    .args([
-                        "-js",
-                        "-sd",
-                        &dir.path().join(format!("n{i}")).display().to_string(),
-                    ])
-                    .args(["-n", &format!("n{i}"), "--cluster_name", "agent-link-test"])
-                    .args(["--cluster", &format!("nats://127.0.0.1:{}", route_ports[i])])
-                    .args(["--routes", &routes])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start nats-server")
-            })
-            .collect();
+    pub fn start(bin: &std::path::Path) -> Self {
         Self {
-            children,
-            client_ports,
-            _dir: dir,
+            nodes: agent_link_faults::NatsCluster::start(bin, 3).expect("start nats-server"),
         }
     }
 
     /// The cluster section of relay `relay_id`, served by node `node`.
     pub fn config(&self, node: usize, relay_id: &str) -> ClusterConfig {
         ClusterConfig {
-            nats: vec![format!("nats://127.0.0.1:{}", self.client_ports[node])],
+            nats: vec![self.nodes.url(node)],
             relay_id: relay_id.into(),
             replicas: Some(3),
             advertise: None,
@@ -129,8 +71,7 @@ impl NatsCluster {
 
     /// SIGKILL node `node` (a crash: no goodbye to its routes or clients).
     pub fn kill(&mut self, node: usize) {
-        let _ = self.children[node].kill();
-        let _ = self.children[node].wait();
+        self.nodes.kill(node);
     }
 
     /// Wait until the cluster serves JetStream and the fleet's buckets

@@ -23,6 +23,7 @@ fn config(duration_secs: u64, faults: FaultPlan) -> SoakConfig {
         payload: 256,
         send_timeout: Duration::from_secs(30),
         faults,
+        fleet: None,
     }
 }
 
@@ -217,4 +218,36 @@ async fn a_quiet_receiver_is_back_within_the_senders_grace_after_a_relay_restart
     );
     receiving.abort();
     relay.stop();
+}
+
+/// A fleet of three relays on a 3-node NATS cluster, every message crossing
+/// relays, while the relays are SIGKILLed in turn and, half a period later,
+/// NATS nodes: peers fail over, nothing is lost or delivered twice, every
+/// send ends (a receiver still failing over is `TargetOffline`, the truth).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_with_relays_and_nats_nodes_sigkilled_loses_and_duplicates_nothing() {
+    let Some(nats_bin) = agent_link_tests::nats_or_skip() else {
+        return;
+    };
+    let mut cfg = config(
+        24,
+        FaultPlan {
+            kill_every: Some(Duration::from_secs(8)),
+            nats_kill_every: Some(Duration::from_secs(8)),
+            down_for: Duration::from_millis(700),
+            ..FaultPlan::default()
+        },
+    );
+    cfg.pairs = 3;
+    cfg.fleet = Some(agent_link_faults::soak::FleetSoak {
+        relays: 3,
+        nats_bin,
+    });
+    let r = soak::run(&cfg).await.expect("soak setup");
+    assert_clean(&r);
+    assert!(
+        r.relay_starts >= 5,
+        "expected 2+ relay restarts:\n{}",
+        r.table()
+    );
 }

@@ -250,8 +250,11 @@ impl AgentCore {
         }
         debug!(agent = %self.agent, id = %hex::encode(s.id), len = s.len, "send");
         let frame = s.frame.clone();
-        if self.outbox.insert(s.id, s.to, s.frame, s.deadline, s.reply)
-            && self.phase == Phase::Attached
+        let now = self.phase == Phase::Attached;
+        if self
+            .outbox
+            .insert(s.id, s.to, s.frame, s.deadline, s.reply, now)
+            && now
         {
             self.out.push(frame);
         }

@@ -12,6 +12,13 @@
 //! own re-attach is retried every [`RETRY_DELAY`] until the grace or the
 //! message's deadline ends, instead of failing a message that would have
 //! gone through a second later.
+//!
+//! A message written on a connection that then went away may have been
+//! delivered with its receipt lost (a relay killed between the two). Once
+//! re-sent it can meet `TargetOffline` (its receiver still moving to
+//! another relay of the fleet, or not back yet), which would then be a lie:
+//! such a message retries `TargetOffline` until its deadline and ends as a
+//! timeout, "outcome unknown", never as a refusal.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -40,6 +47,11 @@ struct Entry {
     deadline: Instant,
     retry_at: Option<Instant>,
     reply: Reply,
+    /// Written to a connection (not only queued while disconnected).
+    written: bool,
+    /// Written on a connection that went away before an answer: it may
+    /// have been delivered.
+    maybe_delivered: bool,
 }
 
 /// What a `Failed` answer did to a message.
@@ -111,8 +123,9 @@ impl Outbox {
         self.entries.len() >= self.limit
     }
 
-    /// Add a sealed message. When the outbox is full the caller gets
-    /// [`SendError::OutboxFull`] at once and `false` is returned.
+    /// Add a sealed message, `written` when its frame goes out now. When
+    /// the outbox is full the caller gets [`SendError::OutboxFull`] at once
+    /// and `false` is returned.
     pub(crate) fn insert(
         &mut self,
         id: MessageId,
@@ -120,6 +133,7 @@ impl Outbox {
         frame: Bytes,
         deadline: Instant,
         reply: Reply,
+        written: bool,
     ) -> bool {
         if self.is_full() {
             let _ = reply.send(Err(SendError::OutboxFull {
@@ -138,6 +152,8 @@ impl Outbox {
                 deadline,
                 retry_at: None,
                 reply,
+                written,
+                maybe_delivered: false,
             },
         );
         // Ids are random (128 bits); should one repeat, the older entry's
@@ -181,8 +197,9 @@ impl Outbox {
             return FailOutcome::Unknown;
         };
         let retry_at = now + RETRY_DELAY;
-        if code == ErrorCode::TargetOffline
-            && grace_until.is_some_and(|g| now < g)
+        let offline = code == ErrorCode::TargetOffline;
+        if offline
+            && (e.maybe_delivered || grace_until.is_some_and(|g| now < g))
             && retry_at < e.deadline
         {
             if let Some(t) = e.retry_at.replace(retry_at) {
@@ -192,6 +209,11 @@ impl Outbox {
             return FailOutcome::Retrying;
         }
         match self.remove(id) {
+            // An earlier copy may have arrived: not a refusal.
+            Some(e) if offline && e.maybe_delivered => {
+                let _ = e.reply.send(Err(SendError::Timeout));
+                FailOutcome::Failed
+            }
             Some(e) => {
                 let _ = e.reply.send(Err(SendError::Refused(code)));
                 FailOutcome::Failed
@@ -237,6 +259,7 @@ impl Outbox {
         for (_, id) in &due {
             if let Some(e) = self.entries.get_mut(id) {
                 e.retry_at = None;
+                e.written = true;
                 out.push(e.frame.clone());
             }
         }
@@ -244,11 +267,16 @@ impl Outbox {
     }
 
     /// Append every waiting message's frame to `out`, oldest first, byte for
-    /// byte as first sent (after a re-attach).
+    /// byte as first sent (after a re-attach). One written before, on the
+    /// connection that went away, may have been delivered.
     pub(crate) fn resend_all(&mut self, out: &mut Vec<Bytes>) -> usize {
         let mut all: Vec<&mut Entry> = self.entries.values_mut().collect();
         all.sort_by_key(|e| e.seq);
         for e in &mut all {
+            // A copy on the lost connection may have arrived unanswered
+            // (a retrying message's last copy too).
+            e.maybe_delivered |= e.written;
+            e.written = true;
             e.retry_at = None;
             out.push(e.frame.clone());
         }
@@ -280,6 +308,7 @@ mod tests {
             Bytes::from(vec![id; 3]),
             deadline,
             tx,
+            true,
         );
         (ok, rx)
     }
@@ -348,6 +377,42 @@ mod tests {
         ob.fail_all(|| SendError::Closed(crate::error::CloseReason::LinkClosed));
         assert!(matches!(c.try_recv(), Ok(Err(SendError::Closed(_)))));
         assert_eq!(ob.len(), 0);
+    }
+
+    /// Written, the connection lost, re-sent: `TargetOffline` now may
+    /// follow a first copy that arrived (its receipt lost with a relay), so
+    /// it is retried past the grace and ends as a timeout, never a refusal.
+    /// A message only queued while disconnected is refused as usual.
+    #[test]
+    fn target_offline_after_a_lost_copy_is_never_a_refusal() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(5);
+        let mut ob = Outbox::new(8);
+        let (_, mut written) = add(&mut ob, 1, deadline);
+        let (tx, mut queued) = oneshot::channel();
+        ob.insert([2; 16], "i/a".into(), Bytes::new(), deadline, tx, false);
+        let mut out = Vec::new();
+        assert_eq!(ob.resend_all(&mut out), 2);
+        // No grace at all: still retried, the one that was written.
+        assert_eq!(
+            ob.failed(&[1; 16], ErrorCode::TargetOffline, now, None),
+            FailOutcome::Retrying
+        );
+        assert_eq!(
+            ob.failed(&[2; 16], ErrorCode::TargetOffline, now, None),
+            FailOutcome::Failed
+        );
+        assert!(matches!(
+            queued.try_recv(),
+            Ok(Err(SendError::Refused(ErrorCode::TargetOffline)))
+        ));
+        // Until the deadline leaves no room for another retry.
+        let late = deadline - RETRY_DELAY / 2;
+        assert_eq!(
+            ob.failed(&[1; 16], ErrorCode::TargetOffline, late, None),
+            FailOutcome::Failed
+        );
+        assert!(matches!(written.try_recv(), Ok(Err(SendError::Timeout))));
     }
 
     #[test]
