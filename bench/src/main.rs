@@ -303,11 +303,11 @@ async fn run(args: Args) -> Result<()> {
     }
     let target = relay_target(&args)?;
     let nats_bin = args.nats.server()?;
-    let fleet = match (args.cluster, &target, &nats_bin) {
+    let fleet = match (args.cluster, &target, args.nats.binary()) {
         (None, ..) => None,
         (Some(_), RelayTarget::Own(bin), Some(nats_bin)) => Some(RelayTarget::Fleet {
             bin: bin.clone(),
-            nats_bin: nats_bin.clone(),
+            nats_bin,
         }),
         (Some(_), RelayTarget::Own(_), None) => {
             bail!("--cluster needs nats-server: {}", nats::INSTALL_HINT)

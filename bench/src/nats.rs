@@ -50,6 +50,12 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
+    /// The nats-server binary whatever `--no-nats` says (a fleet of relays
+    /// needs one under it), if there is one.
+    pub fn binary(&self) -> Option<PathBuf> {
+        find_server(self.nats_bin.as_deref())
+    }
+
     /// The nats-server to run, if any: none with `--no-nats`; an error
     /// with `--nats` when none is found; else the one found, or none with
     /// a hint on stderr.

@@ -55,7 +55,15 @@ pub(crate) struct ClusterLink {
     /// target's ledger holds, to the NATS subject the answer goes to.
     pending: Mutex<HashMap<u64, (async_nats::Subject, Instant)>>,
     in_flight: Arc<Semaphore>,
+    /// Senders' keys parsed from the registry's hex, by that hex: parsing
+    /// one decompresses a curve point (a quarter of the serving relay's
+    /// CPU when done per message). Keyed by the key itself, so a record
+    /// whose key changes (it cannot: one key per id) finds no stale entry.
+    keys: Mutex<HashMap<String, PublicKey>>,
 }
+
+/// Parsed keys kept at most; beyond it the cache starts again.
+const MAX_CACHED_KEYS: usize = 100_000;
 
 impl ClusterLink {
     pub(crate) fn new(cluster: Cluster) -> Self {
@@ -64,7 +72,22 @@ impl ClusterLink {
             cluster,
             pending: Mutex::default(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            keys: Mutex::default(),
         }
+    }
+
+    /// The key whose hex the registry holds, parsed once.
+    fn key_of(&self, hex: &str) -> Option<PublicKey> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keys.get(hex) {
+            return Some(*k);
+        }
+        let k: PublicKey = hex.parse().ok()?;
+        if keys.len() >= MAX_CACHED_KEYS {
+            keys.clear();
+        }
+        keys.insert(hex.to_string(), k);
+        Some(k)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, AttachTable> {
@@ -383,10 +406,9 @@ fn deliver(
         let reg = hub.registry().read();
         match reg.get(from.instance) {
             Some(r) if r.revoked => return Err((Some(id), ErrorCode::Revoked)),
-            Some(r) => r
-                .public_key
-                .parse()
-                .map_err(|_| (Some(id), ErrorCode::Internal))?,
+            Some(r) => fleet
+                .key_of(&r.public_key)
+                .ok_or((Some(id), ErrorCode::Internal))?,
             None => return Err((Some(id), ErrorCode::NotRegistered)),
         }
     };
