@@ -7,89 +7,40 @@
 //! `AGENT_LINK_NATS_SERVER`; without it the test skips, unless
 //! `AGENT_LINK_REQUIRE_NATS` is set (CI sets it).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_link_crypto::Identity;
+use agent_link_faults::nats_server;
 use agent_link_relay::cluster::{registry, Cluster, ClusterError};
 use agent_link_relay::registry::RegisterError;
 use agent_link_relay::ClusterConfig;
 
-fn nats_server() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AGENT_LINK_NATS_SERVER") {
-        return Some(p.into());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-}
-
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
 }
 
-/// Three nats-server processes clustered with JetStream; killed on drop.
+/// Three nats-server processes clustered with JetStream
+/// ([`agent_link_faults::NatsCluster`]); killed on drop.
 struct NatsCluster {
-    children: Vec<Child>,
-    client_ports: Vec<u16>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    nodes: agent_link_faults::NatsCluster,
 }
 
 impl NatsCluster {
-    fn start(bin: &PathBuf) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes = route_ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let children = (0..3)
-            .map(|i| {
-                Command::new(bin)
-                    .args(["-a", "127.0.0.1", "-p", &client_ports[i].to_string()])
-                    .args([
-                        "-js",
-                        "-sd",
-                        &dir.path().join(format!("n{i}")).display().to_string(),
-                    ])
-                    .args(["-n", &format!("n{i}"), "--cluster_name", "agent-link-test"])
-                    .args(["--cluster", &format!("nats://127.0.0.1:{}", route_ports[i])])
-                    .args(["--routes", &routes])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start nats-server")
-            })
-            .collect();
+    fn start(bin: &std::path::Path) -> Self {
         Self {
-            children,
-            client_ports,
-            _dir: dir,
+            nodes: agent_link_faults::NatsCluster::start(bin, 3).expect("start nats-server"),
         }
     }
 
     fn config(&self, node: usize, relay_id: &str) -> ClusterConfig {
         ClusterConfig {
-            nats: vec![format!("nats://127.0.0.1:{}", self.client_ports[node])],
+            nats: vec![self.nodes.url(node)],
             relay_id: relay_id.into(),
             replicas: Some(3),
             advertise: None,

@@ -225,6 +225,12 @@ pub fn untoken(t: &str) -> Option<String> {
     String::from_utf8(hex::decode(t).ok()?).ok()
 }
 
+/// The subject prefix a relay takes the answers to its forwards on:
+/// `<prefix>.<n>`, `n` its own number for the forward.
+pub fn answer_prefix(relay_id: &str) -> String {
+    format!("agentlink.relay.{relay_id}.answer")
+}
+
 /// The subject a relay serves deliveries for its attached agents on.
 pub fn deliver_subject(relay_id: &str) -> String {
     format!("agentlink.relay.{relay_id}.deliver")

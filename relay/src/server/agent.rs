@@ -427,7 +427,7 @@ impl AgentTask<'_> {
             None => {
                 if let (Some(fleet), Some(envelope)) = (fleet, spare) {
                     if let Some(relay) = fleet.remote_holder(to.instance, to.agent) {
-                        return fleet.forward(self.hub, &relay, self.token, id, envelope);
+                        return fleet.forward(&relay, self.token, id, envelope);
                     }
                 }
                 Err(agent_stream::unrouted(

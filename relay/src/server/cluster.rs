@@ -1,10 +1,12 @@
 //! This relay's part in a fleet (DESIGN.md, "A fleet of relays";
 //! PROTOCOL.md, "Relay to relay"): where its receiving agents are attached
 //! (puts and deletes in the attach bucket, and a watch of everyone else's),
-//! forwarding a message for an agent another relay holds as a NATS request
-//! carrying the envelope's bytes unchanged, and serving such requests for
-//! its own agents. The decisions are in `crate::cluster::attach`; this is
-//! the I/O around them.
+//! forwarding a message for an agent another relay holds as a NATS message
+//! carrying the envelope's bytes unchanged (its answer comes back on this
+//! relay's answer subject), and serving such messages for its own agents.
+//! Everything for other relays goes out through one publisher task, so a
+//! forward costs no task, timer or reply channel of its own. The decisions
+//! are in `crate::cluster::attach`; this is the I/O around them.
 //!
 //! Trust: NATS is inside the fleet's trust boundary, but not trusted with
 //! identities. A relay serving a request takes the sender's key from the
@@ -24,7 +26,7 @@ use agent_link_proto::{ErrorCode, MessageId, OpenedEnvelope, RelayEndpoint, Rela
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::hub::Hub;
@@ -54,7 +56,16 @@ pub(crate) struct ClusterLink {
     /// Deliveries from other relays not answered yet: the reply token the
     /// target's ledger holds, to the NATS subject the answer goes to.
     pending: Mutex<HashMap<u64, (async_nats::Subject, Instant)>>,
-    in_flight: Arc<Semaphore>,
+    /// Messages this relay forwarded, waiting for their answer on
+    /// `<answers>.<n>`: `n` → the sender's reply token, the id, since when.
+    waiting: Mutex<HashMap<u64, (u64, MessageId, Instant)>>,
+    next_forward: std::sync::atomic::AtomicU64,
+    /// `agentlink.relay.<this relay>.answer.`: where answers come back.
+    answers: String,
+    /// What goes out to other relays, published by one task in order
+    /// (no task, timer or reply channel per message).
+    out_tx: mpsc::Sender<Outgoing>,
+    out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// Senders' keys parsed from the registry's hex, by that hex: parsing
     /// one decompresses a curve point (a quarter of the serving relay's
     /// CPU when done per message). Keyed by the key itself, so a record
@@ -65,13 +76,28 @@ pub(crate) struct ClusterLink {
 /// Parsed keys kept at most; beyond it the cache starts again.
 const MAX_CACHED_KEYS: usize = 100_000;
 
+/// One message for another relay.
+#[derive(Debug)]
+struct Outgoing {
+    subject: async_nats::Subject,
+    reply: Option<async_nats::Subject>,
+    payload: Bytes,
+}
+
 impl ClusterLink {
     pub(crate) fn new(cluster: Cluster) -> Self {
+        // Forwards are bounded by `waiting`; answers by the deliveries the
+        // fleet can have queued here.
+        let (out_tx, out_rx) = mpsc::channel(4 * MAX_IN_FLIGHT);
         Self {
             attach: Mutex::new(AttachTable::new(cluster.relay_id())),
+            answers: format!("{}.", crate::cluster::answer_prefix(cluster.relay_id())),
             cluster,
             pending: Mutex::default(),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            waiting: Mutex::default(),
+            next_forward: std::sync::atomic::AtomicU64::new(0),
+            out_tx,
+            out_rx: Mutex::new(Some(out_rx)),
             keys: Mutex::default(),
         }
     }
@@ -101,52 +127,35 @@ impl ClusterLink {
     }
 
     /// Forward a checked envelope to `relay`, which holds its target; the
-    /// answer goes to the stream `reply_token`. Never waits: the request
-    /// runs as its own task (bounded in number and in time).
+    /// answer goes to the stream `reply_token`. Never waits: the publisher
+    /// task sends it, and [`take_answers`] routes what comes back.
     pub(crate) fn forward(
         &self,
-        hub: &Arc<Hub>,
         relay: &str,
         reply_token: u64,
         id: MessageId,
         envelope: Bytes,
     ) -> Result<(), ErrorCode> {
-        let permit = self
-            .in_flight
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ErrorCode::Busy)?;
-        let client = self.cluster.client().clone();
-        let subject = deliver_subject(relay);
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let request = async_nats::Request::new()
-                .payload(envelope)
-                .timeout(Some(FORWARD_TIMEOUT));
-            let answer = match client.send_request(subject, request).await {
-                Ok(msg) => match checked_answer(&msg.payload, id) {
-                    Some(f) => f,
-                    None => {
-                        warn!("a relay answered a forwarded message with something else; ignored");
-                        return;
-                    }
-                },
-                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                    // Its holder is gone (killed, or not up yet): nobody
-                    // can deliver it now.
-                    frame(&RelayToPeer::Failed {
-                        id,
-                        code: ErrorCode::TargetOffline,
-                    })
-                }
-                Err(e) => {
-                    debug!("forward to another relay got no answer: {e}");
-                    return;
-                }
-            };
-            super::agent::route_reply(&hub, reply_token, answer).await;
-        });
+        let n = self.next_forward.fetch_add(1, Relaxed);
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.len() >= MAX_IN_FLIGHT {
+                return Err(ErrorCode::Busy);
+            }
+            waiting.insert(n, (reply_token, id, Instant::now()));
+        }
+        let out = Outgoing {
+            subject: deliver_subject(relay).into(),
+            reply: Some(format!("{}{n}", self.answers).into()),
+            payload: envelope,
+        };
+        if self.out_tx.try_send(out).is_err() {
+            self.waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&n);
+            return Err(ErrorCode::Busy);
+        }
         Ok(())
     }
 
@@ -161,16 +170,16 @@ impl ClusterLink {
         else {
             return false;
         };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return false;
+        let out = Outgoing {
+            subject: reply,
+            reply: None,
+            payload: f.slice(FRAME_HEADER_LEN..),
         };
-        let client = self.cluster.client().clone();
-        let body = f.slice(FRAME_HEADER_LEN..);
-        rt.spawn(async move {
-            if let Err(e) = client.publish(reply, body).await {
-                debug!("answer to another relay not sent: {e}");
-            }
-        });
+        // Full: the asking relay times out and its sender's deadline and
+        // retry take over, as for a lost packet.
+        if self.out_tx.try_send(out).is_err() {
+            warn!("answers to other relays are backed up; one dropped");
+        }
         true
     }
 
@@ -270,8 +279,108 @@ pub(crate) async fn serve(hub: Arc<Hub>, me: RelayEndpoint) {
     tokio::join!(
         announce(&hub, fleet, &me),
         follow_attaches(&hub, fleet),
-        serve_deliveries(&hub, fleet)
+        serve_deliveries(&hub, fleet),
+        publish_outgoing(&hub, fleet),
+        take_answers(&hub, fleet),
     );
+}
+
+/// Publish what goes to other relays, in order, until shutdown.
+async fn publish_outgoing(hub: &Hub, fleet: &ClusterLink) {
+    let rx = fleet
+        .out_rx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let Some(mut rx) = rx else { return };
+    let client = fleet.cluster.client();
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 64) => n,
+            _ = hub.shutdown().cancelled() => return,
+        };
+        if n == 0 {
+            return;
+        }
+        for o in batch.drain(..) {
+            let sent = match o.reply {
+                Some(reply) => client.publish_with_reply(o.subject, reply, o.payload).await,
+                None => client.publish(o.subject, o.payload).await,
+            };
+            // A forward not sent times out unanswered: its sender's
+            // deadline and retry take over.
+            if let Err(e) = sent {
+                debug!("a message to another relay was not sent: {e}");
+            }
+        }
+    }
+}
+
+/// Route the answers to this relay's forwards to their senders' streams;
+/// forget forwards unanswered after [`FORWARD_TIMEOUT`] (nothing is sent to
+/// the peer: its own deadline and retry take over).
+async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
+    let mut sub = match fleet
+        .cluster
+        .client()
+        .subscribe(format!("{}*", fleet.answers))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot take answers from the fleet: {e}");
+            return;
+        }
+    };
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => m,
+            _ = sweep.tick() => {
+                let now = Instant::now();
+                fleet
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, (_, _, since)| now.duration_since(*since) < FORWARD_TIMEOUT);
+                continue;
+            }
+            _ = hub.shutdown().cancelled() => return,
+        };
+        let Some(msg) = msg else { return };
+        let n = msg
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok());
+        let Some((reply_token, id, _)) = n.and_then(|n| {
+            fleet
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&n)
+        }) else {
+            continue;
+        };
+        let answer = if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // Its holder is gone (killed, or not up yet): nobody can
+            // deliver it now.
+            frame(&RelayToPeer::Failed {
+                id,
+                code: ErrorCode::TargetOffline,
+            })
+        } else {
+            match checked_answer(&msg.payload, id) {
+                Some(f) => f,
+                None => {
+                    warn!("a relay answered a forwarded message with something else; ignored");
+                    continue;
+                }
+            }
+        };
+        super::agent::route_reply(hub, reply_token, answer).await;
+    }
 }
 
 /// Keep this relay's presence entry fresh until shutdown, then take it

@@ -32,6 +32,29 @@ async fn two_relays(nats: &NatsCluster) -> (TestRelay, TestRelay) {
     (r1, r2)
 }
 
+/// One send, the receiver taking the message while the send waits (the
+/// receipt comes once the receiver's application took it).
+async fn send_taking(
+    sender: &agent_link::Agent,
+    to: &str,
+    payload: String,
+    receiver: &mut agent_link::Agent,
+) -> (
+    Result<agent_link::Receipt, agent_link::SendError>,
+    Option<agent_link::Message>,
+) {
+    let send = sender.send_with_timeout(to, payload, WAIT);
+    tokio::pin!(send);
+    let mut taken = None;
+    let sent = loop {
+        tokio::select! {
+            r = &mut send => break r,
+            m = receiver.recv(), if taken.is_none() => taken = Some(m.expect("still attached")),
+        }
+    };
+    (sent, taken)
+}
+
 /// Send until the attach has reached the sender's relay (the attach
 /// bucket's watch takes a moment): the first sends may find the agent
 /// offline. Bounded by [`WAIT`].
@@ -43,28 +66,17 @@ async fn send_when_attached(
 ) -> (agent_link::Receipt, agent_link::Message) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        // The receipt comes once the receiver's application took the
-        // message: take it while the send waits.
-        let send = sender.send_with_timeout(to, payload.to_string(), WAIT);
-        tokio::pin!(send);
-        let mut taken = None;
-        let sent = loop {
-            tokio::select! {
-                r = &mut send => break r,
-                m = receiver.recv(), if taken.is_none() => taken = Some(m.expect("still attached")),
-            }
-        };
-        match sent {
-            Ok(r) => {
+        match send_taking(sender, to, payload.to_string(), receiver).await {
+            (Ok(r), taken) => {
                 return (
                     r,
                     taken.expect("a receipt only after the message was taken"),
                 )
             }
-            Err(e) if e.exit().code() == 3 && tokio::time::Instant::now() < deadline => {
+            (Err(e), _) if e.exit().code() == 3 && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => panic!("send to {to}: {e}"),
+            (Err(e), _) => panic!("send to {to}: {e}"),
         }
     }
 }
@@ -193,21 +205,12 @@ async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
     let mut n = 0;
     loop {
         n += 1;
-        let send = a1.send_with_timeout("bob/b1", format!("after {n}"), WAIT);
-        tokio::pin!(send);
-        let mut taken = None;
-        let sent = loop {
-            tokio::select! {
-                r = &mut send => break r,
-                m = b1.recv(), if taken.is_none() => taken = Some(m.expect("still attached")),
-            }
-        };
-        match sent {
-            Ok(r) => {
+        match send_taking(&a1, "bob/b1", format!("after {n}"), &mut b1).await {
+            (Ok(r), taken) => {
                 assert_eq!(taken.map(|m| m.id), Some(r.id));
                 break;
             }
-            Err(e) => {
+            (Err(e), _) => {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "no delivery after the kill: {e}"
