@@ -57,8 +57,8 @@ pub(crate) struct ClusterLink {
     /// target's ledger holds, to the NATS subject the answer goes to.
     pending: Mutex<HashMap<u64, (async_nats::Subject, Instant)>>,
     /// Messages this relay forwarded, waiting for their answer on
-    /// `<answers>.<n>`: `n` → the sender's reply token, the id, since when.
-    waiting: Mutex<HashMap<u64, (u64, MessageId, Instant)>>,
+    /// `<answers>.<n>`, by `n`.
+    waiting: Mutex<HashMap<u64, Forwarded>>,
     next_forward: std::sync::atomic::AtomicU64,
     /// `agentlink.relay.<this relay>.answer.`: where answers come back.
     answers: String,
@@ -75,6 +75,27 @@ pub(crate) struct ClusterLink {
 
 /// Parsed keys kept at most; beyond it the cache starts again.
 const MAX_CACHED_KEYS: usize = 100_000;
+
+/// A forward waiting for its answer.
+#[derive(Debug)]
+struct Forwarded {
+    /// The sender's stream.
+    reply_token: u64,
+    id: MessageId,
+    since: Instant,
+    /// Where it went and what, to send it again.
+    subject: async_nats::Subject,
+    envelope: Bytes,
+    retried: u8,
+}
+
+/// A forward unanswered this long goes again (NATS core delivers at most
+/// once: a relay or NATS node that dies loses the message or its answer).
+/// The receiver drops the copy it already has and answers it with the
+/// first receipt, or when its application takes the first.
+const FORWARD_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// Sends of a forward again at most, within [`FORWARD_TIMEOUT`].
+const FORWARD_RETRIES: u8 = 3;
 
 /// One message for another relay.
 #[derive(Debug)]
@@ -137,19 +158,23 @@ impl ClusterLink {
         envelope: Bytes,
     ) -> Result<(), ErrorCode> {
         let n = self.next_forward.fetch_add(1, Relaxed);
+        let subject: async_nats::Subject = deliver_subject(relay).into();
         {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             if waiting.len() >= MAX_IN_FLIGHT {
                 return Err(ErrorCode::Busy);
             }
-            waiting.insert(n, (reply_token, id, Instant::now()));
+            let f = Forwarded {
+                reply_token,
+                id,
+                since: Instant::now(),
+                subject: subject.clone(),
+                envelope: envelope.clone(),
+                retried: 0,
+            };
+            waiting.insert(n, f);
         }
-        let out = Outgoing {
-            subject: deliver_subject(relay).into(),
-            reply: Some(format!("{}{n}", self.answers).into()),
-            payload: envelope,
-        };
-        if self.out_tx.try_send(out).is_err() {
+        if !self.publish_forward(n, subject, envelope) {
             self.waiting
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -157,6 +182,42 @@ impl ClusterLink {
             return Err(ErrorCode::Busy);
         }
         Ok(())
+    }
+
+    /// Queue forward `n` for the publisher; `false` when it is backed up.
+    fn publish_forward(&self, n: u64, subject: async_nats::Subject, envelope: Bytes) -> bool {
+        let out = Outgoing {
+            subject,
+            reply: Some(format!("{}{n}", self.answers).into()),
+            payload: envelope,
+        };
+        self.out_tx.try_send(out).is_ok()
+    }
+
+    /// Forget forwards unanswered after [`FORWARD_TIMEOUT`] (nothing is sent
+    /// to the peer: its own deadline and retry take over) and send again
+    /// those unanswered for [`FORWARD_RETRY_AFTER`] per try.
+    fn sweep_forwards(&self, now: Instant) {
+        let mut again = Vec::new();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&n, f| {
+                let age = now.duration_since(f.since);
+                if age >= FORWARD_TIMEOUT {
+                    return false;
+                }
+                if f.retried < FORWARD_RETRIES
+                    && age >= FORWARD_RETRY_AFTER * u32::from(f.retried + 1)
+                {
+                    f.retried += 1;
+                    again.push((n, f.subject.clone(), f.envelope.clone()));
+                }
+                true
+            });
+        for (n, subject, envelope) in again {
+            let _ = self.publish_forward(n, subject, envelope);
+        }
     }
 
     /// Send the answer `f` (a whole frame) to the relay that forwarded the
@@ -247,12 +308,13 @@ impl ClusterLink {
 }
 
 /// A relay's answer to a forwarded message: the frame to give the sender,
-/// when it is a `Receipt` or `Failed` for `id`.
-fn checked_answer(body: &[u8], id: MessageId) -> Option<Bytes> {
+/// when it is a `Receipt` or `Failed` for `id`, and whether it is the
+/// `Failed`.
+fn checked_answer(body: &[u8], id: MessageId) -> Option<(Bytes, bool)> {
     let answer: RelayToPeer<'_> = agent_link_proto::codec::decode(body).ok()?;
     match answer {
-        RelayToPeer::Receipt { ref receipt } if receipt.id == id => Some(frame(&answer)),
-        RelayToPeer::Failed { id: got, .. } if got == id => Some(frame(&answer)),
+        RelayToPeer::Receipt { ref receipt } if receipt.id == id => Some((frame(&answer), false)),
+        RelayToPeer::Failed { id: got, .. } if got == id => Some((frame(&answer), true)),
         _ => None,
     }
 }
@@ -318,8 +380,7 @@ async fn publish_outgoing(hub: &Hub, fleet: &ClusterLink) {
 }
 
 /// Route the answers to this relay's forwards to their senders' streams;
-/// forget forwards unanswered after [`FORWARD_TIMEOUT`] (nothing is sent to
-/// the peer: its own deadline and retry take over).
+/// every second, [`ClusterLink::sweep_forwards`].
 async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
     let mut sub = match fleet
         .cluster
@@ -333,17 +394,12 @@ async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
             return;
         }
     };
-    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(Duration::from_millis(500));
     loop {
         let msg = tokio::select! {
             m = sub.next() => m,
             _ = sweep.tick() => {
-                let now = Instant::now();
-                fleet
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|_, (_, _, since)| now.duration_since(*since) < FORWARD_TIMEOUT);
+                fleet.sweep_forwards(Instant::now());
                 continue;
             }
             _ = hub.shutdown().cancelled() => return,
@@ -354,30 +410,47 @@ async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
             .rsplit('.')
             .next()
             .and_then(|t| t.parse::<u64>().ok());
-        let Some((reply_token, id, _)) = n.and_then(|n| {
-            fleet
-                .waiting
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&n)
-        }) else {
+        let Some(n) = n else { continue };
+        // Which forward, and whether it was sent more than once.
+        let Some((id, retried)) = fleet
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&n)
+            .map(|f| (f.id, f.retried > 0))
+        else {
             continue;
         };
-        let answer = if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        let (answer, refusal) = if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
             // Its holder is gone (killed, or not up yet): nobody can
             // deliver it now.
-            frame(&RelayToPeer::Failed {
+            let f = frame(&RelayToPeer::Failed {
                 id,
                 code: ErrorCode::TargetOffline,
-            })
+            });
+            (f, true)
         } else {
             match checked_answer(&msg.payload, id) {
-                Some(f) => f,
+                Some(answer) => answer,
                 None => {
                     warn!("a relay answered a forwarded message with something else; ignored");
                     continue;
                 }
             }
+        };
+        // Sent twice or more, a refusal speaks for one copy only: another
+        // may have arrived (or may still). Only a receipt settles it then;
+        // else the forward times out unanswered, "outcome unknown".
+        if refusal && retried {
+            continue;
+        }
+        let Some(Forwarded { reply_token, .. }) = fleet
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&n)
+        else {
+            continue;
         };
         super::agent::route_reply(hub, reply_token, answer).await;
     }
