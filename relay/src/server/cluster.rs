@@ -256,14 +256,27 @@ impl ClusterLink {
         let (hub, instance, agent) = (hub.clone(), instance.to_string(), agent.to_string());
         tokio::spawn(async move {
             let key = attach::key(&instance, &agent);
-            let revision = match store.put(&key, value.into()).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("could not record an attach in the fleet: {e}");
-                    return;
+            let Some(fleet) = hub.cluster() else { return };
+            let mut pause = Duration::from_millis(250);
+            let revision = loop {
+                match store.put(&key, value.clone().into()).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        // JetStream refuses for a while after a NATS node
+                        // restarts ("no stream found"): an attach left
+                        // unrecorded would leave the agent unreachable
+                        // from every other relay, so keep trying while
+                        // this stream still receives for it.
+                        let current = fleet.table().holds(&instance, &agent, token);
+                        if !current || hub.shutdown().is_cancelled() {
+                            return;
+                        }
+                        warn!("could not record an attach in the fleet: {e}; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
                 }
             };
-            let Some(fleet) = hub.cluster() else { return };
             let (replace, gone) = {
                 let mut t = fleet.table();
                 let replace = t.put_done(&instance, &agent, token, revision);
@@ -382,17 +395,9 @@ async fn publish_outgoing(hub: &Hub, fleet: &ClusterLink) {
 /// Route the answers to this relay's forwards to their senders' streams;
 /// every second, [`ClusterLink::sweep_forwards`].
 async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
-    let mut sub = match fleet
-        .cluster
-        .client()
-        .subscribe(format!("{}*", fleet.answers))
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot take answers from the fleet: {e}");
-            return;
-        }
+    let subject = format!("{}*", fleet.answers);
+    let Some(mut sub) = subscribe(hub, fleet, &subject).await else {
+        return;
     };
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -404,7 +409,13 @@ async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
             }
             _ = hub.shutdown().cancelled() => return,
         };
-        let Some(msg) = msg else { return };
+        let Some(msg) = msg else {
+            let Some(again) = resubscribe(hub, fleet, &subject).await else {
+                return;
+            };
+            sub = again;
+            continue;
+        };
         let n = msg
             .subject
             .rsplit('.')
@@ -541,13 +552,9 @@ fn seen(hub: &Hub, fleet: &ClusterLink, entry: &kv::Entry) {
 
 async fn serve_deliveries(hub: &Arc<Hub>, fleet: &ClusterLink) {
     let subject = deliver_subject(fleet.cluster.relay_id());
-    let mut sub = match fleet.cluster.client().subscribe(subject).await {
-        Ok(s) => s,
-        Err(e) => {
-            // Without it no other relay can reach this relay's agents.
-            tracing::error!("cannot serve deliveries from the fleet: {e}");
-            return;
-        }
+    // Without it no other relay can reach this relay's agents.
+    let Some(mut sub) = subscribe(hub, fleet, &subject).await else {
+        return;
     };
     let mut sweep = tokio::time::interval(PENDING_TTL / 4);
     loop {
@@ -556,7 +563,13 @@ async fn serve_deliveries(hub: &Arc<Hub>, fleet: &ClusterLink) {
             _ = sweep.tick() => { fleet.forget_expired(Instant::now()); continue }
             _ = hub.shutdown().cancelled() => return,
         };
-        let Some(msg) = msg else { return };
+        let Some(msg) = msg else {
+            let Some(again) = resubscribe(hub, fleet, &subject).await else {
+                return;
+            };
+            sub = again;
+            continue;
+        };
         // A request without a reply subject has nobody to answer to.
         let Some(reply) = msg.reply else { continue };
         if let Err((id, code)) = deliver(hub, fleet, msg.payload, reply.clone()) {
@@ -570,6 +583,40 @@ async fn serve_deliveries(hub: &Arc<Hub>, fleet: &ClusterLink) {
                 .await;
         }
     }
+}
+
+/// Subscribe to `subject`, trying again every second until it works or
+/// the relay shuts down (`None`).
+async fn subscribe(
+    hub: &Hub,
+    fleet: &ClusterLink,
+    subject: &str,
+) -> Option<async_nats::Subscriber> {
+    loop {
+        match fleet.cluster.client().subscribe(subject.to_string()).await {
+            Ok(s) => return Some(s),
+            Err(e) => warn!(%subject, "cannot subscribe: {e}; trying again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = hub.shutdown().cancelled() => return None,
+        }
+    }
+}
+
+/// A subscription the client ended: say so and subscribe again (a relay
+/// that stopped listening would leave every forward to it, or every answer
+/// to it, unanswered without a word).
+async fn resubscribe(
+    hub: &Hub,
+    fleet: &ClusterLink,
+    subject: &str,
+) -> Option<async_nats::Subscriber> {
+    if hub.shutdown().is_cancelled() {
+        return None;
+    }
+    warn!(%subject, "the NATS subscription ended; subscribing again");
+    subscribe(hub, fleet, subject).await
 }
 
 /// Check a forwarded envelope and queue it on its target's stream, its
