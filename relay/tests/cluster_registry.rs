@@ -322,3 +322,54 @@ async fn a_relay_configured_for_a_fleet_does_not_run_alone() {
     );
     assert!(err.to_string().contains("does not run alone"), "{err}");
 }
+
+/// A watch whose consumer is gone (as when the NATS node holding it dies:
+/// the server sends nothing more, and the client only notices after two
+/// missed 5 s heartbeats) opens itself again when someone waiting for a
+/// revision pokes it: the next item is the write made meanwhile, not the
+/// client's "missed idle heartbeat" 10 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_consumer_vanished_opens_again() {
+    use agent_link_relay::cluster::watch::BucketWatch;
+    use futures_util::StreamExt;
+    let Some(bin) = nats_server() else {
+        assert!(
+            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
+            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
+        );
+        eprintln!("skipped: nats-server not found");
+        return;
+    };
+    let nats = NatsCluster::start(&bin);
+    let relay = nats.connect(1, "relay-1").await;
+    let store = relay.attach_store().clone();
+    let first = store.put("a.b", "one".into()).await.unwrap();
+    let watch = store.watch_all_from_revision(first).await.unwrap();
+    let mut watch = BucketWatch::new(store.clone(), watch, 0);
+    let e = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await
+        .expect("the first entry")
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.revision, first);
+
+    // The bucket has no other consumer: that one is the watch's.
+    let names: Vec<String> = store
+        .stream
+        .consumer_names()
+        .map(|n| n.unwrap())
+        .collect()
+        .await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    store.stream.delete_consumer(&names[0]).await.unwrap();
+    let second = store.put("a.b", "two".into()).await.unwrap();
+    watch.poke().notify_one();
+    let next = tokio::time::timeout(Duration::from_secs(60), watch.next())
+        .await
+        .expect("the watch goes on")
+        .expect("not ended");
+    match next {
+        Ok(e) => assert_eq!((e.revision, &e.value[..]), (second, &b"two"[..])),
+        Err(e) => panic!("the watch did not open again: {e}"),
+    }
+}

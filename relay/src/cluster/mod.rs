@@ -13,7 +13,9 @@
 //! - [`membership`](crate::cluster::membership): which fleet (secret) the cluster serves, so
 //!   a relay with another fleet's secret never joins it;
 //! - [`presence`](crate::cluster::presence): which relays are up, in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET), and
-//!   the relays a join token lists.
+//!   the relays a join token lists;
+//! - [`watch`](crate::cluster::watch): a bucket's watch that notices when
+//!   the NATS node holding it died, and opens itself again.
 //!
 //! The running relay's side (the registry watch in `registry::live`, the
 //! attach puts and watch, forwarding on [`deliver_subject`](crate::cluster::deliver_subject) and serving it)
@@ -31,6 +33,7 @@ pub mod attach;
 pub mod membership;
 pub mod presence;
 pub mod registry;
+pub mod watch;
 
 /// The registry: `id.<hex id>`, `key.<hex key>`, `invite.<hex id>`.
 pub const REGISTRY_BUCKET: &str = "agentlink-registry";

@@ -6,7 +6,7 @@
 //! server.
 
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime};
 
 use agent_link_crypto::PublicKey;
@@ -18,6 +18,7 @@ use async_nats::jetstream::kv;
 
 use super::{Registry, RegistryStore, StoreError};
 use crate::cluster::registry::Replica;
+use crate::cluster::watch::BucketWatch;
 use crate::cluster::{Cluster, ClusterError};
 use crate::router::Router;
 
@@ -39,6 +40,8 @@ struct Fleet {
     store: kv::Store,
     replica: Mutex<Replica>,
     applied: tokio::sync::watch::Sender<u64>,
+    /// Makes the running watch compare itself with the bucket now.
+    poke: Mutex<Option<Arc<tokio::sync::Notify>>>,
 }
 
 /// How long a registration, or a key nobody here knows, waits for the
@@ -86,10 +89,22 @@ impl Fleet {
         true
     }
 
-    /// Wait (at most [`CATCH_UP`]) until the watch has applied `revision`.
+    /// Wait (at most [`CATCH_UP`]) until the watch has applied `revision`;
+    /// if it has not by then, make the watch look at the bucket (it may
+    /// have stalled: see `cluster::watch`) and wait once more.
     async fn caught_up(&self, revision: u64) {
         let mut rx = self.applied.subscribe();
-        let _ = tokio::time::timeout(CATCH_UP, rx.wait_for(|&r| r >= revision)).await;
+        if tokio::time::timeout(CATCH_UP, rx.wait_for(|&r| r >= revision))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let poke = self.poke.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(poke) = poke {
+            poke.notify_one();
+            let _ = tokio::time::timeout(CATCH_UP, rx.wait_for(|&r| r >= revision)).await;
+        }
     }
 
     /// The bucket's newest revision.
@@ -136,6 +151,7 @@ impl LiveRegistry {
                     store: bucket,
                     replica: Mutex::new(replica),
                     applied,
+                    poke: Mutex::new(None),
                 }),
                 stamp: Mutex::new(None),
                 digest: Mutex::new(None),
@@ -154,12 +170,13 @@ impl LiveRegistry {
     /// on `shutdown`.
     pub(crate) async fn follow<M>(
         &self,
-        mut watch: kv::Watch,
+        watch: kv::Watch,
         router: &Router<M>,
         shutdown: &CancellationToken,
     ) {
-        use futures_util::{FutureExt, StreamExt};
         let Some(fleet) = &self.fleet else { return };
+        let mut watch = BucketWatch::new(fleet.store.clone(), watch, *fleet.applied.borrow());
+        *fleet.poke.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch.poke());
         loop {
             let first = tokio::select! {
                 n = watch.next() => n,
@@ -169,7 +186,7 @@ impl LiveRegistry {
             let mut changed = first.is_some_and(|item| fleet.apply(item));
             // Everything already here goes into one install.
             while !ended {
-                match watch.next().now_or_never() {
+                match watch.next_now() {
                     Some(Some(item)) => changed |= fleet.apply(item),
                     Some(None) => ended = true,
                     None => break,
@@ -184,18 +201,17 @@ impl LiveRegistry {
                 fleet.applied.send_replace(revision);
             }
             if ended {
-                let from = *fleet.applied.borrow() + 1;
-                match fleet.store.watch_all_from_revision(from).await {
-                    Ok(w) => watch = w,
+                let applied = *fleet.applied.borrow();
+                match fleet.store.watch_all_from_revision(applied + 1).await {
+                    Ok(w) => {
+                        watch = BucketWatch::new(fleet.store.clone(), w, applied);
+                        *fleet.poke.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch.poke());
+                    }
                     Err(e) => {
                         warn!("fleet registry watch ended and cannot be reopened yet: {e}");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = shutdown.cancelled() => return,
-                        }
-                        // Try again at the next turn of the loop.
-                        if let Ok(w) = fleet.store.watch_all_from_revision(from).await {
-                            watch = w;
                         }
                     }
                 }

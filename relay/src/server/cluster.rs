@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 use super::hub::Hub;
 use super::writer::{error_frame, frame, Outbound};
 use crate::cluster::attach::{self, AttachTable, AttachValue};
+use crate::cluster::watch::BucketWatch;
 use crate::cluster::{deliver_subject, presence, Cluster};
 use crate::core::checks::{check_send, SenderContext};
 
@@ -490,7 +491,7 @@ async fn follow_attaches(hub: &Arc<Hub>, fleet: &ClusterLink) {
     let store = fleet.cluster.attach_store();
     let mut cleaned = false;
     loop {
-        let mut watch = match store.watch_with_history(">").await {
+        let watch = match store.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => {
                 warn!("cannot watch the fleet's attaches: {e}");
@@ -500,6 +501,9 @@ async fn follow_attaches(hub: &Arc<Hub>, fleet: &ClusterLink) {
                 }
             }
         };
+        // A node that dies takes the watch's consumer with it, silently:
+        // agents attached elsewhere meanwhile would stay unreachable.
+        let mut watch = BucketWatch::new(store.clone(), watch, 0);
         loop {
             let entry = tokio::select! {
                 e = watch.next() => e,

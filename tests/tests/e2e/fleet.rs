@@ -244,10 +244,12 @@ async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
     };
     let dir = r2.dir.path().join("carol");
     let token = agent_link_proto::JoinToken::parse(&invite).unwrap();
-    // Right after a node restart the bucket's replicas can lag (reads are
-    // served by any replica), and the relay may not see the new invite
-    // yet: `InviteInvalid` for a while (noted in issue 12). A refused init
-    // writes nothing, so it is tried again, bounded.
+    // The relay learns of the invite through its registry watch, whose
+    // consumer may have died with the node: the relay notices and opens
+    // the watch again (`cluster::watch`), but until then, and while the
+    // bucket elects a new leader, the invite is unknown to it
+    // (`InviteInvalid`). A refused init writes nothing, so it is tried
+    // again, bounded.
     loop {
         match agent_link::init(&dir, "carol", &token, None).await {
             Ok(_) => break,
@@ -260,6 +262,10 @@ async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
             }
         }
     }
+    eprintln!(
+        "carol joined {:?} after the NATS node was killed",
+        t0.elapsed()
+    );
     let carol = agent_link::AgentLink::connect(&dir).await.unwrap();
     let c1 = carol.attach_sender("c1").await.unwrap();
     let _ = send_when_attached(&c1, "bob/b1", "new member", &mut b1).await;
