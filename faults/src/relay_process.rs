@@ -96,7 +96,11 @@ impl RelayProcess {
             .arg("run")
             .arg("--dir")
             .arg(&self.dir)
-            .env("RUST_LOG", "info")
+            // `AGENT_LINK_RELAY_RUST_LOG`: another filter for the relay's log.
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LINK_RELAY_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -112,13 +116,18 @@ impl RelayProcess {
                 .open(p)
                 .ok()
         });
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         std::thread::spawn(move || {
             // Keep draining stderr for the process's whole life so it never
             // blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(f) = log.as_mut() {
                     use std::io::Write;
-                    let _ = writeln!(f, "{line}");
+                    let _ = writeln!(f, "{name}: {line}");
                 }
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();

@@ -123,6 +123,13 @@ pub struct FleetSoak {
 /// a send to an agent attached there may meet `TargetOffline` until then.
 const FLEET_FAILOVER_GRACE: Duration = Duration::from_secs(20);
 
+/// A fleet run starts no fault in its last this long: a NATS node kill
+/// leaves JetStream electing leaders for up to ~11 s (a relay restarted
+/// meanwhile waits for it), and peers need their 7 s idle timeout to fail
+/// over; a fault later than this would leave no time to show that the
+/// fleet recovered ("receipts after last restart").
+const FLEET_SETTLE: Duration = Duration::from_secs(12);
+
 impl Default for SoakConfig {
     fn default() -> Self {
         Self {
@@ -539,6 +546,10 @@ pub async fn run(cfg: &SoakConfig) -> Result<SoakReport> {
         outages: outages.clone(),
         last_restart: last_restart.clone(),
         down: cfg.faults.down_for,
+        quiet_from: cfg
+            .fleet
+            .as_ref()
+            .map(|_| Instant::now() + cfg.duration.saturating_sub(FLEET_SETTLE)),
     };
     let killer = cfg.faults.kill_every.map(|every| {
         let (kill, restart) = (relays.clone(), relays.clone());
@@ -751,6 +762,8 @@ struct Faults {
     outages: Arc<Mutex<Vec<Outage>>>,
     last_restart: Arc<Mutex<Option<Instant>>>,
     down: Duration,
+    /// No fault starts after this (see [`FLEET_SETTLE`]).
+    quiet_from: Option<Instant>,
 }
 
 impl Faults {
@@ -766,18 +779,19 @@ impl Faults {
         kill: impl Fn(usize) + Send + Sync + 'static,
         restart: impl Fn(usize) -> Result<()> + Send + Sync + 'static,
     ) -> tokio::task::JoinHandle<Result<()>> {
-        let (stop, outages, last_restart, down) = (
+        let (stop, outages, last_restart, down, quiet_from) = (
             self.stop.clone(),
             self.outages.clone(),
             self.last_restart.clone(),
             self.down,
+            self.quiet_from,
         );
         let (kill, restart) = (Arc::new(kill), Arc::new(restart));
         tokio::spawn(async move {
             tokio::time::sleep(offset).await;
             for cycle in 0.. {
                 tokio::time::sleep(every).await;
-                if stop.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) || quiet_from.is_some_and(|q| Instant::now() > q) {
                     return Ok(());
                 }
                 // Taken before the kill: a send that failed as the kill
