@@ -14,6 +14,8 @@
 //!   a relay with another fleet's secret never joins it;
 //! - [`presence`](crate::cluster::presence): which relays are up, in [`RELAYS_BUCKET`](crate::cluster::RELAYS_BUCKET), and
 //!   the relays a join token lists;
+//! - [`batch`](crate::cluster::batch): several forwards, or answers, to
+//!   one relay in one NATS message;
 //! - [`watch`](crate::cluster::watch): a bucket's watch that notices when
 //!   the NATS node holding it died, and opens itself again.
 //!
@@ -30,6 +32,7 @@ use async_nats::jetstream::{self, kv, stream};
 use crate::config::ClusterConfig;
 
 pub mod attach;
+pub mod batch;
 pub mod membership;
 pub mod presence;
 pub mod registry;
@@ -229,7 +232,7 @@ pub fn untoken(t: &str) -> Option<String> {
 }
 
 /// The subject prefix a relay takes the answers to its forwards on:
-/// `<prefix>.<n>`, `n` its own number for the forward.
+/// `<prefix>.<b>`, `b` its own number for a batch of forwards.
 pub fn answer_prefix(relay_id: &str) -> String {
     format!("agentlink.relay.{relay_id}.answer")
 }

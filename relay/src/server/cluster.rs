@@ -5,7 +5,9 @@
 //! carrying the envelope's bytes unchanged (its answer comes back on this
 //! relay's answer subject), and serving such messages for its own agents.
 //! Everything for other relays goes out through one publisher task, so a
-//! forward costs no task, timer or reply channel of its own. The decisions
+//! forward costs no task, timer or reply channel of its own, and what is
+//! queued at one moment goes as one NATS message per relay
+//! (`crate::cluster::batch`). The decisions
 //! are in `crate::cluster::attach`; this is the I/O around them.
 //!
 //! Trust: NATS is inside the fleet's trust boundary, but not trusted with
@@ -32,6 +34,7 @@ use tracing::{debug, warn};
 use super::hub::Hub;
 use super::writer::{error_frame, frame, Outbound};
 use crate::cluster::attach::{self, AttachTable, AttachValue};
+use crate::cluster::batch::{self, Batcher};
 use crate::cluster::watch::BucketWatch;
 use crate::cluster::{deliver_subject, presence, Cluster};
 use crate::core::checks::{check_send, SenderContext};
@@ -55,12 +58,17 @@ pub(crate) struct ClusterLink {
     cluster: Cluster,
     attach: Mutex<AttachTable>,
     /// Deliveries from other relays not answered yet: the reply token the
-    /// target's ledger holds, to the NATS subject the answer goes to.
-    pending: Mutex<HashMap<u64, (async_nats::Subject, Instant)>>,
-    /// Messages this relay forwarded, waiting for their answer on
-    /// `<answers>.<n>`, by `n`.
+    /// target's ledger holds, to the NATS subject the answer goes to and
+    /// the asking relay's number for it.
+    pending: Mutex<HashMap<u64, (async_nats::Subject, u64, Instant)>>,
+    /// Messages this relay forwarded, waiting for their answer, by their
+    /// number `n`.
     waiting: Mutex<HashMap<u64, Forwarded>>,
     next_forward: std::sync::atomic::AtomicU64,
+    /// Batches of forwards sent, by batch number (the last token of their
+    /// reply subject): the forwards each carried, for a "no responders"
+    /// status, which names only the batch.
+    batches: Mutex<HashMap<u64, (Vec<u64>, Instant)>>,
     /// `agentlink.relay.<this relay>.answer.`: where answers come back.
     answers: String,
     /// What goes out to other relays, published by one task in order
@@ -98,12 +106,23 @@ const FORWARD_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Sends of a forward again at most, within [`FORWARD_TIMEOUT`].
 const FORWARD_RETRIES: u8 = 3;
 
-/// One message for another relay.
+/// One item for another relay; the publisher batches them
+/// (`cluster::batch`).
 #[derive(Debug)]
-struct Outgoing {
-    subject: async_nats::Subject,
-    reply: Option<async_nats::Subject>,
-    payload: Bytes,
+enum Outgoing {
+    /// Forward `n`, an envelope, to the relay serving `subject`.
+    Forward {
+        subject: async_nats::Subject,
+        n: u64,
+        envelope: Bytes,
+    },
+    /// The answer `body` to forward `n` of the relay that asked with the
+    /// reply subject `reply`.
+    Answer {
+        reply: async_nats::Subject,
+        n: u64,
+        body: Bytes,
+    },
 }
 
 impl ClusterLink {
@@ -117,6 +136,7 @@ impl ClusterLink {
             cluster,
             pending: Mutex::default(),
             waiting: Mutex::default(),
+            batches: Mutex::default(),
             next_forward: std::sync::atomic::AtomicU64::new(0),
             out_tx,
             out_rx: Mutex::new(Some(out_rx)),
@@ -187,12 +207,26 @@ impl ClusterLink {
 
     /// Queue forward `n` for the publisher; `false` when it is backed up.
     fn publish_forward(&self, n: u64, subject: async_nats::Subject, envelope: Bytes) -> bool {
-        let out = Outgoing {
+        let out = Outgoing::Forward {
             subject,
-            reply: Some(format!("{}{n}", self.answers).into()),
-            payload: envelope,
+            n,
+            envelope,
         };
         self.out_tx.try_send(out).is_ok()
+    }
+
+    /// Queue the answer `body` to forward `n` of the relay asking on
+    /// `reply`. Never waits.
+    fn queue_answer(&self, reply: async_nats::Subject, n: u64, body: Bytes) {
+        // Full: the asking relay times out and its sender's deadline and
+        // retry take over, as for a lost packet.
+        if self
+            .out_tx
+            .try_send(Outgoing::Answer { reply, n, body })
+            .is_err()
+        {
+            warn!("answers to other relays are backed up; one dropped");
+        }
     }
 
     /// Forget forwards unanswered after [`FORWARD_TIMEOUT`] (nothing is sent
@@ -219,12 +253,18 @@ impl ClusterLink {
         for (n, subject, envelope) in again {
             let _ = self.publish_forward(n, subject, envelope);
         }
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            // The server answers "no responders" at once: a batch needs
+            // remembering only until its forwards would go again anyway.
+            .retain(|_, (_, since)| now.duration_since(*since) < FORWARD_RETRY_AFTER);
     }
 
     /// Send the answer `f` (a whole frame) to the relay that forwarded the
     /// delivery `token`, if it was one of theirs. Never waits.
     pub(crate) fn answer_remote(&self, token: u64, f: &Bytes) -> bool {
-        let Some((reply, _)) = self
+        let Some((reply, n, _)) = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -232,16 +272,7 @@ impl ClusterLink {
         else {
             return false;
         };
-        let out = Outgoing {
-            subject: reply,
-            reply: None,
-            payload: f.slice(FRAME_HEADER_LEN..),
-        };
-        // Full: the asking relay times out and its sender's deadline and
-        // retry take over, as for a lost packet.
-        if self.out_tx.try_send(out).is_err() {
-            warn!("answers to other relays are backed up; one dropped");
-        }
+        self.queue_answer(reply, n, f.slice(FRAME_HEADER_LEN..));
         true
     }
 
@@ -317,7 +348,7 @@ impl ClusterLink {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, (_, since)| now.duration_since(*since) < PENDING_TTL);
+            .retain(|_, (_, _, since)| now.duration_since(*since) < PENDING_TTL);
     }
 }
 
@@ -361,7 +392,9 @@ pub(crate) async fn serve(hub: Arc<Hub>, me: RelayEndpoint) {
     );
 }
 
-/// Publish what goes to other relays, in order, until shutdown.
+/// Publish what goes to other relays until shutdown: whatever is queued
+/// at once goes out as one batch per destination (forwards to a relay, and
+/// answers to a relay, each in their order).
 async fn publish_outgoing(hub: &Hub, fleet: &ClusterLink) {
     let rx = fleet
         .out_rx
@@ -370,31 +403,86 @@ async fn publish_outgoing(hub: &Hub, fleet: &ClusterLink) {
         .take();
     let Some(mut rx) = rx else { return };
     let client = fleet.cluster.client();
-    let mut batch = Vec::with_capacity(64);
+    let mut queued = Vec::with_capacity(256);
+    let mut next_batch: u64 = 0;
     loop {
         let n = tokio::select! {
-            n = rx.recv_many(&mut batch, 64) => n,
+            n = rx.recv_many(&mut queued, 256) => n,
             _ = hub.shutdown().cancelled() => return,
         };
         if n == 0 {
             return;
         }
-        for o in batch.drain(..) {
-            let sent = match o.reply {
-                Some(reply) => client.publish_with_reply(o.subject, reply, o.payload).await,
-                None => client.publish(o.subject, o.payload).await,
-            };
-            // A forward not sent times out unanswered: its sender's
-            // deadline and retry take over.
-            if let Err(e) = sent {
-                debug!("a message to another relay was not sent: {e}");
+        // A fleet has a few relays: a short list beats a map.
+        let mut forwards: Vec<(async_nats::Subject, Batcher)> = Vec::new();
+        let mut answers: Vec<(async_nats::Subject, Batcher)> = Vec::new();
+        for o in queued.drain(..) {
+            match o {
+                Outgoing::Forward {
+                    subject,
+                    n,
+                    envelope,
+                } => batcher_for(&mut forwards, subject, |a, b| a == b).push(n, envelope),
+                // Answers to one relay may name different batches of its:
+                // any of its answer subjects reaches it.
+                Outgoing::Answer { reply, n, body } => {
+                    batcher_for(&mut answers, reply, |a, b| asker(a) == asker(b)).push(n, body)
+                }
+            }
+        }
+        for (subject, batcher) in forwards {
+            for (payload, ns) in batcher.finish() {
+                let b = next_batch;
+                next_batch += 1;
+                fleet
+                    .batches
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(b, (ns, Instant::now()));
+                let reply = format!("{}{b}", fleet.answers);
+                // Not sent: its forwards go again or time out unanswered,
+                // and their senders' deadline and retry take over.
+                if let Err(e) = client
+                    .publish_with_reply(subject.clone(), reply, payload)
+                    .await
+                {
+                    debug!("forwards to another relay were not sent: {e}");
+                }
+            }
+        }
+        for (reply, batcher) in answers {
+            for (payload, _) in batcher.finish() {
+                if let Err(e) = client.publish(reply.clone(), payload).await {
+                    debug!("answers to another relay were not sent: {e}");
+                }
             }
         }
     }
 }
 
+/// The batcher in `list` for `subject` (by `same`), added when missing.
+fn batcher_for(
+    list: &mut Vec<(async_nats::Subject, Batcher)>,
+    subject: async_nats::Subject,
+    same: impl Fn(&str, &str) -> bool,
+) -> &mut Batcher {
+    let i = match list.iter().position(|(s, _)| same(s, &subject)) {
+        Some(i) => i,
+        None => {
+            list.push((subject, Batcher::default()));
+            list.len() - 1
+        }
+    };
+    &mut list[i].1
+}
+
+/// The relay part of an answer subject (`…answer.<b>` without `<b>`).
+fn asker(subject: &str) -> &str {
+    subject.rsplit_once('.').map_or(subject, |(a, _)| a)
+}
+
 /// Route the answers to this relay's forwards to their senders' streams;
-/// every second, [`ClusterLink::sweep_forwards`].
+/// every half second, [`ClusterLink::sweep_forwards`].
 async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
     let subject = format!("{}*", fleet.answers);
     let Some(mut sub) = subscribe(hub, fleet, &subject).await else {
@@ -417,55 +505,87 @@ async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
             sub = again;
             continue;
         };
-        let n = msg
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|t| t.parse::<u64>().ok());
-        let Some(n) = n else { continue };
-        // Which forward, and whether it was sent more than once.
-        let Some((id, retried)) = fleet
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&n)
-            .map(|f| (f.id, f.retried > 0))
-        else {
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // The holder is gone (killed, or not up yet): nobody can
+            // deliver that batch's forwards now.
+            let b = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|t| t.parse::<u64>().ok());
+            let ns = b
+                .and_then(|b| {
+                    fleet
+                        .batches
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&b)
+                })
+                .map(|(ns, _)| ns)
+                .unwrap_or_default();
+            for n in ns {
+                settle(hub, fleet, n, None).await;
+            }
             continue;
+        }
+        let items = match batch::decode(&msg.payload) {
+            Ok(items) => items,
+            Err(e) => {
+                warn!("answers from another relay ignored: {e}");
+                continue;
+            }
         };
-        let (answer, refusal) = if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-            // Its holder is gone (killed, or not up yet): nobody can
-            // deliver it now.
+        for (n, body) in items {
+            settle(hub, fleet, n, Some(&body)).await;
+        }
+    }
+}
+
+/// Forward `n`'s answer came (`None`: nobody could take it): hand it to
+/// the sender, unless it is not one (then it is ignored), or it is a
+/// refusal of a forward sent more than once.
+async fn settle(hub: &Arc<Hub>, fleet: &ClusterLink, n: u64, body: Option<&[u8]>) {
+    // Which forward, and whether it was sent more than once.
+    let Some((id, retried)) = fleet
+        .waiting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&n)
+        .map(|f| (f.id, f.retried > 0))
+    else {
+        return;
+    };
+    let (answer, refusal) = match body {
+        None => {
             let f = frame(&RelayToPeer::Failed {
                 id,
                 code: ErrorCode::TargetOffline,
             });
             (f, true)
-        } else {
-            match checked_answer(&msg.payload, id) {
-                Some(answer) => answer,
-                None => {
-                    warn!("a relay answered a forwarded message with something else; ignored");
-                    continue;
-                }
-            }
-        };
-        // Sent twice or more, a refusal speaks for one copy only: another
-        // may have arrived (or may still). Only a receipt settles it then;
-        // else the forward times out unanswered, "outcome unknown".
-        if refusal && retried {
-            continue;
         }
-        let Some(Forwarded { reply_token, .. }) = fleet
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&n)
-        else {
-            continue;
-        };
-        super::agent::route_reply(hub, reply_token, answer).await;
+        Some(body) => match checked_answer(body, id) {
+            Some(answer) => answer,
+            None => {
+                warn!("a relay answered a forwarded message with something else; ignored");
+                return;
+            }
+        },
+    };
+    // Sent twice or more, a refusal speaks for one copy only: another may
+    // have arrived (or may still). Only a receipt settles it then; else the
+    // forward times out unanswered, "outcome unknown".
+    if refusal && retried {
+        return;
     }
+    let Some(Forwarded { reply_token, .. }) = fleet
+        .waiting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&n)
+    else {
+        return;
+    };
+    super::agent::route_reply(hub, reply_token, answer).await;
 }
 
 /// Keep this relay's presence entry fresh until shutdown, then take it
@@ -576,15 +696,20 @@ async fn serve_deliveries(hub: &Arc<Hub>, fleet: &ClusterLink) {
         };
         // A request without a reply subject has nobody to answer to.
         let Some(reply) = msg.reply else { continue };
-        if let Err((id, code)) = deliver(hub, fleet, msg.payload, reply.clone()) {
-            hub.refused(code);
-            let Some(id) = id else { continue };
-            let f = frame(&RelayToPeer::Failed { id, code });
-            let _ = fleet
-                .cluster
-                .client()
-                .publish(reply, f.slice(FRAME_HEADER_LEN..))
-                .await;
+        let items = match batch::decode(&msg.payload) {
+            Ok(items) => items,
+            Err(e) => {
+                warn!("forwards from another relay ignored: {e}");
+                continue;
+            }
+        };
+        for (n, envelope) in items {
+            if let Err((id, code)) = deliver(hub, fleet, envelope, &reply, n) {
+                hub.refused(code);
+                let Some(id) = id else { continue };
+                let f = frame(&RelayToPeer::Failed { id, code });
+                fleet.queue_answer(reply.clone(), n, f.slice(FRAME_HEADER_LEN..));
+            }
         }
     }
 }
@@ -624,12 +749,13 @@ async fn resubscribe(
 }
 
 /// Check a forwarded envelope and queue it on its target's stream, its
-/// answer owed to `reply`.
+/// answer owed to forward `n` of the relay asking on `reply`.
 fn deliver(
     hub: &Hub,
     fleet: &ClusterLink,
     envelope: Bytes,
-    reply: async_nats::Subject,
+    reply: &async_nats::Subject,
+    n: u64,
 ) -> Result<(), (Option<MessageId>, ErrorCode)> {
     let env = OpenedEnvelope::open(&envelope).map_err(|e| (None, e.code()))?;
     let id = env.body.id;
@@ -658,7 +784,7 @@ fn deliver(
         .pending
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(token, (reply, Instant::now()));
+        .insert(token, (reply.clone(), n, Instant::now()));
     let sender_name: Arc<str> = Arc::from(from.instance);
     let (instance, agent) = (to.instance.to_string(), to.agent.to_string());
     let queued = super::agent::queue_delivery(
