@@ -91,7 +91,7 @@ impl RelayUnderTest {
                 let token = JoinToken::parse(&relay.token)?;
                 Ok(Self {
                     addr: relay.addr,
-                    receivers_at: (relay.addr, token.fingerprint),
+                    receivers_at: (relay.addr, token.pinned().expect("a pinned relay")),
                     token,
                     process: Some(relay),
                     fleet: None,
@@ -128,7 +128,9 @@ impl RelayUnderTest {
                     },
                 )?;
                 let token = JoinToken::parse(&r1.token)?;
-                let fp2 = JoinToken::parse(&r2.token)?.fingerprint;
+                let fp2 = JoinToken::parse(&r2.token)?
+                    .pinned()
+                    .expect("a pinned relay");
                 Ok(Self {
                     addr: r1.addr,
                     receivers_at: (r2.addr, fp2),
@@ -142,7 +144,7 @@ impl RelayUnderTest {
                 let token = JoinToken::parse(token).context("--join")?;
                 Ok(Self {
                     addr: *addr,
-                    receivers_at: (*addr, token.fingerprint),
+                    receivers_at: (*addr, token.pinned().expect("a pinned relay")),
                     token,
                     process: None,
                     fleet: None,
@@ -273,7 +275,7 @@ pub async fn run(cfg: &RunCfg, target: &RelayTarget) -> Result<Figure> {
     let mut receivers = tokio::task::JoinSet::new();
     let mut conns = Vec::new();
     let secret = token.fleet_secret().expect("an open fleet token").clone();
-    let (addr, fp) = (relay.addr, token.fingerprint);
+    let (addr, fp) = (relay.addr, token.pinned().expect("a pinned relay"));
     let (raddr, rfp) = relay.receivers_at;
     let receiver_agents = topo.receivers.agents;
     let receiving = connect_all(topo.receivers.instances, {

@@ -95,7 +95,14 @@ pub async fn run(args: FloodArgs) -> Result<()> {
     )?;
     let token = JoinToken::parse(&relay.token)?;
     let watch = relay.watch();
-    let result = drive(&args, relay.addr, token.fingerprint, identities, watch).await;
+    let result = drive(
+        &args,
+        relay.addr,
+        token.pinned().expect("a pinned relay"),
+        identities,
+        watch,
+    )
+    .await;
     relay.stop();
     let report = result?;
     print_report(&report);

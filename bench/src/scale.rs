@@ -181,7 +181,12 @@ fn write_peer_dir(dir: &Path, id: &str, identity: &Identity, token: &JoinToken) 
         .fleet_secret()
         .expect("an open fleet token")
         .write_new(&dir.join(SECRET_FILE))?;
-    let cfg = PeerConfig::new(&token.addr, &hex_encode(&token.fingerprint), id, id);
+    let cfg = PeerConfig::new(
+        &token.addr,
+        &hex_encode(&token.pinned().expect("a pinned relay")),
+        id,
+        id,
+    );
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg)?)?;
     Ok(())
 }

@@ -10,13 +10,20 @@
 //!   looks it up in its registry. Unknown keys are *not* refused inside the
 //!   handshake (that would surface as an opaque TLS alert): the relay admits
 //!   them for registration only and refuses everything else with a clear error.
-//! - TLS 1.3 only, Ed25519 only, ALPN [`ALPN`], and no early data (0-RTT data
-//!   can be replayed by a network attacker).
+//! - For public deployments a relay may instead present a certificate chain
+//!   from a certificate authority ([`CaIssued`]); instances then check it
+//!   against CA roots ([`ca_roots`]: a CA file, or the system's) for the
+//!   relay's host name, as any TLS client would ([`instance_client_config_ca`]).
+//! - TLS 1.3 only, Ed25519 only for instances (a CA-issued relay certificate
+//!   may carry any key rustls verifies), ALPN [`ALPN`], and no early data
+//!   (0-RTT data can be replayed by a network attacker).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -27,6 +34,9 @@ use crate::CryptoError;
 
 /// The ALPN protocol id; a different one is refused in the handshake.
 pub const ALPN: &[u8] = b"agent-link/1";
+
+/// CA roots ([`ca_roots`]).
+pub use rustls::RootCertStore;
 
 /// The TLS server name instances ask for. Authentication does not rest on it
 /// (the certificate is pinned), but it must be a valid DNS name.
@@ -130,15 +140,130 @@ fn tls(e: rustls::Error) -> CryptoError {
     CryptoError::Tls(e.to_string())
 }
 
+/// A certificate chain from a certificate authority and its private key,
+/// read from PEM files (what certbot and most CAs hand out): the relay's
+/// certificate first, then its intermediates.
+pub struct CaIssued {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for CaIssued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaIssued")
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaIssued {
+    /// Read `chain` (PEM certificates, the relay's first) and `key` (a PEM
+    /// private key: PKCS#8, SEC1 or PKCS#1); the key must be the first
+    /// certificate's.
+    pub fn from_pem_files(chain: &Path, key: &Path) -> Result<Self, CryptoError> {
+        let bad = |path: &Path, what: &'static str| CryptoError::MalformedFile {
+            path: path.display().to_string(),
+            what,
+        };
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |e: rustls::pki_types::pem::Error| match e {
+                rustls::pki_types::pem::Error::Io(source) => CryptoError::Io { path, source },
+                _ => CryptoError::MalformedFile { path, what: "PEM" },
+            }
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
+            .map_err(io(chain))?
+            .collect::<Result<_, _>>()
+            .map_err(io(chain))?;
+        if certs.is_empty() {
+            return Err(bad(chain, "PEM certificate chain (no CERTIFICATE in it)"));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(io(key))?;
+        let me = Self {
+            chain: certs,
+            key: key_der,
+        };
+        // Refuse a key that is not the certificate's now, not at the first
+        // handshake.
+        let signer = provider()
+            .key_provider
+            .load_private_key(me.key.clone_key())
+            .map_err(|e| CryptoError::Tls(format!("{}: {e}", key.display())))?;
+        rustls::sign::CertifiedKey::new(me.chain.clone(), signer)
+            .keys_match()
+            .map_err(|_| {
+                CryptoError::Tls(format!(
+                    "{} is not the key of the first certificate in {}",
+                    key.display(),
+                    chain.display()
+                ))
+            })?;
+        Ok(me)
+    }
+}
+
+/// CA roots to check relay certificates against: the PEM certificates in
+/// `file`, or the system's (`None`).
+pub fn ca_roots(file: Option<&Path>) -> Result<rustls::RootCertStore, CryptoError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, source) = match file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<_, _>>())
+                .map_err(|e| match e {
+                    rustls::pki_types::pem::Error::Io(source) => CryptoError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    },
+                    _ => CryptoError::MalformedFile {
+                        path: path.display().to_string(),
+                        what: "PEM CA",
+                    },
+                })?;
+            (
+                roots.add_parsable_certificates(certs).0,
+                path.display().to_string(),
+            )
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            (
+                roots.add_parsable_certificates(found.certs).0,
+                "the system's CA store".to_string(),
+            )
+        }
+    };
+    if added == 0 {
+        return Err(CryptoError::Tls(format!(
+            "no usable CA certificate in {source}"
+        )));
+    }
+    Ok(roots)
+}
+
 /// The relay's rustls configuration: TLS 1.3, ALPN `agent-link/1`, client
-/// certificates mandatory (Ed25519), early data off.
+/// certificates mandatory (Ed25519), early data off; it presents its
+/// self-signed certificate.
 pub fn relay_server_config(identity: &TlsIdentity) -> Result<rustls::ServerConfig, CryptoError> {
+    server_config(vec![identity.cert.clone()], identity.key_der())
+}
+
+/// [`relay_server_config`] presenting a CA-issued chain instead.
+pub fn relay_server_config_ca(issued: &CaIssued) -> Result<rustls::ServerConfig, CryptoError> {
+    server_config(issued.chain.clone(), issued.key.clone_key())
+}
+
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, CryptoError> {
     let provider = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .with_client_cert_verifier(Arc::new(InstanceCertVerifier { provider }))
-        .with_single_cert(vec![identity.cert.clone()], identity.key_der())
+        .with_single_cert(chain, key)
         .map_err(tls)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     // 0-RTT data is replayable by anyone on the path: never accept it.
@@ -164,6 +289,30 @@ pub fn instance_client_config(
             fingerprint: relay_fingerprint,
             provider,
         }))
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key_der())
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.enable_early_data = false;
+    Ok(cfg)
+}
+
+/// An instance's rustls configuration for a relay a CA vouches for: the
+/// relay's chain must lead to one of `roots` and name the host the
+/// instance dials (the standard WebPKI checks, validity dates included);
+/// otherwise as [`instance_client_config`].
+pub fn instance_client_config_ca(
+    identity: &TlsIdentity,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<rustls::ClientConfig, CryptoError> {
+    let provider = provider();
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| CryptoError::Tls(e.to_string()))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key_der())
         .map_err(tls)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
@@ -344,6 +493,143 @@ mod tests {
         };
         assert!(check(&relay.cert).is_ok());
         assert!(check(&impostor.cert).is_err());
+    }
+
+    /// A CA, and a relay certificate it issued for `names`, as PEM.
+    fn ca_and_leaf(names: &[&str]) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .signed_by(&leaf_key, &issuer)
+                .unwrap();
+        (
+            pem("CERTIFICATE", ca_cert.der()),
+            pem("CERTIFICATE", leaf.der()),
+            pem("PRIVATE KEY", &leaf_key.serialize_der()),
+        )
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// Run a whole TLS 1.3 handshake in memory: the client's verdict.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
+        let mut c = rustls::ClientConnection::new(
+            Arc::new(client),
+            ServerName::try_from(name.to_string()).unwrap(),
+        )?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+            }
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+            }
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn a_ca_issued_relay_certificate_is_checked_against_the_roots_and_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let (ca, leaf, key) = ca_and_leaf(&["relay.example.org"]);
+        let (other_ca, other_leaf, other_key) = ca_and_leaf(&["relay.example.org"]);
+        let issued =
+            CaIssued::from_pem_files(&write("chain.pem", &leaf), &write("key.pem", &key)).unwrap();
+        let inst = TlsIdentity::self_signed(&Identity::generate(), "instance").unwrap();
+        let roots = Arc::new(ca_roots(Some(&write("ca.pem", &ca))).unwrap());
+        let client = || instance_client_config_ca(&inst, roots.clone()).unwrap();
+        let server = || relay_server_config_ca(&issued).unwrap();
+        handshake(client(), server(), "relay.example.org").unwrap();
+        // Another name than the certificate's.
+        assert!(handshake(client(), server(), "other.example.org").is_err());
+        // A chain from another CA.
+        let forged =
+            CaIssued::from_pem_files(&write("c2.pem", &other_leaf), &write("k2.pem", &other_key))
+                .unwrap();
+        assert!(handshake(
+            client(),
+            relay_server_config_ca(&forged).unwrap(),
+            "relay.example.org"
+        )
+        .is_err());
+        // The pinned relay certificate is no CA chain either.
+        let pinned = TlsIdentity::self_signed(&Identity::generate(), "relay.example.org").unwrap();
+        assert!(handshake(
+            client(),
+            relay_server_config(&pinned).unwrap(),
+            "relay.example.org"
+        )
+        .is_err());
+        // Roots of the other CA refuse the first relay.
+        let other_roots = Arc::new(ca_roots(Some(&write("ca2.pem", &other_ca))).unwrap());
+        let c = instance_client_config_ca(&inst, other_roots).unwrap();
+        assert!(handshake(c, server(), "relay.example.org").is_err());
+    }
+
+    #[test]
+    fn bad_pem_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let (ca, leaf, key) = ca_and_leaf(&["relay.example.org"]);
+        let (_, _, other_key) = ca_and_leaf(&["relay.example.org"]);
+        let chain = write("chain.pem", &leaf);
+        // Not the certificate's key.
+        let e = CaIssued::from_pem_files(&chain, &write("k2.pem", &other_key)).unwrap_err();
+        assert!(e.to_string().contains("is not the key"), "{e}");
+        // No certificate, no key, no file.
+        assert!(
+            CaIssued::from_pem_files(&write("empty.pem", ""), &write("key.pem", &key)).is_err()
+        );
+        assert!(CaIssued::from_pem_files(&chain, &write("nokey.pem", &ca)).is_err());
+        assert!(CaIssued::from_pem_files(&dir.path().join("missing"), &chain).is_err());
+        assert!(ca_roots(Some(&write("none.pem", "hello"))).is_err());
     }
 
     #[test]

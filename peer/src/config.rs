@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use agent_link_proto::RelayTrust;
 use serde::{Deserialize, Serialize};
 
 use crate::error::LinkError;
@@ -39,8 +40,16 @@ fn default_inbox_ttl_secs() -> u64 {
 pub struct PeerConfig {
     /// Relay address, `host:port`.
     pub relay_url: String,
-    /// SHA-256 fingerprint of the relay certificate, 64 hex digits.
+    /// How the relay is known: the SHA-256 fingerprint of its certificate,
+    /// 64 hex digits, or `ca` when it presents a CA-issued chain for the
+    /// host of `relay_url` (checked against `relay_ca_file`, else the
+    /// system's CA roots).
     pub relay_fingerprint: String,
+    /// PEM CA certificates to check `ca` relays against instead of the
+    /// system's roots (a path relative to the directory, or absolute;
+    /// `init --relay-ca-file` copies the file in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_ca_file: Option<String>,
     /// This instance's id.
     pub instance_id: String,
     /// Human-readable name.
@@ -86,17 +95,16 @@ pub struct PeerConfig {
 pub struct OtherRelay {
     /// Relay address, `host:port`.
     pub relay_url: String,
-    /// SHA-256 fingerprint of its certificate, 64 hex digits.
+    /// Its certificate's fingerprint, 64 hex digits, or `ca` (see
+    /// [`PeerConfig::relay_fingerprint`]).
     pub relay_fingerprint: String,
 }
 
-fn check_relay(url: &str, fingerprint: &str) -> Result<[u8; 32], &'static str> {
+fn check_relay(url: &str, fingerprint: &str) -> Result<RelayTrust, &'static str> {
     if !url.contains(':') || url.len() > 255 {
         return Err("relay_url");
     }
-    let mut fp = [0u8; 32];
-    hex::decode_to_slice(fingerprint.trim(), &mut fp).map_err(|_| "relay_fingerprint")?;
-    Ok(fp)
+    RelayTrust::from_config(fingerprint).ok_or("relay_fingerprint")
 }
 
 impl PeerConfig {
@@ -106,6 +114,7 @@ impl PeerConfig {
         Self {
             relay_url: relay_url.to_string(),
             relay_fingerprint: relay_fingerprint.to_string(),
+            relay_ca_file: None,
             instance_id: instance_id.to_string(),
             name: name.to_string(),
             auto_reconnect: true,
@@ -122,26 +131,21 @@ impl PeerConfig {
     /// A config for `instance_id` of the fleet `join` lists, its relays in
     /// the token's order.
     pub fn for_join(join: &agent_link_proto::JoinToken, instance_id: &str, name: &str) -> Self {
-        let mut c = Self::new(
-            &join.addr,
-            &hex::encode(join.fingerprint),
-            instance_id,
-            name,
-        );
+        let mut c = Self::new(&join.addr, &join.trust.to_config(), instance_id, name);
         c.other_relays = join
             .other_relays
             .iter()
             .map(|r| OtherRelay {
                 relay_url: r.addr.clone(),
-                relay_fingerprint: hex::encode(r.fingerprint),
+                relay_fingerprint: r.trust.to_config(),
             })
             .collect();
         c
     }
 
-    /// Every relay to dial, `relay_url` first, with its fingerprint (the
-    /// config is validated: every fingerprint decodes).
-    pub fn relays(&self) -> Vec<(String, [u8; 32])> {
+    /// Every relay to dial, `relay_url` first, with how it is known (the
+    /// config is validated: every entry decodes).
+    pub fn relays(&self) -> Vec<(String, RelayTrust)> {
         std::iter::once((&self.relay_url, &self.relay_fingerprint))
             .chain(
                 self.other_relays
@@ -187,7 +191,7 @@ impl PeerConfig {
             Err(_) => {
                 return Err((
                     "relay_fingerprint",
-                    "field `relay_fingerprint` must be 64 hex digits".into(),
+                    "field `relay_fingerprint` must be 64 hex digits, or `ca`".into(),
                 ))
             }
         }
@@ -196,7 +200,7 @@ impl PeerConfig {
                 let what = if field == "relay_url" {
                     "HOST:PORT"
                 } else {
-                    "64 hex digits"
+                    "64 hex digits, or `ca`"
                 };
                 return Err((
                     "other_relays",
@@ -236,11 +240,15 @@ impl PeerConfig {
         Ok(())
     }
 
-    /// The relay fingerprint as bytes.
-    pub fn fingerprint(&self) -> Result<[u8; 32], hex::FromHexError> {
-        let mut fp = [0u8; 32];
-        hex::decode_to_slice(self.relay_fingerprint.trim(), &mut fp)?;
-        Ok(fp)
+    /// How the first relay is known (`None` when `relay_fingerprint` does
+    /// not decode).
+    pub fn trust(&self) -> Option<RelayTrust> {
+        RelayTrust::from_config(&self.relay_fingerprint)
+    }
+
+    /// `relay_ca_file` as a path (relative ones are in `dir`).
+    pub fn ca_file(&self, dir: &Path) -> Option<PathBuf> {
+        self.relay_ca_file.as_ref().map(|f| dir.join(f))
     }
 }
 
@@ -262,6 +270,7 @@ mod tests {
         PeerConfig {
             relay_url: "127.0.0.1:8765".into(),
             relay_fingerprint: "ab".repeat(32),
+            relay_ca_file: None,
             instance_id: "instance-001".into(),
             name: "one".into(),
             auto_reconnect: true,
@@ -322,20 +331,20 @@ mod tests {
             assert_eq!(named, field);
             assert!(reason.contains(field));
         }
-        assert_eq!(good().fingerprint().unwrap(), [0xab; 32]);
+        assert_eq!(good().trust(), Some(RelayTrust::Pinned([0xab; 32])));
     }
 
     #[test]
     fn the_relays_come_in_the_tokens_order() {
         let join = agent_link_proto::JoinToken {
             addr: "127.0.0.1:1".into(),
-            fingerprint: [1; 32],
+            trust: RelayTrust::Pinned([1; 32]),
             secret: agent_link_proto::JoinSecret::Fleet(
                 agent_link_crypto::FleetSecret::from_bytes([0; 32]),
             ),
             other_relays: vec![agent_link_proto::RelayEndpoint {
-                addr: "127.0.0.1:2".into(),
-                fingerprint: [2; 32],
+                addr: "relay.example.org:2".into(),
+                trust: RelayTrust::Ca,
             }],
         };
         let c = PeerConfig::for_join(&join, "instance-001", "one");
@@ -343,8 +352,8 @@ mod tests {
         assert_eq!(
             c.relays(),
             [
-                ("127.0.0.1:1".to_string(), [1; 32]),
-                ("127.0.0.1:2".to_string(), [2; 32])
+                ("127.0.0.1:1".to_string(), RelayTrust::Pinned([1; 32])),
+                ("relay.example.org:2".to_string(), RelayTrust::Ca)
             ]
         );
         let json = serde_json::to_value(&c).unwrap();

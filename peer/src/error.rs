@@ -134,6 +134,20 @@ pub enum LinkError {
         /// What failed.
         reason: String,
     },
+    /// The relay answered, but its certificate is not the one this
+    /// instance knows it by (the pin of the join token, or a CA chain for
+    /// the host dialled): someone else may be answering there.
+    #[error(
+        "the relay at {addr} is not the one this instance knows: {reason}; a pinned relay \
+         whose certificate changed needs a new invite; for a relay with a CA-issued \
+         certificate, dial the name it is issued for and give its CA with `init --relay-ca-file`"
+    )]
+    UntrustedRelay {
+        /// The relay address.
+        addr: String,
+        /// What TLS said.
+        reason: String,
+    },
     /// The relay refused us.
     #[error("{}", .0.describe())]
     Refused(ErrorCode),

@@ -14,6 +14,9 @@ use crate::config::{PeerConfig, CONFIG_FILE, KEY_FILE, SECRET_FILE};
 use crate::error::{LinkError, Phase};
 use crate::transport::{self, CONNECT_TIMEOUT, FAILOVER_CONNECT_TIMEOUT};
 
+/// Where `init --relay-ca-file` keeps its copy of the CA certificates.
+pub(crate) const RELAY_CA_FILE: &str = "relay-ca.pem";
+
 /// How long registration may take once connected.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,6 +27,19 @@ pub async fn init(
     instance_id: &str,
     join: &JoinToken,
     name: Option<&str>,
+) -> Result<PublicKey, LinkError> {
+    init_with(dir, instance_id, join, name, None).await
+}
+
+/// [`init`], checking relays a CA vouches for against the PEM CA
+/// certificates in `relay_ca_file` instead of the system's roots (the file
+/// is copied into `dir` as `relay-ca.pem` and named in the config).
+pub async fn init_with(
+    dir: &Path,
+    instance_id: &str,
+    join: &JoinToken,
+    name: Option<&str>,
+    relay_ca_file: Option<&Path>,
 ) -> Result<PublicKey, LinkError> {
     agent_link_proto::check_id(instance_id).map_err(|e| LinkError::BadInput {
         what: "--instance-id",
@@ -54,9 +70,27 @@ pub async fn init(
         // user prepared.
         agent_link_crypto::files::check_private_dir(dir)?;
     }
+    // Read (and checked) before anything goes on the wire.
+    let ca_pem = match relay_ca_file {
+        Some(f) => {
+            agent_link_crypto::tls::ca_roots(Some(f))?;
+            Some(std::fs::read(f).map_err(|source| LinkError::Io {
+                what: "reading --relay-ca-file",
+                source,
+            })?)
+        }
+        None => None,
+    };
     let identity = Identity::generate();
-    let fleet =
-        register_with_fleet(&identity, instance_id, name.unwrap_or(instance_id), join).await?;
+    let mut ca = transport::CaRoots::new(relay_ca_file.map(Path::to_path_buf));
+    let fleet = register_with_fleet(
+        &identity,
+        instance_id,
+        name.unwrap_or(instance_id),
+        join,
+        &mut ca,
+    )
+    .await?;
 
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -73,7 +107,11 @@ pub async fn init(
     agent_link_crypto::files::check_private_dir(dir)?;
     identity.write_new(&dir.join(KEY_FILE))?;
     fleet.write_new(&dir.join(SECRET_FILE))?;
-    let config = PeerConfig::for_join(join, instance_id, name.unwrap_or(instance_id));
+    let mut config = PeerConfig::for_join(join, instance_id, name.unwrap_or(instance_id));
+    if let Some(pem) = ca_pem {
+        agent_link_crypto::files::write_atomic(&dir.join(RELAY_CA_FILE), &pem, 0o644)?;
+        config.relay_ca_file = Some(RELAY_CA_FILE.into());
+    }
     let json = serde_json::to_vec_pretty(&config).expect("a PeerConfig always serialises");
     agent_link_crypto::files::write_atomic(&dir.join(CONFIG_FILE), &json, 0o644)?;
     Ok(identity.public_key())
@@ -87,6 +125,7 @@ async fn register_with_fleet(
     instance_id: &str,
     name: &str,
     join: &JoinToken,
+    ca: &mut transport::CaRoots,
 ) -> Result<FleetSecret, LinkError> {
     let tls = transport::tls_identity(identity)?;
     let limit = if join.other_relays.is_empty() {
@@ -95,7 +134,7 @@ async fn register_with_fleet(
         FAILOVER_CONNECT_TIMEOUT
     };
     let mut unreachable = None;
-    for (label, fingerprint) in join.relays() {
+    for (label, trust) in join.relays() {
         let addr = match transport::resolve(label).await {
             Ok(a) => a,
             Err(e) => {
@@ -104,15 +143,17 @@ async fn register_with_fleet(
             }
         };
         let endpoint = transport::endpoint(addr.is_ipv6())?;
-        let config = transport::client_config(&tls, *fingerprint, false)?;
-        let conn = match transport::connect(&endpoint, &config, addr, label, limit).await {
-            Ok(c) => c,
-            Err(e @ LinkError::Unreachable { .. }) => {
-                unreachable = Some(e);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let config = transport::client_config(&tls, trust, ca, false)?;
+        let server_name = transport::server_name(label, trust);
+        let conn =
+            match transport::connect(&endpoint, &config, addr, label, &server_name, limit).await {
+                Ok(c) => c,
+                Err(e @ LinkError::Unreachable { .. }) => {
+                    unreachable = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
         let result = register(&conn, identity, label, instance_id, name, join).await;
         conn.close(0u32.into(), b"registered");
         // Registration is durable once answered; only the close is left to

@@ -52,7 +52,7 @@ pub use agent::{Agent, AgentSender};
 pub use agent_link_proto::{ErrorCode, Exit, InstanceStatus, JoinToken};
 pub use error::{CloseReason, LinkError, Phase, SendError};
 pub use find::{find_agent, FindAgentError};
-pub use init::{init, trust};
+pub use init::{init, init_with, trust};
 pub use link::{AgentLink, AgentLinkBuilder, StatusReport};
 pub use message::{Message, MessageId, Receipt};
 

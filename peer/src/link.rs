@@ -139,7 +139,7 @@ impl AgentLinkBuilder {
         let pins = Pins::load(pins_path.clone())
             .map_err(|reason| LinkError::config(pins_path, None, reason))?;
         let deadline = Instant::now() + self.connect_timeout;
-        let dialer = dialer(&identity, &config).await?;
+        let dialer = dialer(&identity, &config, dir).await?;
         let mut dialer = dialer;
         let conn = dialer.connect_by(deadline).await?;
         let relay = dialer.current();
@@ -176,16 +176,18 @@ impl AgentLinkBuilder {
 /// The dialer of the relays in `config`: one client configuration per
 /// relay (each pins its own certificate), on one endpoint of the address
 /// family of the first relay that resolves.
-async fn dialer(identity: &Identity, config: &PeerConfig) -> Result<Dialer, LinkError> {
+async fn dialer(identity: &Identity, config: &PeerConfig, dir: &Path) -> Result<Dialer, LinkError> {
     let relays = config.relays();
     let tls = transport::tls_identity(identity)?;
     let failover = relays.len() > 1;
+    let mut ca = transport::CaRoots::new(config.ca_file(dir));
     let targets = relays
         .iter()
-        .map(|(label, fingerprint)| {
+        .map(|(label, trust)| {
             Ok(RelayTarget {
                 label: label.clone(),
-                config: transport::client_config(&tls, *fingerprint, failover)?,
+                config: transport::client_config(&tls, *trust, &mut ca, failover)?,
+                server_name: transport::server_name(label, *trust),
             })
         })
         .collect::<Result<Vec<_>, LinkError>>()?;

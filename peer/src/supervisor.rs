@@ -34,12 +34,13 @@ pub(crate) enum ConnState {
     Closed(CloseReason),
 }
 
-/// One relay to dial: its `host:port` and the client configuration that
-/// pins its certificate.
+/// One relay to dial: its `host:port`, the client configuration that
+/// knows its certificate, and the TLS server name to ask for.
 #[derive(Clone, Debug)]
 pub(crate) struct RelayTarget {
     pub(crate) label: String,
     pub(crate) config: quinn::ClientConfig,
+    pub(crate) server_name: String,
 }
 
 /// Where to connect: the relays of the peer's config, tried in turn from
@@ -136,8 +137,15 @@ impl Dialer {
                     let addr = transport::resolve(&target.label).await;
                     let r = match addr {
                         Ok(addr) => {
-                            transport::connect(endpoint, &target.config, addr, &target.label, limit)
-                                .await
+                            transport::connect(
+                                endpoint,
+                                &target.config,
+                                addr,
+                                &target.label,
+                                &target.server_name,
+                                limit,
+                            )
+                            .await
                         }
                         Err(e) => Err(e),
                     };

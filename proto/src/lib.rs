@@ -50,7 +50,7 @@ pub use error::{ErrorCode, ProtoError};
 pub use exit::Exit;
 pub use frames::{Address, InstanceStatus, PeerToRelay, Receipt, RelayToPeer};
 pub use ids::{check_id, MAX_ID_LEN};
-pub use join::{JoinSecret, JoinToken, RelayEndpoint, MAX_RELAYS};
+pub use join::{JoinSecret, JoinToken, RelayEndpoint, RelayTrust, MAX_RELAYS};
 pub use register::{check_invite_proof, check_register_proof, invite_proof, register_proof};
 pub use replay::{ReplayVerdict, ReplayWindow};
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use agent_link_crypto::{Domain, FleetSecret, Identity};
 use agent_link_proto::{
     codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, JoinSecret, JoinToken, OpenedEnvelope,
-    PeerToRelay, Receipt, RelayToPeer,
+    PeerToRelay, Receipt, RelayToPeer, RelayTrust,
 };
 
 fn vectors_dir() -> PathBuf {
@@ -104,7 +104,7 @@ fn envelope_vector() {
 
 /// Every vector file this test writes; a stray or missing file fails
 /// `vector_files_are_exactly_these`.
-const VECTORS: [&str; 27] = [
+const VECTORS: [&str; 28] = [
     "envelope",
     "envelope_body",
     "public_key",
@@ -125,6 +125,7 @@ const VECTORS: [&str; 27] = [
     "frame_failed",
     "frame_error",
     "frame_detached",
+    "join_token_ca_invite",
     "join_token_fleet_invite",
     "join_token_invite",
     "invite_proof",
@@ -218,7 +219,7 @@ fn register_proof_vector() {
 fn join_token_vector() {
     let token = JoinToken {
         addr: "127.0.0.1:8765".into(),
-        fingerprint: [3; 32],
+        trust: RelayTrust::Pinned([3; 32]),
         secret: JoinSecret::Fleet(FleetSecret::from_bytes(FLEET)),
         other_relays: vec![],
     };
@@ -226,7 +227,7 @@ fn join_token_vector() {
     check("join_token", text.as_bytes());
     let back = JoinToken::parse(std::str::from_utf8(&read("join_token")).unwrap()).unwrap();
     assert_eq!(back.addr, "127.0.0.1:8765");
-    assert_eq!(back.fingerprint, [3; 32]);
+    assert_eq!(back.pinned(), Some([3; 32]));
     assert_eq!(back.fleet_secret().unwrap().expose(), &FLEET);
     assert_eq!(back.encode().unwrap(), text);
 }
@@ -239,7 +240,7 @@ const INVITE: [u8; 32] = [7; 32];
 fn fleet_invite_vector() {
     let token = JoinToken {
         addr: "127.0.0.1:8765".into(),
-        fingerprint: [3; 32],
+        trust: RelayTrust::Pinned([3; 32]),
         secret: JoinSecret::Invite {
             instance_id: "instance-001".into(),
             secret: FleetSecret::from_bytes(INVITE),
@@ -247,11 +248,11 @@ fn fleet_invite_vector() {
         other_relays: vec![
             agent_link_proto::RelayEndpoint {
                 addr: "127.0.0.1:8766".into(),
-                fingerprint: [5; 32],
+                trust: RelayTrust::Pinned([5; 32]),
             },
             agent_link_proto::RelayEndpoint {
                 addr: "relay-3.example:443".into(),
-                fingerprint: [6; 32],
+                trust: RelayTrust::Pinned([6; 32]),
             },
         ],
     };
@@ -259,7 +260,10 @@ fn fleet_invite_vector() {
     check("join_token_fleet_invite", text.as_bytes());
     let back =
         JoinToken::parse(std::str::from_utf8(&read("join_token_fleet_invite")).unwrap()).unwrap();
-    let relays: Vec<_> = back.relays().map(|(a, f)| (a.to_string(), *f)).collect();
+    let relays: Vec<_> = back
+        .relays()
+        .map(|(a, t)| (a.to_string(), t.pinned().unwrap()))
+        .collect();
     assert_eq!(
         relays,
         [
@@ -272,11 +276,42 @@ fn fleet_invite_vector() {
     assert_eq!(back.encode().unwrap(), text);
 }
 
+/// An invite (version 6) whose first relay a CA vouches for, the second
+/// pinned.
+#[test]
+fn ca_invite_vector() {
+    let token = JoinToken {
+        addr: "relay.example.org:4433".into(),
+        trust: RelayTrust::Ca,
+        secret: JoinSecret::Invite {
+            instance_id: "instance-001".into(),
+            secret: FleetSecret::from_bytes(INVITE),
+        },
+        other_relays: vec![agent_link_proto::RelayEndpoint {
+            addr: "127.0.0.1:8766".into(),
+            trust: RelayTrust::Pinned([5; 32]),
+        }],
+    };
+    let text = token.encode().unwrap();
+    check("join_token_ca_invite", text.as_bytes());
+    let back =
+        JoinToken::parse(std::str::from_utf8(&read("join_token_ca_invite")).unwrap()).unwrap();
+    let relays: Vec<_> = back.relays().map(|(a, t)| (a.to_string(), t)).collect();
+    assert_eq!(
+        relays,
+        [
+            ("relay.example.org:4433".to_string(), RelayTrust::Ca),
+            ("127.0.0.1:8766".to_string(), RelayTrust::Pinned([5; 32])),
+        ]
+    );
+    assert_eq!(back.encode().unwrap(), text);
+}
+
 #[test]
 fn invite_vectors() {
     let token = JoinToken {
         addr: "127.0.0.1:8765".into(),
-        fingerprint: [3; 32],
+        trust: RelayTrust::Pinned([3; 32]),
         secret: JoinSecret::Invite {
             instance_id: "instance-001".into(),
             secret: FleetSecret::from_bytes(INVITE),

@@ -6,7 +6,7 @@
 use agent_link_crypto::{FleetSecret, Identity};
 use agent_link_proto::{
     check_id, codec, Address, EnvelopeBody, ErrorCode, InstanceStatus, JoinToken, OpenedEnvelope,
-    PeerToRelay, ProtoError, Receipt, RelayToPeer,
+    PeerToRelay, ProtoError, Receipt, RelayToPeer, RelayTrust,
 };
 use proptest::prelude::*;
 
@@ -587,17 +587,19 @@ proptest! {
     fn join_token_round_trips(
         host in "[a-z0-9.-]{1,40}",
         port in any::<u16>(),
-        fingerprint in any::<[u8; 32]>(),
+        fingerprint in proptest::option::of(any::<[u8; 32]>()),
         secret in any::<[u8; 32]>(),
-        others in proptest::collection::vec(("[a-z0-9.-]{1,40}", any::<u16>(), any::<[u8; 32]>()), 0..16),
+        others in proptest::collection::vec(("[a-z0-9.-]{1,40}", any::<u16>(), proptest::option::of(any::<[u8; 32]>())), 0..16),
     ) {
+        // `None`: a relay a CA vouches for.
+        let trust = |f: Option<[u8; 32]>| f.map_or(RelayTrust::Ca, RelayTrust::Pinned);
         let t = JoinToken {
             addr: format!("{host}:{port}"),
-            fingerprint,
+            trust: trust(fingerprint),
             secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes(secret)),
             other_relays: others
                 .iter()
-                .map(|(h, p, f)| agent_link_proto::RelayEndpoint { addr: format!("{h}:{p}"), fingerprint: *f })
+                .map(|(h, p, f)| agent_link_proto::RelayEndpoint { addr: format!("{h}:{p}"), trust: trust(*f) })
                 .collect(),
         };
         let text = t.encode().unwrap();
@@ -605,7 +607,7 @@ proptest! {
         prop_assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         let back = JoinToken::parse(&format!(" {text}\n")).unwrap();
         prop_assert_eq!(&back.addr, &t.addr);
-        prop_assert_eq!(back.fingerprint, fingerprint);
+        prop_assert_eq!(back.pinned(), fingerprint);
         prop_assert_eq!(back.fleet_secret().unwrap().expose(), &secret);
         prop_assert_eq!(&back.other_relays, &t.other_relays);
         let shown = format!("{back:?}");
@@ -632,10 +634,10 @@ proptest! {
     ) {
         let good = JoinToken {
             addr: "relay.example:8765".into(),
-            fingerprint: [3; 32],
+            trust: RelayTrust::Pinned([3; 32]),
             secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes([2; 32])),
             other_relays: if fleet {
-                vec![agent_link_proto::RelayEndpoint { addr: "relay-2.example:8765".into(), fingerprint: [4; 32] }]
+                vec![agent_link_proto::RelayEndpoint { addr: "relay-2.example:8765".into(), trust: RelayTrust::Ca }]
             } else {
                 vec![]
             },

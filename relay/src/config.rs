@@ -112,6 +112,24 @@ pub struct RelayConfig {
     /// `registry.json`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// Present a certificate chain from a certificate authority instead of
+    /// the relay's pinned self-signed certificate (public deployments).
+    /// Join tokens then tell peers to check the chain against their CA
+    /// roots for the host they dial (`invite --addr`, or `advertise` in a
+    /// fleet), which must be a name (or IP address) the certificate is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `tls` in `relay-config.json`: PEM files, absolute or relative to the
+/// relay's directory. Read at start; a renewed certificate takes a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The relay's certificate, then its intermediates.
+    pub cert_chain: String,
+    /// The certificate's private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: String,
 }
 
 /// `cluster` in `relay-config.json` (DESIGN.md, "A fleet of relays").
@@ -166,6 +184,7 @@ impl Default for RelayConfig {
             open_registration: false,
             registrations_per_sec: 10,
             cluster: None,
+            tls: None,
         }
     }
 }

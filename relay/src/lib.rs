@@ -43,7 +43,7 @@ mod server;
 pub mod state;
 mod stats;
 
-pub use config::{ClusterConfig, ConfigError, RelayConfig};
+pub use config::{ClusterConfig, ConfigError, RelayConfig, TlsConfig};
 pub use server::admin::{query_online, OnlineInstance};
 pub use server::writer::Outbound;
 pub use server::{Relay, SpawnError, SpawnOptions};

@@ -79,6 +79,14 @@ enum Command {
         /// address)
         #[arg(long, value_name = "HOST:PORT", requires = "cluster")]
         advertise: Option<String>,
+        /// Present this certificate chain from a CA (PEM, the relay's certificate first) instead
+        /// of the pinned self-signed certificate; join tokens then tell peers to check it
+        /// against their CA roots for the host they dial
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert_chain: Option<PathBuf>,
+        /// The private key of --tls-cert-chain (PEM)
+        #[arg(long, value_name = "FILE", requires = "tls_cert_chain")]
+        tls_key: Option<PathBuf>,
     },
     /// Print one line: a single-use join token for one instance id (relay address, certificate
     /// fingerprint, the invite's own secret), or with --reusable the open fleet token.
@@ -229,8 +237,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             fleet_secret_file,
             relay_id,
             advertise,
+            tls_cert_chain,
+            tls_key,
         } => {
             let dir = dir.path();
+            let tls = match (tls_cert_chain, tls_key) {
+                (Some(c), Some(k)) => Some(agent_link_relay::TlsConfig {
+                    cert_chain: c.display().to_string(),
+                    key: k.display().to_string(),
+                }),
+                _ => None,
+            };
             let fleet_secret = match &fleet_secret_file {
                 None => None,
                 Some(f) => Some(FleetSecret::read(f).map_err(|e| {
@@ -252,6 +269,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     listen,
                     cluster,
                     fleet_secret,
+                    tls,
                 },
             )?;
             eprintln!("initialised {}", dir.display());

@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use agent_link_crypto::tls::TlsIdentity;
+use agent_link_crypto::tls::{CaIssued, TlsIdentity};
 use agent_link_crypto::{FleetSecret, Identity};
 use agent_link_proto::{JoinSecret, JoinToken, RelayEndpoint};
 
@@ -81,6 +81,9 @@ pub struct RelayState {
     pub config: RelayConfig,
     /// Certificate and key.
     pub tls: TlsIdentity,
+    /// The CA-issued chain the config's `tls` names, presented instead of
+    /// `tls`'s certificate.
+    pub ca_issued: Option<CaIssued>,
     /// Fleet secret.
     pub fleet: FleetSecret,
     /// The secret the last rotation replaced, and until when (Unix ms) it
@@ -156,6 +159,9 @@ pub struct InitOptions {
     /// The fleet secret to take (a joining relay: a copy of the first
     /// relay's `fleet.secret`); absent, a new one.
     pub fleet_secret: Option<FleetSecret>,
+    /// Present this CA-issued chain (PEM files; written into the config
+    /// as absolute paths) instead of the pinned self-signed certificate.
+    pub tls: Option<crate::config::TlsConfig>,
 }
 
 /// `init --cluster`: the config's `cluster` section.
@@ -198,6 +204,22 @@ pub fn init_with(
     if let Some(l) = opts.listen {
         config.listen = l;
     }
+    // Read before anything is written: a chain that does not load, or a
+    // key that is not its certificate's, is refused now.
+    let ca_issued = match opts.tls {
+        None => None,
+        Some(t) => {
+            let issued = CaIssued::from_pem_files(Path::new(&t.cert_chain), Path::new(&t.key))?;
+            let absolute = |p: &str| {
+                std::path::absolute(p).map_or_else(|_| p.to_string(), |a| a.display().to_string())
+            };
+            config.tls = Some(crate::config::TlsConfig {
+                cert_chain: absolute(&t.cert_chain),
+                key: absolute(&t.key),
+            });
+            Some(issued)
+        }
+    };
     let identity = Identity::generate();
     if let Some(c) = opts.cluster {
         let fp = identity.public_key();
@@ -243,6 +265,7 @@ pub fn init_with(
             dir: dir.to_path_buf(),
             config,
             tls,
+            ca_issued,
             fleet,
             previous: None,
             reset_key: reset_key(&identity),
@@ -299,10 +322,18 @@ pub fn load(dir: &Path) -> Result<RelayState, StateError> {
     })?;
     let (fleet, previous) = read_fleet(dir)?;
     RegistryStore::new(dir).load()?;
+    let ca_issued = match &config.tls {
+        None => None,
+        Some(t) => Some(CaIssued::from_pem_files(
+            &dir.join(&t.cert_chain),
+            &dir.join(&t.key),
+        )?),
+    };
     Ok(RelayState {
         dir: dir.to_path_buf(),
         config,
         tls,
+        ca_issued,
         fleet,
         previous,
         reset_key: reset_key(&identity),
@@ -344,10 +375,19 @@ impl RelayState {
 
     /// A token for `secret`: this relay at `addr`, and in a fleet the
     /// relays that are up ([`crate::cluster::presence::token_relays`]).
+    /// How peers know this relay: a CA vouches for it (config `tls`), or
+    /// its own certificate's pin.
+    pub fn trust(&self) -> agent_link_proto::RelayTrust {
+        match self.ca_issued {
+            Some(_) => agent_link_proto::RelayTrust::Ca,
+            None => agent_link_proto::RelayTrust::Pinned(self.tls.fingerprint()),
+        }
+    }
+
     fn token(&self, addr: &str, secret: JoinSecret) -> Result<JoinToken, RegistryAccessError> {
         let own = RelayEndpoint {
             addr: addr.to_string(),
-            fingerprint: self.tls.fingerprint(),
+            trust: self.trust(),
         };
         let (first, other_relays) = match &self.config.cluster {
             None => (own, Vec::new()),
@@ -360,7 +400,7 @@ impl RelayState {
         };
         Ok(JoinToken {
             addr: first.addr,
-            fingerprint: first.fingerprint,
+            trust: first.trust,
             secret,
             other_relays,
         })
@@ -549,8 +589,8 @@ mod tests {
         ));
         let tok = l.open_token("127.0.0.1:8765").unwrap().encode().unwrap();
         assert_eq!(
-            JoinToken::parse(&tok).unwrap().fingerprint,
-            s.tls.fingerprint()
+            JoinToken::parse(&tok).unwrap().pinned(),
+            Some(s.tls.fingerprint())
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,6 +29,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bins;
+mod ca;
 mod nats;
 mod peers;
 mod raw;
@@ -36,6 +37,7 @@ mod relay;
 mod time;
 
 pub use bins::{peer_cmd, relay_cmd, text, workspace_bin};
+pub use ca::TestCa;
 pub use nats::{nats_or_skip, nats_server, NatsCluster};
 pub use peers::{exchange, peer, peer_dir, recv, write_peer_dir};
 pub use raw::{client_config, random_id, OwnedFrame, RawClient, RawStream};

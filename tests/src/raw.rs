@@ -59,7 +59,7 @@ impl RawClient {
     ) -> anyhow::Result<Self> {
         Self::connect_with(
             relay.addr,
-            relay.token.fingerprint,
+            relay.token.pinned().expect("a pinned relay"),
             relay.fleet_key(),
             identity,
             instance,

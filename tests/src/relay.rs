@@ -170,7 +170,7 @@ impl TestRelay {
 fn placeholder_token() -> JoinToken {
     JoinToken {
         addr: "127.0.0.1:1".into(),
-        fingerprint: [0; 32],
+        trust: agent_link_proto::RelayTrust::Pinned([0; 32]),
         secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::from_bytes([0; 32])),
         other_relays: vec![],
     }

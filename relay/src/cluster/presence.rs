@@ -24,7 +24,7 @@ pub const REFRESH: Duration = Duration::from_secs(PRESENCE_TTL.as_secs() / 3);
 struct Entry {
     /// `host:port` peers dial.
     addr: String,
-    /// SHA-256 of its certificate, hex.
+    /// SHA-256 of its certificate, hex; or `ca` (a CA vouches for it).
     fingerprint: String,
 }
 
@@ -32,7 +32,7 @@ struct Entry {
 pub fn value(relay: &RelayEndpoint) -> Bytes {
     let e = Entry {
         addr: relay.addr.clone(),
-        fingerprint: hex::encode(relay.fingerprint),
+        fingerprint: relay.trust.to_config(),
     };
     Bytes::from(serde_json::to_vec(&e).expect("a presence entry encodes as JSON"))
 }
@@ -44,15 +44,14 @@ fn decode(key: &str, value: &[u8]) -> Result<RelayEndpoint, ClusterError> {
         reason,
     };
     let e: Entry = serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
-    let mut fingerprint = [0u8; 32];
-    hex::decode_to_slice(&e.fingerprint, &mut fingerprint)
-        .map_err(|_| corrupt("fingerprint is not 64 hex digits".into()))?;
+    let trust = agent_link_proto::RelayTrust::from_config(&e.fingerprint)
+        .ok_or_else(|| corrupt("fingerprint is not 64 hex digits or `ca`".into()))?;
     if !e.addr.contains(':') {
         return Err(corrupt("addr is not HOST:PORT".into()));
     }
     Ok(RelayEndpoint {
         addr: e.addr,
-        fingerprint,
+        trust,
     })
 }
 
@@ -136,7 +135,7 @@ mod tests {
     fn r(addr: &str, f: u8) -> RelayEndpoint {
         RelayEndpoint {
             addr: addr.into(),
-            fingerprint: [f; 32],
+            trust: agent_link_proto::RelayTrust::Pinned([f; 32]),
         }
     }
 

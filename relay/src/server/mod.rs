@@ -115,8 +115,11 @@ const UDP_RECV_BUFFER: usize = 8 << 20;
 
 fn build_server_config(state: &RelayState) -> Result<quinn::ServerConfig, SpawnError> {
     let cfg = &state.config;
-    let tls = agent_link_crypto::tls::relay_server_config(&state.tls)
-        .map_err(|e| SpawnError::Tls(e.to_string()))?;
+    let tls = match &state.ca_issued {
+        Some(issued) => agent_link_crypto::tls::relay_server_config_ca(issued),
+        None => agent_link_crypto::tls::relay_server_config(&state.tls),
+    }
+    .map_err(|e| SpawnError::Tls(e.to_string()))?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| SpawnError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -242,7 +245,7 @@ impl Relay {
             Some(watch) => {
                 let me = agent_link_proto::RelayEndpoint {
                     addr: crate::state::advertise_addr(&state.config, local_addr),
-                    fingerprint: state.tls.fingerprint(),
+                    trust: state.trust(),
                 };
                 tasks.spawn(cluster::serve(hub.clone(), me));
                 tasks.spawn(async move {

@@ -139,7 +139,7 @@ fn member_fleet_token(dir: &Path) -> String {
     let secret = agent_link_crypto::FleetSecret::read(&dir.join("fleet.secret")).unwrap();
     agent_link_proto::JoinToken {
         addr: cfg["relay_url"].as_str().unwrap().to_string(),
-        fingerprint: fp,
+        trust: agent_link_proto::RelayTrust::Pinned(fp),
         secret: agent_link_proto::JoinSecret::Fleet(secret),
         other_relays: vec![],
     }
@@ -1301,4 +1301,81 @@ fn core_dumps_are_off_in_both_binaries() {
     assert_eq!(core_limit(listen.id()), ("0".into(), "0".into()));
     let _ = listen.kill();
     let _ = listen.wait();
+}
+
+/// A relay with a CA-issued certificate, from the command line: `init
+/// --tls-cert-chain --tls-key`, invites that say "check the chain", and
+/// peers that join with `--relay-ca-file` (and, without it, are refused
+/// with what to do, exit 1).
+#[test]
+fn a_relay_with_a_ca_issued_certificate_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = agent_link_tests::TestCa::new();
+    let pem = tmp.path().join("pem");
+    std::fs::create_dir(&pem).unwrap();
+    ca.issue(&["127.0.0.1"], &pem);
+    let ca_file = ca.write_cert(tmp.path(), "ca.pem");
+    let dir = tmp.path().join("relay");
+    let out = run({
+        let mut c = relay_cmd();
+        c.args([
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert-chain")
+        .arg(pem.join("chain.pem"))
+        .arg("--tls-key")
+        .arg(pem.join("key.pem"));
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (relay, _) = RelayChild::start(&dir, "127.0.0.1:0");
+    let invite = relay.invite("instance-001");
+    let token = agent_link_proto::JoinToken::parse(&invite).unwrap();
+    assert_eq!(token.trust, agent_link_proto::RelayTrust::Ca);
+
+    let one = tmp.path().join("one");
+    let refused = run({
+        let mut c = peer_cmd();
+        c.args([
+            "init",
+            "--dir",
+            one.to_str().unwrap(),
+            "--instance-id",
+            "instance-001",
+        ])
+        .args(["--join", &invite]);
+        c
+    });
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("--relay-ca-file"),
+        "says what to do: {}",
+        text(&refused.stderr)
+    );
+    let init_with_ca = |dir: &Path, id: &str, invite: &str| {
+        let out = run({
+            let mut c = peer_cmd();
+            c.args(["init", "--dir", dir.to_str().unwrap(), "--instance-id", id])
+                .args(["--join", invite])
+                .arg("--relay-ca-file")
+                .arg(&ca_file);
+            c
+        });
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    init_with_ca(&one, "instance-001", &invite);
+    let two = tmp.path().join("two");
+    init_with_ca(&two, "instance-002", &relay.invite("instance-002"));
+    let (mut listen, lines) = listener(&one, "rx", 1);
+    wait_attached(&relay, "instance-001", "rx");
+    let out = send(&two, "tx", "instance-001/rx", "hi over a CA");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&lines.recv_timeout(WAIT).expect("the message")).unwrap();
+    assert_eq!(v["message"], "hi over a CA");
+    assert!(wait_exit(&mut listen).success());
 }

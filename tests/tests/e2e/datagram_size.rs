@@ -29,7 +29,7 @@ async fn discovered_mtu(relay: &TestRelay, until_above: u16) -> u16 {
         Arc::new(quinn::TokioRuntime),
     )
     .unwrap();
-    let mut cfg = client_config(&a, relay.token.fingerprint);
+    let mut cfg = client_config(&a, relay.token.pinned().expect("a pinned relay"));
     cfg.transport_config(Arc::new(client_transport_config()));
     endpoint.set_default_client_config(cfg);
     let sender = RawClient::connect_on(endpoint, relay.addr, relay.fleet_key(), a, "inst-a")

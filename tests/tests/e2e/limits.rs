@@ -113,7 +113,7 @@ async fn a_peer_that_falls_silent_is_dropped_at_the_idle_timeout() {
         .unwrap();
     let client = RawClient::connect_with(
         proxy.addr(),
-        relay.token.fingerprint,
+        relay.token.pinned().expect("a pinned relay"),
         relay.fleet_key(),
         id,
         "quiet",
@@ -160,7 +160,7 @@ async fn a_handshake_that_never_completes_is_dropped_at_the_handshake_timeout() 
     let before = stats();
     let attempt = tokio::spawn(RawClient::connect_with(
         proxy.addr(),
-        relay.token.fingerprint,
+        relay.token.pinned().expect("a pinned relay"),
         relay.fleet_key(),
         id,
         "stuck",

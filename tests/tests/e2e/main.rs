@@ -14,6 +14,7 @@
 //! | `datagram_size` | how far path MTU discovery grows a connection's datagrams |
 //! | `storm` | 1,000 instances reconnecting at once; a handshake flood beside a working client |
 
+mod ca_relay;
 mod daemon_replay;
 mod datagram_size;
 mod failover;

@@ -448,7 +448,7 @@ async fn registration_first_key_keeps_the_id_and_survives_restart() {
     // Wrong fleet secret.
     let outsider = RawClient::connect_with(
         relay.addr,
-        relay.token.fingerprint,
+        relay.token.pinned().expect("a pinned relay"),
         FleetSecret::generate().key(),
         Identity::generate(),
         "inst-9",

@@ -210,7 +210,7 @@ async fn a_connection_flood_does_not_stop_a_connected_client() {
     let mut flood = tokio::task::JoinSet::new();
     for _ in 0..20 {
         let (ok, failed, cut) = (ok.clone(), failed.clone(), cut.clone());
-        let (addr, fp) = (relay.addr, relay.token.fingerprint);
+        let (addr, fp) = (relay.addr, relay.token.pinned().expect("a pinned relay"));
         flood.spawn(async move {
             let stranger = Identity::generate();
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

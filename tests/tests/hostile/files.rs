@@ -164,7 +164,7 @@ fn peer_dir(base: &Path) -> std::path::PathBuf {
     let dir = base.join("peer");
     let token = JoinToken {
         addr: "127.0.0.1:9".into(),
-        fingerprint: [3; 32],
+        trust: agent_link_proto::RelayTrust::Pinned([3; 32]),
         secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::generate()),
         other_relays: vec![],
     };
@@ -658,7 +658,7 @@ fn directories_others_can_change_are_refused() {
     chmod(&pre, 0o777);
     let token = JoinToken {
         addr: "127.0.0.1:9".into(),
-        fingerprint: [3; 32],
+        trust: agent_link_proto::RelayTrust::Pinned([3; 32]),
         secret: agent_link_proto::JoinSecret::Fleet(FleetSecret::generate()),
         other_relays: vec![],
     }

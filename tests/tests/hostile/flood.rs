@@ -63,7 +63,11 @@ async fn every_member_connects_through_a_flood_of_forged_initials() {
     // the test.
     let mut set = tokio::task::JoinSet::new();
     for (id, identity) in members {
-        let (addr, fp, fleet) = (relay.addr, relay.token.fingerprint, relay.fleet_key());
+        let (addr, fp, fleet) = (
+            relay.addr,
+            relay.token.pinned().expect("a pinned relay"),
+            relay.fleet_key(),
+        );
         set.spawn(async move {
             let c = RawClient::connect_with(addr, fp, fleet, identity, &id)
                 .await
@@ -109,7 +113,7 @@ async fn stranger(relay: &TestRelay) -> (quinn::Endpoint, quinn::Connection) {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(client_config(
         &Identity::generate(),
-        relay.token.fingerprint,
+        relay.token.pinned().expect("a pinned relay"),
     ));
     let conn = tokio::time::timeout(
         WAIT,

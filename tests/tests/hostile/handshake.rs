@@ -17,7 +17,8 @@ use crate::common::{bystander_still_works, endpoint_with, relay_and_bystander};
 async fn wrong_alpn_fails_the_handshake() {
     let (relay, a, b) = relay_and_bystander().await;
     let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
-    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    let mut cfg =
+        instance_client_config(&tls_id, relay.token.pinned().expect("a pinned relay")).unwrap();
     cfg.alpn_protocols = vec![b"h3".to_vec()];
     let ep = endpoint_with(cfg);
     let r = tokio::time::timeout(WAIT, ep.connect(relay.addr, "agent-link-relay").unwrap())
@@ -34,7 +35,8 @@ async fn missing_alpn_fails_the_handshake() {
     // Registered, so only the missing ALPN can be the reason.
     relay.register("no-alpn", &id);
     let tls_id = TlsIdentity::self_signed(&id, "x").unwrap();
-    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    let mut cfg =
+        instance_client_config(&tls_id, relay.token.pinned().expect("a pinned relay")).unwrap();
     cfg.alpn_protocols = Vec::new();
     let ep = endpoint_with(cfg);
     let r = tokio::time::timeout(WAIT, ep.connect(relay.addr, "agent-link-relay").unwrap())
@@ -49,7 +51,7 @@ async fn a_relay_with_another_certificate_is_refused_by_the_peer() {
     let (relay, a, b) = relay_and_bystander().await;
     let id = Identity::generate();
     relay.register("pinned-wrong", &id);
-    let mut wrong_fp = relay.token.fingerprint;
+    let mut wrong_fp = relay.token.pinned().expect("a pinned relay");
     wrong_fp[0] ^= 1;
     let r =
         RawClient::connect_with(relay.addr, wrong_fp, relay.fleet_key(), id, "pinned-wrong").await;
@@ -65,7 +67,8 @@ async fn client_without_a_certificate_is_refused() {
     let (relay, a, b) = relay_and_bystander().await;
     // A client that offers no certificate at all (plain server-auth TLS).
     let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
-    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    let mut cfg =
+        instance_client_config(&tls_id, relay.token.pinned().expect("a pinned relay")).unwrap();
     cfg.client_auth_cert_resolver = Arc::new(NoCert);
     let ep = endpoint_with(cfg);
     let r = tokio::time::timeout(WAIT, async {
@@ -179,7 +182,8 @@ async fn zero_rtt_is_never_accepted() {
     let id = Identity::generate();
     relay.register("eager", &id);
     let tls_id = TlsIdentity::self_signed(&id, "x").unwrap();
-    let mut cfg = instance_client_config(&tls_id, relay.token.fingerprint).unwrap();
+    let mut cfg =
+        instance_client_config(&tls_id, relay.token.pinned().expect("a pinned relay")).unwrap();
     // A client that would send 0-RTT data if the relay let it.
     cfg.enable_early_data = true;
     let store = Arc::new(CountingStore {

@@ -27,7 +27,7 @@ fn invite(relay: &TestRelay, id: &str) -> JoinToken {
 fn fleet_token_from(relay: &TestRelay, dir: &Path) -> JoinToken {
     JoinToken {
         addr: relay.token.addr.clone(),
-        fingerprint: relay.token.fingerprint,
+        trust: relay.token.trust,
         secret: JoinSecret::Fleet(FleetSecret::read(&dir.join("fleet.secret")).unwrap()),
         other_relays: vec![],
     }

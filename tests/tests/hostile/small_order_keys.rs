@@ -113,7 +113,8 @@ async fn a_client_with_a_small_order_key_fails_the_handshake() {
     let mut identity_point = [0u8; 32];
     identity_point[0] = 1;
     let tls_id = TlsIdentity::self_signed(&Identity::generate(), "x").unwrap();
-    let mut cfg = instance_client_config(&tls_id, net.relay.token.fingerprint).unwrap();
+    let mut cfg =
+        instance_client_config(&tls_id, net.relay.token.pinned().expect("a pinned relay")).unwrap();
     cfg.client_auth_cert_resolver = Arc::new(Present(Arc::new(rustls::sign::CertifiedKey::new(
         vec![cert_with_key(identity_point)],
         Arc::new(IdentityPointKey),

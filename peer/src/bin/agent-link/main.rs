@@ -70,6 +70,10 @@ enum Command {
         /// Human-readable name
         #[arg(long)]
         name: Option<String>,
+        /// PEM CA certificates to check relays with a CA-issued certificate
+        /// against, instead of the system's CA roots (copied into DIR)
+        #[arg(long, value_name = "FILE")]
+        relay_ca_file: Option<PathBuf>,
     },
     /// Print this instance's id and public key.
     Whoami {
@@ -344,10 +348,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             join,
             join_file,
             name,
+            relay_ca_file,
         } => {
             let token = read_join(join, join_file)?;
-            let key = agent_link::init(&dir.path(), &instance_id, &token, name.as_deref())
-                .await
+            let key = agent_link::init_with(
+                &dir.path(),
+                &instance_id,
+                &token,
+                name.as_deref(),
+                relay_ca_file.as_deref(),
+            )
+            .await
                 .map_err(|e| match e {
                     LinkError::Refused(agent_link::ErrorCode::InstanceIdTaken) => Failure(
                         Exit::Refused,
