@@ -33,6 +33,15 @@ pub struct Stats {
     /// Deliveries failed `TargetOffline` because their target stream ended
     /// before they were answered.
     pub deliveries_failed_unanswered: AtomicU64,
+    /// In a fleet: envelopes forwarded to the relay holding their target.
+    pub fleet_forwards: AtomicU64,
+    /// In a fleet: forwards sent again, unanswered after 2 s.
+    pub fleet_forwards_resent: AtomicU64,
+    /// In a fleet: forwards given up unanswered after 10 s (their senders'
+    /// own deadline and retry take over).
+    pub fleet_forwards_unanswered: AtomicU64,
+    /// In a fleet: NATS messages of forwards sent (each a batch).
+    pub fleet_batches_sent: AtomicU64,
     refused: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -50,6 +59,10 @@ impl Default for Stats {
             registrations: AtomicU64::new(0),
             replies_dropped: AtomicU64::new(0),
             deliveries_failed_unanswered: AtomicU64::new(0),
+            fleet_forwards: AtomicU64::new(0),
+            fleet_forwards_resent: AtomicU64::new(0),
+            fleet_forwards_unanswered: AtomicU64::new(0),
+            fleet_batches_sent: AtomicU64::new(0),
             refused: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -132,6 +145,26 @@ impl Stats {
             "deliveries_failed_unanswered_total",
             "Deliveries failed TargetOffline: their target stream ended unanswered.",
             self.deliveries_failed_unanswered.load(Relaxed),
+        );
+        line(
+            "fleet_forwards_total",
+            "Envelopes forwarded to the relay of the fleet holding their target.",
+            self.fleet_forwards.load(Relaxed),
+        );
+        line(
+            "fleet_forwards_resent_total",
+            "Forwards sent again, unanswered after 2 s.",
+            self.fleet_forwards_resent.load(Relaxed),
+        );
+        line(
+            "fleet_forwards_unanswered_total",
+            "Forwards given up unanswered after 10 s.",
+            self.fleet_forwards_unanswered.load(Relaxed),
+        );
+        line(
+            "fleet_batches_sent_total",
+            "NATS messages carrying forwards (batches).",
+            self.fleet_batches_sent.load(Relaxed),
         );
         out.push_str("# HELP agent_link_refused_total Frames and messages refused, by code.\n# TYPE agent_link_refused_total counter\n");
         for code in ErrorCode::ALL {

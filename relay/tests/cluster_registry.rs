@@ -17,6 +17,20 @@ use agent_link_relay::cluster::{registry, Cluster, ClusterError};
 use agent_link_relay::registry::RegisterError;
 use agent_link_relay::ClusterConfig;
 
+/// The nats-server binary, or `None` (the test skips) when there is none
+/// and CI did not ask for it.
+fn nats_or_skip() -> Option<PathBuf> {
+    let bin = nats_server();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
+            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
+        );
+        eprintln!("skipped: nats-server not found");
+    }
+    bin
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -66,14 +80,7 @@ impl NatsCluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_id_registered_at_once_through_two_relays_has_exactly_one_owner() {
-    let Some(bin) = nats_server() else {
-        assert!(
-            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
-            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
-        );
-        eprintln!("skipped: nats-server not found");
-        return;
-    };
+    let Some(bin) = nats_or_skip() else { return };
     let nats = NatsCluster::start(&bin);
     let r1 = nats.connect(0, "relay-1").await;
     let r2 = nats.connect(1, "relay-2").await;
@@ -205,14 +212,7 @@ fn instances(dir: &std::path::Path) -> serde_json::Value {
 /// the fleet, not the directory's own file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_commands_from_any_relays_directory_change_the_fleets_registry() {
-    let Some(bin) = nats_server() else {
-        assert!(
-            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
-            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
-        );
-        eprintln!("skipped: nats-server not found");
-        return;
-    };
+    let Some(bin) = nats_or_skip() else { return };
     let nats = NatsCluster::start(&bin);
     // Ready (leader elected, buckets made) before the commands' 5 s connect.
     drop(nats.connect(0, "relay-1").await);
@@ -332,14 +332,7 @@ async fn a_relay_configured_for_a_fleet_does_not_run_alone() {
 async fn a_watch_whose_consumer_vanished_opens_again() {
     use agent_link_relay::cluster::watch::BucketWatch;
     use futures_util::StreamExt;
-    let Some(bin) = nats_server() else {
-        assert!(
-            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
-            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
-        );
-        eprintln!("skipped: nats-server not found");
-        return;
-    };
+    let Some(bin) = nats_or_skip() else { return };
     let nats = NatsCluster::start(&bin);
     let relay = nats.connect(1, "relay-1").await;
     let store = relay.attach_store().clone();

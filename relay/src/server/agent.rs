@@ -427,7 +427,11 @@ impl AgentTask<'_> {
             None => {
                 if let (Some(fleet), Some(envelope)) = (fleet, spare) {
                     if let Some(relay) = fleet.remote_holder(to.instance, to.agent) {
-                        return fleet.forward(&relay, self.token, id, envelope);
+                        let forwarded = fleet.forward(&relay, self.token, id, envelope);
+                        if forwarded.is_ok() {
+                            self.hub.stats().fleet_forwards.fetch_add(1, Relaxed);
+                        }
+                        return forwarded;
                     }
                 }
                 Err(agent_stream::unrouted(

@@ -232,14 +232,16 @@ impl ClusterLink {
     /// Forget forwards unanswered after [`FORWARD_TIMEOUT`] (nothing is sent
     /// to the peer: its own deadline and retry take over) and send again
     /// those unanswered for [`FORWARD_RETRY_AFTER`] per try.
-    fn sweep_forwards(&self, now: Instant) {
+    fn sweep_forwards(&self, now: Instant, stats: &crate::stats::Stats) {
         let mut again = Vec::new();
+        let mut given_up = 0u64;
         self.waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|&n, f| {
                 let age = now.duration_since(f.since);
                 if age >= FORWARD_TIMEOUT {
+                    given_up += 1;
                     return false;
                 }
                 if f.retried < FORWARD_RETRIES
@@ -250,6 +252,10 @@ impl ClusterLink {
                 }
                 true
             });
+        stats.fleet_forwards_unanswered.fetch_add(given_up, Relaxed);
+        stats
+            .fleet_forwards_resent
+            .fetch_add(again.len() as u64, Relaxed);
         for (n, subject, envelope) in again {
             let _ = self.publish_forward(n, subject, envelope);
         }
@@ -440,6 +446,7 @@ async fn publish_outgoing(hub: &Hub, fleet: &ClusterLink) {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(b, (ns, Instant::now()));
                 let reply = format!("{}{b}", fleet.answers);
+                hub.stats().fleet_batches_sent.fetch_add(1, Relaxed);
                 // Not sent: its forwards go again or time out unanswered,
                 // and their senders' deadline and retry take over.
                 if let Err(e) = client
@@ -493,7 +500,7 @@ async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
         let msg = tokio::select! {
             m = sub.next() => m,
             _ = sweep.tick() => {
-                fleet.sweep_forwards(Instant::now());
+                fleet.sweep_forwards(Instant::now(), hub.stats());
                 continue;
             }
             _ = hub.shutdown().cancelled() => return,

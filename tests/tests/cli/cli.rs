@@ -148,6 +148,11 @@ fn member_fleet_token(dir: &Path) -> String {
 }
 
 pub(crate) fn init_peer(dir: &Path, id: &str, token: &str) -> String {
+    init_peer_with(dir, id, token, &[])
+}
+
+/// [`init_peer`] with more arguments.
+fn init_peer_with(dir: &Path, id: &str, token: &str, more: &[&std::ffi::OsStr]) -> String {
     let out = run({
         let mut c = peer_cmd();
         c.args([
@@ -158,7 +163,8 @@ pub(crate) fn init_peer(dir: &Path, id: &str, token: &str) -> String {
             id,
             "--join",
             token,
-        ]);
+        ])
+        .args(more);
         c
     });
     assert!(out.status.success(), "init {id}: {}", text(&out.stderr));
@@ -1356,20 +1362,15 @@ fn a_relay_with_a_ca_issued_certificate_from_the_command_line() {
         "says what to do: {}",
         text(&refused.stderr)
     );
-    let init_with_ca = |dir: &Path, id: &str, invite: &str| {
-        let out = run({
-            let mut c = peer_cmd();
-            c.args(["init", "--dir", dir.to_str().unwrap(), "--instance-id", id])
-                .args(["--join", invite])
-                .arg("--relay-ca-file")
-                .arg(&ca_file);
-            c
-        });
-        assert!(out.status.success(), "{}", text(&out.stderr));
-    };
-    init_with_ca(&one, "instance-001", &invite);
+    let with_ca = [std::ffi::OsStr::new("--relay-ca-file"), ca_file.as_os_str()];
+    init_peer_with(&one, "instance-001", &invite, &with_ca);
     let two = tmp.path().join("two");
-    init_with_ca(&two, "instance-002", &relay.invite("instance-002"));
+    init_peer_with(
+        &two,
+        "instance-002",
+        &relay.invite("instance-002"),
+        &with_ca,
+    );
     let (mut listen, lines) = listener(&one, "rx", 1);
     wait_attached(&relay, "instance-001", "rx");
     let out = send(&two, "tx", "instance-001/rx", "hi over a CA");

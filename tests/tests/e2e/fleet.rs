@@ -108,6 +108,22 @@ async fn a_message_crosses_relays_and_its_receipt_comes_back() {
             (format!("n{i}").into_bytes().into(), r.id)
         );
     }
+    // Counted for the operator (`--metrics`): relay 1 forwarded at least
+    // the 21 sends of alice above, in at least one NATS message.
+    let stats = r1.relay().stats();
+    let forwards = stats
+        .fleet_forwards
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let batches = stats
+        .fleet_batches_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        forwards >= 21 && (1..=forwards).contains(&batches),
+        "{forwards} in {batches}"
+    );
+    assert!(stats
+        .render(0)
+        .contains(&format!("agent_link_fleet_forwards_total {forwards}")));
     // Registered, attached nowhere: the cause, from either relay.
     let e = a1.send("bob/nobody", "x").await.unwrap_err();
     assert_eq!(e.exit().code(), 3, "{e}");

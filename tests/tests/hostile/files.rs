@@ -110,9 +110,14 @@ fn join_tokens_malformed_in_each_way_are_refused_with_the_reason() {
             "unsupported token version",
         ),
         (
-            "version 5",
-            token(5, b"127.0.0.1:8765"),
+            "version 7",
+            token(7, b"127.0.0.1:8765"),
             "unsupported token version",
+        ),
+        (
+            "version 5 (relays a CA may vouch for) in the one relay layout",
+            token(5, b"127.0.0.1:8765"),
+            "do not decode",
         ),
         (
             "version 3 (a fleet of relays) in the one relay layout",
@@ -560,15 +565,15 @@ fn the_peer_cli_refuses_bad_join_tokens_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("p");
     let d = dir.to_str().unwrap();
-    let v5 = token(5, b"127.0.0.1:8765");
+    let v7 = token(7, b"127.0.0.1:8765");
     refused(
         &run(
             "agent-link",
-            &["init", "--dir", d, "--instance-id", "i", "--join", &v5],
+            &["init", "--dir", d, "--instance-id", "i", "--join", &v7],
         ),
         2,
         &["--join", "unsupported token version"],
-        "version 5 token",
+        "version 7 token",
     );
     assert!(
         !dir.join(KEY_FILE).exists() && !dir.join(CONFIG_FILE).exists(),
