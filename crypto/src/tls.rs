@@ -161,25 +161,14 @@ impl CaIssued {
     /// private key: PKCS#8, SEC1 or PKCS#1); the key must be the first
     /// certificate's.
     pub fn from_pem_files(chain: &Path, key: &Path) -> Result<Self, CryptoError> {
-        let bad = |path: &Path, what: &'static str| CryptoError::MalformedFile {
-            path: path.display().to_string(),
-            what,
-        };
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |e: rustls::pki_types::pem::Error| match e {
-                rustls::pki_types::pem::Error::Io(source) => CryptoError::Io { path, source },
-                _ => CryptoError::MalformedFile { path, what: "PEM" },
-            }
-        };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
-            .map_err(io(chain))?
-            .collect::<Result<_, _>>()
-            .map_err(io(chain))?;
+        let certs = pem_certificates(chain, "PEM")?;
         if certs.is_empty() {
-            return Err(bad(chain, "PEM certificate chain (no CERTIFICATE in it)"));
+            return Err(CryptoError::MalformedFile {
+                path: chain.display().to_string(),
+                what: "PEM certificate chain (no CERTIFICATE in it)",
+            });
         }
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(io(key))?;
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem_error(key, "PEM"))?;
         let me = Self {
             chain: certs,
             key: key_der,
@@ -203,24 +192,36 @@ impl CaIssued {
     }
 }
 
+/// The `what` that `path` should hold could not be read (`Io`) or is not
+/// PEM of that kind (`MalformedFile`).
+fn pem_error(
+    path: &Path,
+    what: &'static str,
+) -> impl FnOnce(rustls::pki_types::pem::Error) -> CryptoError {
+    let path = path.display().to_string();
+    move |e| match e {
+        rustls::pki_types::pem::Error::Io(source) => CryptoError::Io { path, source },
+        _ => CryptoError::MalformedFile { path, what },
+    }
+}
+
+/// Every CERTIFICATE of the PEM file `path` (`what` names it in errors).
+fn pem_certificates(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, CryptoError> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(pem_error(path, what))
+}
+
 /// CA roots to check relay certificates against: the PEM certificates in
 /// `file`, or the system's (`None`).
 pub fn ca_roots(file: Option<&Path>) -> Result<rustls::RootCertStore, CryptoError> {
     let mut roots = rustls::RootCertStore::empty();
     let (added, source) = match file {
         Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| match e {
-                    rustls::pki_types::pem::Error::Io(source) => CryptoError::Io {
-                        path: path.display().to_string(),
-                        source,
-                    },
-                    _ => CryptoError::MalformedFile {
-                        path: path.display().to_string(),
-                        what: "PEM CA",
-                    },
-                })?;
+            let certs = pem_certificates(path, "PEM CA")?;
             (
                 roots.add_parsable_certificates(certs).0,
                 path.display().to_string(),

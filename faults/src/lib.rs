@@ -23,7 +23,7 @@ pub mod proxy;
 pub mod relay_process;
 pub mod soak;
 
-pub use nats_cluster::{nats_server, NatsCluster};
+pub use nats_cluster::{nats_or_skip, nats_server, NatsCluster};
 pub use netns::{LossyNamespace, NetnsError};
 pub use proc_watch::ProcWatch;
 pub use proxy::{Impairment, ProxyStats, UdpProxy};

@@ -25,6 +25,23 @@ pub fn nats_server() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The nats-server binary; `None` (the test skips) when there is none and
+/// `AGENT_LINK_REQUIRE_NATS` is unset.
+///
+/// # Panics
+/// When `AGENT_LINK_REQUIRE_NATS` is set and there is no nats-server.
+pub fn nats_or_skip() -> Option<PathBuf> {
+    let bin = nats_server();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
+            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
+        );
+        eprintln!("skipped: nats-server not found");
+    }
+    bin
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

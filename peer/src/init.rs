@@ -70,19 +70,20 @@ pub async fn init_with(
         // user prepared.
         agent_link_crypto::files::check_private_dir(dir)?;
     }
-    // Read (and checked) before anything goes on the wire.
-    let ca_pem = match relay_ca_file {
+    // Read (and checked) before anything goes on the wire; the copy for the
+    // directory is the file's bytes.
+    let (mut ca, ca_pem) = match relay_ca_file {
         Some(f) => {
-            agent_link_crypto::tls::ca_roots(Some(f))?;
-            Some(std::fs::read(f).map_err(|source| LinkError::Io {
+            let roots = agent_link_crypto::tls::ca_roots(Some(f))?;
+            let pem = std::fs::read(f).map_err(|source| LinkError::Io {
                 what: "reading --relay-ca-file",
                 source,
-            })?)
+            })?;
+            (transport::CaRoots::loaded(roots), Some(pem))
         }
-        None => None,
+        None => (transport::CaRoots::new(None), None),
     };
     let identity = Identity::generate();
-    let mut ca = transport::CaRoots::new(relay_ca_file.map(Path::to_path_buf));
     let fleet = register_with_fleet(
         &identity,
         instance_id,

@@ -41,6 +41,14 @@ impl CaRoots {
         Self { file, roots: None }
     }
 
+    /// Roots already read (from the file they came from).
+    pub(crate) fn loaded(roots: agent_link_crypto::tls::RootCertStore) -> Self {
+        Self {
+            file: None,
+            roots: Some(Arc::new(roots)),
+        }
+    }
+
     fn get(&mut self) -> Result<Arc<agent_link_crypto::tls::RootCertStore>, LinkError> {
         if let Some(r) = &self.roots {
             return Ok(r.clone());

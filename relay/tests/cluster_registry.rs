@@ -12,24 +12,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_link_crypto::Identity;
-use agent_link_faults::nats_server;
+use agent_link_faults::nats_or_skip;
 use agent_link_relay::cluster::{registry, Cluster, ClusterError};
 use agent_link_relay::registry::RegisterError;
 use agent_link_relay::ClusterConfig;
-
-/// The nats-server binary, or `None` (the test skips) when there is none
-/// and CI did not ask for it.
-fn nats_or_skip() -> Option<PathBuf> {
-    let bin = nats_server();
-    if bin.is_none() {
-        assert!(
-            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
-            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
-        );
-        eprintln!("skipped: nats-server not found");
-    }
-    bin
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

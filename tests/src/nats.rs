@@ -4,30 +4,12 @@
 //! test without it skips, unless `AGENT_LINK_REQUIRE_NATS` is set (CI sets
 //! it), see [`nats_or_skip`].
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agent_link_relay::cluster::Cluster;
 use agent_link_relay::ClusterConfig;
 
-pub use agent_link_faults::nats_server;
-
-/// The nats-server binary; `None` (the test skips) when there is none and
-/// `AGENT_LINK_REQUIRE_NATS` is unset.
-///
-/// # Panics
-/// When `AGENT_LINK_REQUIRE_NATS` is set and there is no nats-server.
-pub fn nats_or_skip() -> Option<PathBuf> {
-    let bin = nats_server();
-    if bin.is_none() {
-        assert!(
-            std::env::var_os("AGENT_LINK_REQUIRE_NATS").is_none(),
-            "AGENT_LINK_REQUIRE_NATS is set but nats-server was not found"
-        );
-        eprintln!("skipped: nats-server not found");
-    }
-    bin
-}
+pub use agent_link_faults::{nats_or_skip, nats_server};
 
 /// Three nats-server processes clustered with JetStream
 /// ([`agent_link_faults::NatsCluster`]); killed on drop.

@@ -22,12 +22,26 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tracing::warn;
 
+use super::ClusterError;
+
 /// How often the watch is compared with the bucket.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How long one comparison or reopening may take before it is given up
 /// until the next check (NATS itself may be what is down).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The newest revision of `store` (its stream's last sequence), asked of
+/// the stream afresh (the store's own status is the one cached when the
+/// bucket was opened).
+pub async fn newest_revision(store: &kv::Store) -> Result<u64, ClusterError> {
+    let mut stream = store.stream.clone();
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| ClusterError::js("reading a bucket's newest revision")(e.to_string()))?;
+    Ok(info.state.last_sequence)
+}
 
 /// The decision of [`BucketWatch`], without I/O: fed at each check with
 /// the revision delivered so far and the bucket's newest one.
@@ -122,9 +136,9 @@ impl BucketWatch {
     /// Compare with the bucket; open the watch again if it stalled (or,
     /// when `poked`, if it lags at all).
     async fn compare(&mut self, poked: bool) {
-        let mut stream = self.store.stream.clone();
-        let newest = match tokio::time::timeout(REQUEST_TIMEOUT, stream.info()).await {
-            Ok(Ok(info)) => info.state.last_sequence,
+        let newest = match tokio::time::timeout(REQUEST_TIMEOUT, newest_revision(&self.store)).await
+        {
+            Ok(Ok(newest)) => newest,
             // NATS is not answering: the watch cannot do better either.
             _ => return,
         };

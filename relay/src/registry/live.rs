@@ -106,16 +106,6 @@ impl Fleet {
             let _ = tokio::time::timeout(CATCH_UP, rx.wait_for(|&r| r >= revision)).await;
         }
     }
-
-    /// The bucket's newest revision.
-    async fn last_revision(&self) -> Result<u64, ClusterError> {
-        let mut stream = self.store.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| ClusterError::js("reading the registry")(e.to_string()))?;
-        Ok(info.state.last_sequence)
-    }
 }
 
 impl LiveRegistry {
@@ -312,7 +302,7 @@ impl LiveRegistry {
             // wait (bounded) for the bucket's newest entry to arrive. One
             // stream-info request per stranger, which NATS answers cheaply;
             // the connection's stranger slot bounds how many wait at once.
-            match fleet.last_revision().await {
+            match crate::cluster::watch::newest_revision(&fleet.store).await {
                 Ok(last) => fleet.caught_up(last).await,
                 Err(e) => warn!("fleet registry: {e}"),
             }

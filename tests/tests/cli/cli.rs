@@ -153,7 +153,16 @@ pub(crate) fn init_peer(dir: &Path, id: &str, token: &str) -> String {
 
 /// [`init_peer`] with more arguments.
 fn init_peer_with(dir: &Path, id: &str, token: &str, more: &[&std::ffi::OsStr]) -> String {
-    let out = run({
+    let out = run_init(dir, id, token, more);
+    assert!(out.status.success(), "init {id}: {}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_string();
+    assert_eq!(key.len(), 64, "prints the public key: {key:?}");
+    key
+}
+
+/// `agent-link init --join TOKEN` and `more`, whatever it answers.
+fn run_init(dir: &Path, id: &str, token: &str, more: &[&std::ffi::OsStr]) -> Output {
+    run({
         let mut c = peer_cmd();
         c.args([
             "init",
@@ -166,11 +175,7 @@ fn init_peer_with(dir: &Path, id: &str, token: &str, more: &[&std::ffi::OsStr]) 
         ])
         .args(more);
         c
-    });
-    assert!(out.status.success(), "init {id}: {}", text(&out.stderr));
-    let key = text(&out.stdout).trim().to_string();
-    assert_eq!(key.len(), 64, "prints the public key: {key:?}");
-    key
+    })
 }
 
 fn send(dir: &Path, from: &str, to: &str, msg: &str) -> Output {
@@ -1344,18 +1349,7 @@ fn a_relay_with_a_ca_issued_certificate_from_the_command_line() {
     assert_eq!(token.trust, agent_link_proto::RelayTrust::Ca);
 
     let one = tmp.path().join("one");
-    let refused = run({
-        let mut c = peer_cmd();
-        c.args([
-            "init",
-            "--dir",
-            one.to_str().unwrap(),
-            "--instance-id",
-            "instance-001",
-        ])
-        .args(["--join", &invite]);
-        c
-    });
+    let refused = run_init(&one, "instance-001", &invite, &[]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
     assert!(
         text(&refused.stderr).contains("--relay-ca-file"),
