@@ -177,6 +177,47 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// How long a starting relay waits for JetStream to answer once NATS
+/// does: after a NATS node dies the buckets elect new leaders, which took
+/// up to ~11 s here, and a relay restarted meanwhile must not give up.
+const JETSTREAM_START_WAIT: Duration = Duration::from_secs(30);
+
+/// Connect to the fleet of `cfg`, check it is this secret's fleet, and
+/// load its registry. A NATS that does not answer, another fleet, or a
+/// bucket that does not decode fail at once; JetStream failing to answer
+/// (no leader yet) is tried again until [`JETSTREAM_START_WAIT`].
+async fn join_fleet(
+    cfg: &crate::config::ClusterConfig,
+    state: &RelayState,
+    store: RegistryStore,
+) -> Result<
+    (
+        crate::cluster::Cluster,
+        LiveRegistry,
+        async_nats::jetstream::kv::Watch,
+    ),
+    crate::cluster::ClusterError,
+> {
+    use crate::cluster::ClusterError;
+    let deadline = tokio::time::Instant::now() + JETSTREAM_START_WAIT;
+    loop {
+        let attempt = async {
+            let cluster = crate::cluster::Cluster::connect(cfg).await?;
+            // Never serve a fleet with another fleet's secret.
+            crate::cluster::membership::verify(cluster.registry_store(), &state.fleet).await?;
+            let (registry, watch) = LiveRegistry::load_fleet(store.clone(), &cluster).await?;
+            Ok::<_, ClusterError>((cluster, registry, watch))
+        };
+        match attempt.await {
+            Err(e @ ClusterError::JetStream { .. }) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!("the fleet's JetStream does not answer yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Relay {
     /// Bind and start serving `state`.
     pub async fn spawn(state: RelayState, opts: SpawnOptions) -> Result<Relay, SpawnError> {
@@ -188,10 +229,7 @@ impl Relay {
         let (registry, fleet) = match &config.cluster {
             None => (LiveRegistry::load(store)?, None),
             Some(c) => {
-                let cluster = crate::cluster::Cluster::connect(c).await?;
-                // Never serve a fleet with another fleet's secret.
-                crate::cluster::membership::verify(cluster.registry_store(), &state.fleet).await?;
-                let (registry, watch) = LiveRegistry::load_fleet(store, &cluster).await?;
+                let (cluster, registry, watch) = join_fleet(c, &state, store).await?;
                 (registry, Some((cluster::ClusterLink::new(cluster), watch)))
             }
         };
