@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::deliveries::Ledger;
 use crate::core::rate::TokenBucket;
+use crate::core::TokenMap;
 
 /// A stream's deliveries, named by sending instance (see
 /// [`crate::core::deliveries`]).
@@ -72,7 +73,7 @@ impl<M> Clone for StreamHandle<M> {
 
 #[derive(Debug)]
 struct InstanceEntry<M> {
-    connections: HashMap<u64, quinn::Connection>,
+    connections: TokenMap<quinn::Connection>,
     receivers: HashMap<String, StreamHandle<M>>,
     rate: Arc<Mutex<TokenBucket>>,
     /// The instance's bucket for control requests (see
@@ -85,7 +86,7 @@ struct InstanceEntry<M> {
 #[derive(Debug)]
 struct Inner<M> {
     instances: HashMap<String, InstanceEntry<M>>,
-    streams: HashMap<u64, StreamHandle<M>>,
+    streams: TokenMap<StreamHandle<M>>,
 }
 
 impl<M> Inner<M> {
@@ -115,7 +116,7 @@ impl<M> Default for Router<M> {
         Self {
             inner: Mutex::new(Inner {
                 instances: HashMap::new(),
-                streams: HashMap::new(),
+                streams: TokenMap::default(),
             }),
             next: AtomicU64::new(0),
             changes: AtomicU64::new(0),
@@ -174,7 +175,7 @@ impl<M> Router<M> {
             .instances
             .entry(instance.to_string())
             .or_insert_with(|| InstanceEntry {
-                connections: HashMap::new(),
+                connections: TokenMap::default(),
                 receivers: HashMap::new(),
                 rate: Arc::new(Mutex::new(TokenBucket::new(rate.0, rate.1, Instant::now()))),
                 control: Arc::new(Mutex::new(TokenBucket::new(
@@ -389,7 +390,7 @@ mod tests {
         r.lock().instances.insert(
             "i1".into(),
             InstanceEntry {
-                connections: HashMap::new(),
+                connections: TokenMap::default(),
                 receivers: HashMap::new(),
                 rate: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),
                 control: Arc::new(Mutex::new(TokenBucket::new(1, 1, Instant::now()))),

@@ -55,27 +55,37 @@ pub fn check_send<'a>(
         id: None,
         code: e.code(),
     })?;
-    let refuse = |code| Refusal {
+    check_opened(&env, sender, policy, now_ms).map_err(|code| Refusal {
         id: Some(env.body.id),
         code,
-    };
+    })?;
+    Ok(env)
+}
+
+/// [`check_send`] for an envelope already opened (a relay serving another
+/// relay's forward opens it first to find the sender's key).
+pub fn check_opened(
+    env: &OpenedEnvelope<'_>,
+    sender: &SenderContext<'_>,
+    policy: &CheckPolicy,
+    now_ms: u64,
+) -> Result<(), ErrorCode> {
     // The frame limit leaves room for the envelope's header; the payload
     // itself must be within the advertised limit too.
     if env.body.payload.len() > policy.max_payload {
-        return Err(refuse(ErrorCode::TooLarge));
+        return Err(ErrorCode::TooLarge);
     }
     // Sender binding: a member may only speak as its own instance and as the
     // agent attached on this stream (prevents impersonation inside the fleet).
-    env.check_sender(sender.instance, sender.agent)
-        .map_err(refuse)?;
+    env.check_sender(sender.instance, sender.agent)?;
     // Fleet membership, constant time.
-    env.check_tag_in(&policy.fleet, now_ms).map_err(refuse)?;
+    env.check_tag_in(&policy.fleet, now_ms)?;
     // Replay bound: old captures are refused (receivers also de-duplicate).
-    env.check_time(now_ms, policy.window_ms).map_err(refuse)?;
+    env.check_time(now_ms, policy.window_ms)?;
     if policy.verify_signatures {
-        env.check_signature(sender.key).map_err(refuse)?;
+        env.check_signature(sender.key)?;
     }
-    Ok(env)
+    Ok(())
 }
 
 /// Verify the Ed25519 signatures of envelopes from one sender key as a batch

@@ -88,7 +88,7 @@ pub struct Ledger<S> {
     /// ledgers.
     instance: Arc<AtomicUsize>,
     next: u64,
-    entries: HashMap<u64, Entry<S>>,
+    entries: super::TokenMap<Entry<S>>,
     frames: usize,
     bytes: usize,
     senders: HashMap<S, Usage>,
@@ -103,7 +103,7 @@ impl<S: Clone + Eq + Hash> Ledger<S> {
             limits,
             instance,
             next: 0,
-            entries: HashMap::new(),
+            entries: super::TokenMap::default(),
             frames: 0,
             bytes: 0,
             senders: HashMap::new(),

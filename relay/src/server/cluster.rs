@@ -37,7 +37,8 @@ use crate::cluster::attach::{self, AttachTable, AttachValue};
 use crate::cluster::batch::{self, Batcher};
 use crate::cluster::watch::BucketWatch;
 use crate::cluster::{deliver_subject, presence, Cluster};
-use crate::core::checks::{check_send, SenderContext};
+use crate::core::checks::{check_opened, SenderContext};
+use crate::core::TokenMap;
 
 /// Requests to other relays in flight at once; beyond it senders get
 /// `Busy`, as for a full local queue.
@@ -60,15 +61,15 @@ pub(crate) struct ClusterLink {
     /// Deliveries from other relays not answered yet: the reply token the
     /// target's ledger holds, to the NATS subject the answer goes to and
     /// the asking relay's number for it.
-    pending: Mutex<HashMap<u64, (async_nats::Subject, u64, Instant)>>,
+    pending: Mutex<TokenMap<(async_nats::Subject, u64, Instant)>>,
     /// Messages this relay forwarded, waiting for their answer, by their
     /// number `n`.
-    waiting: Mutex<HashMap<u64, Forwarded>>,
+    waiting: Mutex<TokenMap<Forwarded>>,
     next_forward: std::sync::atomic::AtomicU64,
     /// Batches of forwards sent, by batch number (the last token of their
     /// reply subject): the forwards each carried, for a "no responders"
     /// status, which names only the batch.
-    batches: Mutex<HashMap<u64, (Vec<u64>, Instant)>>,
+    batches: Mutex<TokenMap<(Vec<u64>, Instant)>>,
     /// `agentlink.relay.<this relay>.answer.`: where answers come back.
     answers: String,
     /// What goes out to other relays, published by one task in order
@@ -552,44 +553,33 @@ async fn take_answers(hub: &Arc<Hub>, fleet: &ClusterLink) {
 /// the sender, unless it is not one (then it is ignored), or it is a
 /// refusal of a forward sent more than once.
 async fn settle(hub: &Arc<Hub>, fleet: &ClusterLink, n: u64, body: Option<&[u8]>) {
-    // Which forward, and whether it was sent more than once.
-    let Some((id, retried)) = fleet
-        .waiting
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&n)
-        .map(|f| (f.id, f.retried > 0))
-    else {
-        return;
-    };
-    let (answer, refusal) = match body {
-        None => {
-            let f = frame(&RelayToPeer::Failed {
-                id,
-                code: ErrorCode::TargetOffline,
-            });
-            (f, true)
+    let settled = {
+        let mut waiting = fleet.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        // Which forward, and whether it was sent more than once.
+        let Some(f) = waiting.get(&n) else { return };
+        let (id, retried) = (f.id, f.retried > 0);
+        let answer = match body {
+            None => Some((
+                frame(&RelayToPeer::Failed {
+                    id,
+                    code: ErrorCode::TargetOffline,
+                }),
+                true,
+            )),
+            Some(body) => checked_answer(body, id),
+        };
+        match answer {
+            // Sent twice or more, a refusal speaks for one copy only:
+            // another may have arrived (or may still). Only a receipt
+            // settles it then; else the forward times out unanswered,
+            // "outcome unknown".
+            Some((_, true)) if retried => return,
+            Some((answer, _)) => waiting.remove(&n).map(|f| (f.reply_token, answer)),
+            None => None,
         }
-        Some(body) => match checked_answer(body, id) {
-            Some(answer) => answer,
-            None => {
-                warn!("a relay answered a forwarded message with something else; ignored");
-                return;
-            }
-        },
     };
-    // Sent twice or more, a refusal speaks for one copy only: another may
-    // have arrived (or may still). Only a receipt settles it then; else the
-    // forward times out unanswered, "outcome unknown".
-    if refusal && retried {
-        return;
-    }
-    let Some(Forwarded { reply_token, .. }) = fleet
-        .waiting
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&n)
-    else {
+    let Some((reply_token, answer)) = settled else {
+        warn!("a relay answered a forwarded message with something else; ignored");
         return;
     };
     super::agent::route_reply(hub, reply_token, answer).await;
@@ -784,7 +774,7 @@ fn deliver(
         key: &key,
     };
     let now = agent_link_proto::clock::unix_ms(std::time::SystemTime::now());
-    check_send(&envelope, &sender, &hub.policy(), now).map_err(|r| (Some(id), r.code))?;
+    check_opened(&env, &sender, &hub.policy(), now).map_err(|code| (Some(id), code))?;
     let token = hub.router().new_token();
     // In the map before the delivery is queued: its answer may come at once.
     fleet
@@ -793,11 +783,10 @@ fn deliver(
         .unwrap_or_else(|e| e.into_inner())
         .insert(token, (reply.clone(), n, Instant::now()));
     let sender_name: Arc<str> = Arc::from(from.instance);
-    let (instance, agent) = (to.instance.to_string(), to.agent.to_string());
     let queued = super::agent::queue_delivery(
         hub,
-        &instance,
-        &agent,
+        to.instance,
+        to.agent,
         &sender_name,
         token,
         id,
@@ -806,7 +795,7 @@ fn deliver(
     );
     let queued = queued.unwrap_or_else(|| {
         Err(crate::core::agent_stream::unrouted(
-            hub.registry().read().get(&instance),
+            hub.registry().read().get(to.instance),
         ))
     });
     if let Err(code) = queued {

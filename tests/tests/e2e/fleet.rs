@@ -289,3 +289,131 @@ async fn the_fleet_goes_on_when_a_nats_node_is_killed() {
     alice.close().await;
     bob.close().await;
 }
+
+/// The answers to forwards `ns` from a relay, read from `sub` (bounded by
+/// [`WAIT`]): each a decoded `RelayToPeer`, by its number.
+async fn answers_to(
+    sub: &mut (impl futures_util::Stream<Item = async_nats::Message> + Unpin),
+    ns: &[u64],
+) -> std::collections::HashMap<u64, Vec<u8>> {
+    use futures_util::StreamExt;
+    let mut got = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ns.iter().all(|n| got.contains_key(n)) {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("answers to {ns:?} in time; got {:?}", got.keys()))
+            .expect("the subscription lasts");
+        for (n, body) in agent_link_relay::cluster::batch::decode(&msg.payload).unwrap() {
+            got.insert(n, body.to_vec());
+        }
+    }
+    got
+}
+
+/// What arrives on a relay's NATS subject is checked like a local send:
+/// NATS is inside the fleet's trust boundary, but a client of it without
+/// the fleet secret cannot deliver (a wrong fleet tag), a capture cannot
+/// be delivered late (the clock window), an envelope cannot name a sender
+/// the fleet does not know, and what does not decode is answered nothing.
+/// A good forward on the same subject is delivered and answered with its
+/// receipt, so the refusals are the checks', not a dead path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_from_nats_are_checked_like_local_sends() {
+    use agent_link_proto::{clock, codec, Address, EnvelopeBody};
+    use agent_link_relay::cluster::batch::Batcher;
+
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = NatsCluster::start(&bin);
+    let (r1, r2) = two_relays(&nats).await;
+    let alice = peer(&r1, "alice").await;
+    let bob = peer(&r2, "bob").await;
+    let mut b1 = bob.attach("b1").await.unwrap();
+    // Alice's own key and the fleet's, to seal envelopes by hand.
+    let key = Identity::read(&r1.dir.path().join("alice").join(KEY_FILE)).unwrap();
+    let raw = RawClient::connect(&r1, key, "alice").await.unwrap();
+    // Sent through the fleet first: alice is in relay 2's registry copy and
+    // bob's attach is known, so what follows meets only the checks.
+    let a1 = alice.attach_sender("a1").await.unwrap();
+    let _ = send_when_attached(&a1, "bob/b1", "warm", &mut b1).await;
+
+    let injector = nats.connect(0, "injector").await;
+    let client = injector.client().clone();
+    let mut sub = client.subscribe("test.answers.*").await.unwrap();
+    let subject = agent_link_relay::cluster::deliver_subject("relay-2");
+    let now = clock::unix_ms(std::time::SystemTime::now());
+    let (bad_tag, stale, stranger, good) = (random_id(), random_id(), random_id(), random_id());
+    let mut batch = Batcher::default();
+    let other_fleet = agent_link_crypto::FleetSecret::generate().key();
+    let body = |id, instance, sent_at_ms| EnvelopeBody {
+        version: agent_link_proto::VERSION,
+        id,
+        from: Address {
+            instance,
+            agent: "a1",
+        },
+        to: Address::parse("bob/b1").unwrap(),
+        sent_at_ms,
+        payload: b"injected",
+    };
+    let wrong_fleet = body(bad_tag, "alice", now).seal(&raw.identity, &other_fleet);
+    batch.push(2, wrong_fleet.unwrap().into());
+    let an_hour_ago = now - 3_600_000;
+    batch.push(
+        3,
+        raw.envelope(stale, "a1", "bob/b1", an_hour_ago, b"old")
+            .into(),
+    );
+    let unknown = body(stranger, "mallory", now).seal(&raw.identity, &raw.fleet);
+    batch.push(4, unknown.unwrap().into());
+    batch.push(5, bytes::Bytes::from_static(b"\x07not an envelope"));
+    let (payload, _) = batch.finish().remove(0);
+    let codes = [
+        ErrorCode::BadTag,
+        ErrorCode::StaleTimestamp,
+        ErrorCode::NotRegistered,
+    ];
+    let stats = r2.relay().stats();
+    let before = codes.map(|c| stats.refused_count(c));
+    client
+        .publish_with_reply(subject.clone(), "test.answers.1".to_string(), payload)
+        .await
+        .unwrap();
+    let mut got = answers_to(&mut sub, &[2, 3, 4]).await;
+    for (n, id, code) in [
+        (2, bad_tag, ErrorCode::BadTag),
+        (3, stale, ErrorCode::StaleTimestamp),
+        (4, stranger, ErrorCode::NotRegistered),
+    ] {
+        let answer: RelayToPeer<'_> = codec::decode(&got[&n]).unwrap();
+        assert_eq!(answer, RelayToPeer::Failed { id, code }, "forward {n}");
+    }
+    // Refused by relay 2 itself, not only by bob's peer (which checks the
+    // tag and the clock again): nothing was queued for him.
+    let after = codes.map(|c| stats.refused_count(c));
+    for i in 0..codes.len() {
+        assert!(after[i] > before[i], "{:?} counted at relay 2", codes[i]);
+    }
+
+    // A good forward after them: delivered, then its receipt.
+    let mut batch = Batcher::default();
+    batch.push(6, raw.envelope(good, "a1", "bob/b1", now, b"fine").into());
+    let (payload, _) = batch.finish().remove(0);
+    client
+        .publish_with_reply(subject, "test.answers.2".to_string(), payload)
+        .await
+        .unwrap();
+    let m = recv(&mut b1).await;
+    assert_eq!((&m.payload[..], m.id.0), (&b"fine"[..], good));
+    got.extend(answers_to(&mut sub, &[6]).await);
+    let answer: RelayToPeer<'_> = codec::decode(&got[&6]).unwrap();
+    assert!(
+        matches!(answer, RelayToPeer::Receipt { ref receipt } if receipt.id == good),
+        "{answer:?}"
+    );
+    // Answers go in order: nothing came for the bytes that did not decode
+    // before the receipt that followed them.
+    assert!(!got.contains_key(&5), "an answer to what did not decode");
+    alice.close().await;
+    bob.close().await;
+}
