@@ -17,6 +17,7 @@
 //! receiving peer verifies the signature against that key. A reply is
 //! accepted only as a `Receipt` or `Failed` naming the forwarded id.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -556,8 +557,10 @@ async fn settle(hub: &Arc<Hub>, fleet: &ClusterLink, n: u64, body: Option<&[u8]>
     let settled = {
         let mut waiting = fleet.waiting.lock().unwrap_or_else(|e| e.into_inner());
         // Which forward, and whether it was sent more than once.
-        let Some(f) = waiting.get(&n) else { return };
-        let (id, retried) = (f.id, f.retried > 0);
+        let Entry::Occupied(f) = waiting.entry(n) else {
+            return;
+        };
+        let (id, retried) = (f.get().id, f.get().retried > 0);
         let answer = match body {
             None => Some((
                 frame(&RelayToPeer::Failed {
@@ -574,7 +577,7 @@ async fn settle(hub: &Arc<Hub>, fleet: &ClusterLink, n: u64, body: Option<&[u8]>
             // settles it then; else the forward times out unanswered,
             // "outcome unknown".
             Some((_, true)) if retried => return,
-            Some((answer, _)) => waiting.remove(&n).map(|f| (f.reply_token, answer)),
+            Some((answer, _)) => Some((f.remove().reply_token, answer)),
             None => None,
         }
     };
