@@ -4,7 +4,9 @@
 //! an agent attached on no relay fails with the cause; the newest attach
 //! wins across relays (the older gets `Replaced`); a revoke made through one
 //! relay closes the instance's connection on the other; a NATS node killed
-//! with -9 (the one a relay was connected to) does not stop the fleet.
+//! with -9 (the one a relay was connected to) does not stop the fleet;
+//! what a client of NATS publishes on a relay's subject meets the checks of
+//! a local send at that relay.
 //!
 //! Skips without nats-server unless `AGENT_LINK_REQUIRE_NATS` is set.
 
