@@ -65,11 +65,29 @@ fn append_frame<T: Encode>(value: &T, out: &mut Vec<u8>, start: usize) -> Result
     Ok(())
 }
 
-/// A whole frame as a fresh buffer.
+/// A whole frame as a fresh buffer, allocated once at its size (a growing
+/// `Vec` reallocates four or five times for a receipt).
 pub fn frame<T: Encode>(value: &T) -> Result<Vec<u8>, ProtoError> {
-    let mut out = Vec::new();
+    let len = encoded_len(value)?;
+    if len > HARD_MAX_FRAME {
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            max: HARD_MAX_FRAME,
+        });
+    }
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + len);
     encode_frame(value, &mut out)?;
     Ok(out)
+}
+
+/// The length of `value`'s body: a counting pass, nothing is written.
+fn encoded_len<T: Encode>(value: &T) -> Result<usize, ProtoError> {
+    let mut counter =
+        bincode::enc::EncoderImpl::new(bincode::enc::write::SizeWriter::default(), CONFIG);
+    value
+        .encode(&mut counter)
+        .map_err(|e| ProtoError::Encode(e.to_string()))?;
+    Ok(counter.into_writer().bytes_written)
 }
 
 /// Read the body length from a frame header, refusing empty frames and
@@ -118,6 +136,26 @@ pub fn decode<'a, T: BorrowDecode<'a, ()>>(body: &'a [u8]) -> Result<T, ProtoErr
 mod tests {
     use super::*;
     use crate::frames::PeerToRelay;
+
+    /// `frame` allocates once, at the frame's size, and writes the same
+    /// bytes as appending to an empty buffer.
+    #[test]
+    fn a_fresh_frame_is_allocated_at_its_size() {
+        let payload = [7u8; 300];
+        for f in [
+            PeerToRelay::Attach {
+                agent: "a1",
+                receive: true,
+            },
+            PeerToRelay::Send { envelope: &payload },
+        ] {
+            let fresh = frame(&f).unwrap();
+            let mut appended = Vec::new();
+            encode_frame(&f, &mut appended).unwrap();
+            assert_eq!(fresh, appended);
+            assert_eq!(fresh.capacity(), fresh.len(), "{f:?}");
+        }
+    }
 
     /// A frame appended to a buffer that already holds bytes gets its own
     /// body's length in its header (found by cargo mutants: the length was
