@@ -66,16 +66,10 @@ fn append_frame<T: Encode>(value: &T, out: &mut Vec<u8>, start: usize) -> Result
 }
 
 /// A whole frame as a fresh buffer, allocated once at its size (a growing
-/// `Vec` reallocates four or five times for a receipt).
+/// `Vec` reallocates four or five times for a receipt). A body over the
+/// hard limit is refused by [`encode_frame`], as for any buffer.
 pub fn frame<T: Encode>(value: &T) -> Result<Vec<u8>, ProtoError> {
-    let len = encoded_len(value)?;
-    if len > HARD_MAX_FRAME {
-        return Err(ProtoError::FrameTooLarge {
-            len: len as u64,
-            max: HARD_MAX_FRAME,
-        });
-    }
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + len);
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + encoded_len(value)?);
     encode_frame(value, &mut out)?;
     Ok(out)
 }
